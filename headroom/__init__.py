@@ -1,0 +1,33 @@
+"""Headroom Memory's public API: `from headroom import with_memory`.
+
+A thin re-export package; the code lives in `memory/` (the engine) and `proxy/` (the proxy and
+the in-process wrapper).
+"""
+
+from memory import (
+    EmbedderBackend,
+    HierarchicalMemory,
+    Memory,
+    MemoryCategory,
+    MemoryConfig,
+    MemoryFilter,
+)
+
+__all__ = [
+    "EmbedderBackend",
+    "HierarchicalMemory",
+    "Memory",
+    "MemoryCategory",
+    "MemoryConfig",
+    "MemoryFilter",
+    "with_memory",
+]
+
+
+def __getattr__(name: str) -> object:
+    # with_memory pulls in the proxy pipeline; import it only when asked for.
+    if name == "with_memory":
+        from proxy.wrapper import with_memory
+
+        return with_memory
+    raise AttributeError(name)

@@ -1,0 +1,94 @@
+"""The FTS5 `TextIndex`: BM25 over current memories, with the user as an indexed token.
+
+Matching `user_key:<token>` inside the MATCH expression makes FTS5 intersect posting lists, so one
+user's query never walks other users' matches. Query words are quoted one by one (never raw MATCH
+syntax) and OR-ed, so BM25 ranks by how many and how rare the shared words are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+
+from memory.db import Database
+from memory.models import MemoryCategory
+
+__all__ = ["FTS5TextIndex", "fts_terms", "user_token"]
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def user_token(user_id: str) -> str:
+    return "u" + hashlib.sha1(user_id.encode("utf-8")).hexdigest()[:20]
+
+
+def fts_terms(query: str, stop_words: frozenset[str] = frozenset()) -> list[str]:
+    """Distinct words of `query` in order, minus stop words (all words if only those are left)."""
+    words = [w.casefold() for w in _WORD.findall(query)]
+    seen: dict[str, None] = {}
+    for w in words:
+        if w not in stop_words:
+            seen.setdefault(w, None)
+    if not seen:
+        for w in words:
+            seen.setdefault(w, None)
+    return list(seen)
+
+
+def _quote(term: str) -> str:
+    return '"' + term.replace('"', '""') + '"'
+
+
+class FTS5TextIndex:
+    def __init__(self, db: Database, stop_words: frozenset[str] = frozenset()) -> None:
+        self.db = db
+        self.stop_words = stop_words
+
+    def add(
+        self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory, content: str
+    ) -> None:
+        self.db.conn.execute(
+            "INSERT INTO memories_fts(rowid, content, user_key, scope_key, category)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (rowid, content, user_token(user_id), scope_key, category.value),
+        )
+
+    def remove(self, rowids: Sequence[int]) -> None:
+        self.db.conn.executemany(
+            "DELETE FROM memories_fts WHERE rowid = ?", [(int(r),) for r in rowids]
+        )
+
+    def search(
+        self, query: str, user_id: str, *, scope_keys: Sequence[str] | None,
+        categories: Sequence[MemoryCategory] | None, k: int,
+    ) -> list[tuple[int, float]]:
+        terms = fts_terms(query, self.stop_words)
+        if not terms or k <= 0:
+            return []
+        match = f"user_key:{user_token(user_id)} AND content:({' OR '.join(map(_quote, terms))})"
+        # bm25() is lower-is-better; negate so callers get higher-is-better relevance.
+        sql = (
+            "SELECT rowid, -bm25(memories_fts, 1.0, 0.0, 0.0, 0.0) AS score FROM memories_fts"
+            " WHERE memories_fts MATCH ?"
+        )
+        params: list[object] = [match]
+        if scope_keys is not None:
+            sql += f" AND scope_key IN ({','.join('?' * len(scope_keys))})"
+            params.extend(scope_keys)
+        if categories:
+            sql += f" AND category IN ({','.join('?' * len(categories))})"
+            params.extend(c.value for c in categories)
+        sql += " ORDER BY score DESC LIMIT ?"
+        params.append(k)
+        return [(int(r[0]), float(r[1])) for r in self.db.conn.execute(sql, params).fetchall()]
+
+    def count(self, user_id: str | None = None) -> int:
+        if user_id is None:
+            return int(self.db.conn.execute("SELECT count(*) FROM memories_fts").fetchone()[0])
+        return int(
+            self.db.conn.execute(
+                "SELECT count(*) FROM memories_fts WHERE memories_fts MATCH ?",
+                (f"user_key:{user_token(user_id)}",),
+            ).fetchone()[0]
+        )

@@ -1,0 +1,396 @@
+"""The SQLite `MemoryStore`: rows, the audit trail, the outbox, purge with counts, and stats."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from memory.db import Database
+from memory.migrations import migrate
+from memory.models import Memory, MemoryCategory, MemoryFilter
+from memory.timefmt import from_db, to_db, to_db_opt
+
+__all__ = ["SQLiteMemoryStore", "normalize_content"]
+
+_WS = re.compile(r"\s+")
+
+_COLUMNS = (
+    "rid, id, user_id, session_id, agent_id, turn_id, content, category, importance, "
+    "entity_refs, metadata, created_at, valid_from, valid_until, supersedes, superseded_by, "
+    "forgotten_at, access_count, last_accessed, embedding_model"
+)
+
+
+def normalize_content(text: str) -> str:
+    """The exact-duplicate key: case, spacing and final punctuation do not make a new fact."""
+    return _WS.sub(" ", text).strip().rstrip(".!").strip().casefold()
+
+
+def _row_to_memory(row: Any) -> Memory:
+    return Memory(
+        id=row["id"],
+        content=row["content"],
+        user_id=row["user_id"],
+        session_id=row["session_id"],
+        agent_id=row["agent_id"],
+        turn_id=row["turn_id"],
+        category=MemoryCategory(row["category"]),
+        importance=row["importance"],
+        entity_refs=json.loads(row["entity_refs"]),
+        metadata=json.loads(row["metadata"]),
+        created_at=from_db(row["created_at"]),  # type: ignore[arg-type]
+        valid_from=from_db(row["valid_from"]),  # type: ignore[arg-type]
+        valid_until=from_db(row["valid_until"]),
+        supersedes=row["supersedes"],
+        superseded_by=row["superseded_by"],
+        forgotten_at=from_db(row["forgotten_at"]),
+        access_count=row["access_count"],
+        last_accessed=from_db(row["last_accessed"]),
+        embedding_model=row["embedding_model"],
+    )
+
+
+def where_clause(flt: MemoryFilter) -> tuple[str, list[Any]]:
+    """SQL conditions for a filter. User isolation and scope are part of the WHERE clause itself,
+    never applied to results afterwards."""
+    clauses = ["user_id = ?"]
+    params: list[Any] = [flt.user_id]
+    if flt.all_scopes:
+        for column in ("session_id", "agent_id", "turn_id"):
+            value = getattr(flt, column)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+    else:
+        keys = flt.scope.visible_keys()
+        clauses.append(f"scope_key IN ({','.join('?' * len(keys))})")
+        params.extend(keys)
+    if flt.as_of is not None:
+        clauses.append("valid_from <= ? AND (valid_until IS NULL OR valid_until > ?)")
+        params.extend([to_db(flt.as_of), to_db(flt.as_of)])
+    elif not flt.include_superseded:
+        clauses.append("valid_until IS NULL")
+    if flt.categories:
+        clauses.append(f"category IN ({','.join('?' * len(flt.categories))})")
+        params.extend(c.value for c in flt.categories)
+    if flt.min_importance is not None:
+        clauses.append("importance >= ?")
+        params.append(flt.min_importance)
+    if flt.created_after is not None:
+        clauses.append("created_at >= ?")
+        params.append(to_db(flt.created_after))
+    if flt.created_before is not None:
+        clauses.append("created_at < ?")
+        params.append(to_db(flt.created_before))
+    return " AND ".join(clauses), params
+
+
+class SQLiteMemoryStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        migrate(db.conn)
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return self.db.transaction()
+
+    # --- settings ---------------------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        row = self.db.conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.conn.execute(
+            "INSERT INTO settings(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # --- rows -------------------------------------------------------------------------------
+
+    def insert(self, memory: Memory) -> int:
+        embedding = (
+            None
+            if memory.embedding is None
+            else np.asarray(memory.embedding, dtype=np.float32).tobytes()
+        )
+        cur = self.db.conn.execute(
+            "INSERT INTO memories (id, user_id, session_id, agent_id, turn_id, scope_key, content,"
+            " content_norm, category, importance, entity_refs, metadata, created_at, valid_from,"
+            " valid_until, supersedes, superseded_by, forgotten_at, access_count, last_accessed,"
+            " embedding, embedding_model)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                memory.id, memory.user_id, memory.session_id, memory.agent_id, memory.turn_id,
+                memory.scope.key, memory.content, normalize_content(memory.content),
+                memory.category.value, memory.importance, json.dumps(memory.entity_refs),
+                json.dumps(memory.metadata), to_db(memory.created_at), to_db(memory.valid_from),
+                to_db_opt(memory.valid_until), memory.supersedes, memory.superseded_by,
+                to_db_opt(memory.forgotten_at), memory.access_count,
+                to_db_opt(memory.last_accessed), embedding, memory.embedding_model,
+            ),
+        )
+        return int(cur.lastrowid)
+
+    def save(self, memory: Memory) -> None:
+        self.db.conn.execute(
+            "UPDATE memories SET session_id = ?, agent_id = ?, turn_id = ?, scope_key = ?,"
+            " category = ?, importance = ?, entity_refs = ?, metadata = ?, valid_until = ?,"
+            " superseded_by = ?, forgotten_at = ?, access_count = ?, last_accessed = ?"
+            " WHERE id = ?",
+            (
+                memory.session_id, memory.agent_id, memory.turn_id, memory.scope.key,
+                memory.category.value, memory.importance, json.dumps(memory.entity_refs),
+                json.dumps(memory.metadata), to_db_opt(memory.valid_until),
+                memory.superseded_by, to_db_opt(memory.forgotten_at), memory.access_count,
+                to_db_opt(memory.last_accessed), memory.id,
+            ),
+        )
+
+    def touch(self, memory_ids: Sequence[str], when: datetime) -> None:
+        self.db.conn.executemany(
+            "UPDATE memories SET access_count = access_count + 1, last_accessed = ? WHERE id = ?",
+            [(to_db(when), mid) for mid in memory_ids],
+        )
+
+    def get(self, memory_id: str) -> Memory | None:
+        row = self.db.conn.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE id = ?", (memory_id,)
+        ).fetchone()
+        return None if row is None else _row_to_memory(row)
+
+    def get_embedding(self, memory_id: str) -> np.ndarray | None:
+        row = self.db.conn.execute(
+            "SELECT embedding FROM memories WHERE id = ?", (memory_id,)
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return np.frombuffer(row[0], dtype=np.float32)
+
+    def rowid_of(self, memory_id: str) -> int | None:
+        row = self.db.conn.execute("SELECT rid FROM memories WHERE id = ?", (memory_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def get_by_rowids(self, rowids: Sequence[int]) -> dict[int, Memory]:
+        out: dict[int, Memory] = {}
+        ids = list(rowids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = self.db.conn.execute(
+                f"SELECT {_COLUMNS} FROM memories WHERE rid IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            for row in rows:
+                out[int(row["rid"])] = _row_to_memory(row)
+        return out
+
+    def query(self, flt: MemoryFilter) -> list[Memory]:
+        where, params = where_clause(flt)
+        sql = f"SELECT {_COLUMNS} FROM memories WHERE {where} ORDER BY created_at DESC, rid DESC"
+        if flt.limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [flt.limit, flt.offset]
+        elif flt.offset:
+            sql += " LIMIT -1 OFFSET ?"
+            params.append(flt.offset)
+        return [_row_to_memory(r) for r in self.db.conn.execute(sql, params).fetchall()]
+
+    def count(self, flt: MemoryFilter) -> int:
+        where, params = where_clause(flt)
+        return int(
+            self.db.conn.execute(f"SELECT count(*) FROM memories WHERE {where}", params).fetchone()[
+                0
+            ]
+        )
+
+    def find_current_by_content(self, user_id: str, content: str) -> Memory | None:
+        row = self.db.conn.execute(
+            f"SELECT {_COLUMNS} FROM memories WHERE user_id = ? AND content_norm = ?"
+            " AND valid_until IS NULL ORDER BY rid LIMIT 1",
+            (user_id, normalize_content(content)),
+        ).fetchone()
+        return None if row is None else _row_to_memory(row)
+
+    def chain(self, memory_id: str) -> list[Memory]:
+        start = self.get(memory_id)
+        if start is None:
+            return []
+        older: list[Memory] = []
+        seen = {start.id}
+        cursor = start
+        while cursor.supersedes and cursor.supersedes not in seen:
+            prev = self.get(cursor.supersedes)
+            if prev is None:
+                break
+            older.append(prev)
+            seen.add(prev.id)
+            cursor = prev
+        newer: list[Memory] = []
+        cursor = start
+        while cursor.superseded_by and cursor.superseded_by not in seen:
+            nxt = self.get(cursor.superseded_by)
+            if nxt is None:
+                break
+            newer.append(nxt)
+            seen.add(nxt.id)
+            cursor = nxt
+        return [*reversed(older), start, *newer]
+
+    def embeddings_as_of(self, flt: MemoryFilter) -> list[tuple[int, np.ndarray]]:
+        where, params = where_clause(flt)
+        rows = self.db.conn.execute(
+            f"SELECT rid, embedding FROM memories WHERE {where} AND embedding IS NOT NULL", params
+        ).fetchall()
+        return [(int(r[0]), np.frombuffer(r[1], dtype=np.float32)) for r in rows]
+
+    def iter_all(self, user_id: str | None = None) -> Iterator[Memory]:
+        sql = f"SELECT {_COLUMNS}, embedding FROM memories"
+        params: list[Any] = []
+        if user_id is not None:
+            sql += " WHERE user_id = ?"
+            params.append(user_id)
+        sql += " ORDER BY rid"
+        for row in self.db.conn.execute(sql, params):
+            memory = _row_to_memory(row)
+            if row["embedding"] is not None:
+                memory.embedding = np.frombuffer(row["embedding"], dtype=np.float32).tolist()
+            yield memory
+
+    # --- audit trail ------------------------------------------------------------------------
+
+    def record_event(
+        self, memory_id: str, user_id: str, op: str, *, old: Any = None, new: Any = None,
+        request_id: str | None = None, at: datetime | None = None,
+    ) -> None:
+        self.db.conn.execute(
+            "INSERT INTO memory_events(memory_id, user_id, op, at, request_id, old, new)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (
+                memory_id, user_id, op, to_db(at), request_id,
+                None if old is None else json.dumps(old, default=str),
+                None if new is None else json.dumps(new, default=str),
+            ),
+        )
+
+    def events(self, memory_id: str) -> list[dict[str, Any]]:
+        rows = self.db.conn.execute(
+            "SELECT op, at, request_id, old, new FROM memory_events WHERE memory_id = ?"
+            " ORDER BY id",
+            (memory_id,),
+        ).fetchall()
+        return [
+            {
+                "op": r["op"],
+                "at": from_db(r["at"]),
+                "request_id": r["request_id"],
+                "old": None if r["old"] is None else json.loads(r["old"]),
+                "new": None if r["new"] is None else json.loads(r["new"]),
+            }
+            for r in rows
+        ]
+
+    # --- outbox -----------------------------------------------------------------------------
+
+    def outbox_put(self, payload: dict[str, Any]) -> int:
+        cur = self.db.conn.execute(
+            "INSERT INTO outbox(created_at, user_id, payload) VALUES (?,?,?)",
+            (to_db(), payload["scope"]["user_id"], json.dumps(payload)),
+        )
+        return int(cur.lastrowid)
+
+    def outbox_pending(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        rows = self.db.conn.execute(
+            "SELECT id, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
+
+    def outbox_done(self, ids: Sequence[int]) -> None:
+        self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+
+    def outbox_size(self) -> int:
+        return int(self.db.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    # --- purge and stats --------------------------------------------------------------------
+
+    def purge(self, flt: MemoryFilter) -> tuple[list[int], dict[str, int]]:
+        flt = MemoryFilter(
+            user_id=flt.user_id, session_id=flt.session_id, agent_id=flt.agent_id,
+            turn_id=flt.turn_id, all_scopes=True, include_superseded=True, limit=None,
+        )
+        where, params = where_clause(flt)
+        conn = self.db.conn
+        rows = conn.execute(f"SELECT rid, id FROM memories WHERE {where}", params).fetchall()
+        rids = [int(r[0]) for r in rows]
+        ids = [r[1] for r in rows]
+        whole_user = flt.session_id is None and flt.agent_id is None and flt.turn_id is None
+        events = 0
+        if whole_user:
+            events = conn.execute(
+                "DELETE FROM memory_events WHERE user_id = ?", (flt.user_id,)
+            ).rowcount
+        else:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                events += conn.execute(
+                    f"DELETE FROM memory_events WHERE memory_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).rowcount
+        outbox = 0
+        for oid, payload in conn.execute(
+            "SELECT id, payload FROM outbox WHERE user_id = ?", (flt.user_id,)
+        ).fetchall():
+            scope = json.loads(payload)["scope"]
+            if all(
+                getattr(flt, key) is None or scope.get(key) == getattr(flt, key)
+                for key in ("session_id", "agent_id", "turn_id")
+            ):
+                conn.execute("DELETE FROM outbox WHERE id = ?", (oid,))
+                outbox += 1
+        deleted = conn.execute(f"DELETE FROM memories WHERE {where}", params).rowcount
+        return rids, {"memories": deleted, "events": events, "outbox": outbox}
+
+    def stats(self, user_id: str | None = None) -> dict[str, Any]:
+        conn = self.db.conn
+        cond, params = ("WHERE user_id = ?", [user_id]) if user_id is not None else ("", [])
+        and_ = "AND" if cond else "WHERE"
+        current = f"{cond} {and_} valid_until IS NULL"
+        row = conn.execute(
+            "SELECT count(*),"
+            " sum(valid_until IS NULL),"
+            " sum(valid_until IS NOT NULL AND forgotten_at IS NULL),"
+            " sum(forgotten_at IS NOT NULL)"
+            f" FROM memories {cond}",
+            params,
+        ).fetchone()
+        rows, n_current, n_superseded, n_forgotten = (int(v or 0) for v in row)
+
+        def grouped(expr: str) -> dict[str, int]:
+            return {
+                str(k): int(v)
+                for k, v in conn.execute(
+                    f"SELECT {expr}, count(*) FROM memories {current} GROUP BY 1 ORDER BY 2 DESC",
+                    params,
+                ).fetchall()
+            }
+
+        by_scope = grouped(
+            "CASE WHEN turn_id IS NOT NULL THEN 'turn' WHEN agent_id IS NOT NULL THEN 'agent'"
+            " WHEN session_id IS NOT NULL THEN 'session' ELSE 'user' END"
+        )
+        return {
+            "total": n_current,
+            "current": n_current,
+            "superseded": n_superseded,
+            "forgotten": n_forgotten,
+            "rows": rows,
+            "categories": grouped("category"),
+            "scopes": {lvl: by_scope.get(lvl, 0) for lvl in ("user", "session", "agent", "turn")},
+            "users": grouped("user_id") if user_id is None else {user_id: n_current},
+            "outbox_pending": self.outbox_size(),
+        }

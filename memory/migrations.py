@@ -1,0 +1,140 @@
+"""Named, append-only schema migrations. Never edit an applied one; add the next.
+
+Each runs in one BEGIN IMMEDIATE transaction together with the row that records it, so two
+processes opening a new file at once cannot both apply it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from memory.timefmt import to_db
+
+Migration = Callable[[Any], None]
+
+
+def m001_initial(conn: Any) -> None:
+    conn.executescript(
+        """
+        CREATE TABLE memories (
+            rid INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            user_id TEXT NOT NULL,
+            session_id TEXT,
+            agent_id TEXT,
+            turn_id TEXT,
+            scope_key TEXT NOT NULL,
+            content TEXT NOT NULL,
+            content_norm TEXT NOT NULL,
+            category TEXT NOT NULL,
+            importance REAL NOT NULL,
+            entity_refs TEXT NOT NULL DEFAULT '[]',
+            metadata TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL,
+            valid_from TEXT NOT NULL,
+            valid_until TEXT,
+            supersedes TEXT,
+            superseded_by TEXT,
+            forgotten_at TEXT,
+            access_count INTEGER NOT NULL DEFAULT 0,
+            last_accessed TEXT,
+            embedding BLOB,
+            embedding_model TEXT
+        );
+        CREATE INDEX memories_user_time ON memories(user_id, created_at);
+        CREATE INDEX memories_current_norm ON memories(user_id, content_norm)
+            WHERE valid_until IS NULL;
+        CREATE INDEX memories_supersedes ON memories(supersedes);
+
+        CREATE TABLE memory_events (
+            id INTEGER PRIMARY KEY,
+            memory_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            op TEXT NOT NULL,
+            at TEXT NOT NULL,
+            request_id TEXT,
+            old TEXT,
+            new TEXT
+        );
+        CREATE INDEX memory_events_memory ON memory_events(memory_id);
+        CREATE INDEX memory_events_user ON memory_events(user_id);
+
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            payload TEXT NOT NULL
+        );
+
+        CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+        -- user_key is an indexed token, so a user's search intersects posting lists instead of
+        -- scanning every user's matches; its BM25 weight is zero.
+        CREATE VIRTUAL TABLE memories_fts USING fts5(
+            content, user_key, scope_key UNINDEXED, category UNINDEXED,
+            tokenize = 'porter unicode61 remove_diacritics 2'
+        );
+        """
+    )
+
+
+MIGRATIONS: list[tuple[str, Migration]] = [
+    ("m001_initial", m001_initial),
+]
+
+
+def migrate(conn: Any) -> list[str]:
+    """Apply pending migrations; returns the names applied."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version"
+        " (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    applied: list[str] = []
+    names = [n for n, _ in MIGRATIONS]
+    if len(set(names)) != len(names):  # pragma: no cover - a programming error
+        raise RuntimeError("duplicate migration names")
+    for name, fn in MIGRATIONS:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            done = conn.execute("SELECT 1 FROM schema_version WHERE name = ?", (name,)).fetchone()
+            if done is None:
+                # executescript would COMMIT our transaction; run statements one by one instead.
+                _run_in_transaction(conn, fn)
+                conn.execute(
+                    "INSERT INTO schema_version(name, applied_at) VALUES (?, ?)", (name, to_db())
+                )
+                applied.append(name)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return applied
+
+
+class _StatementRunner:
+    """Lets migrations call `executescript` without it committing the migration's transaction."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def executescript(self, script: str) -> None:
+        import sqlite3
+
+        buffer = ""
+        for line in script.splitlines(keepends=True):
+            if line.strip().startswith("--"):
+                continue
+            buffer += line
+            if sqlite3.complete_statement(buffer):
+                self._conn.execute(buffer)
+                buffer = ""
+        if buffer.strip():
+            self._conn.execute(buffer)
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        return self._conn.execute(sql, params)
+
+
+def _run_in_transaction(conn: Any, fn: Migration) -> None:
+    fn(_StatementRunner(conn))

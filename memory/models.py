@@ -1,0 +1,435 @@
+"""The engine's data model: memories, scopes, filters, configuration and write ops. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from memory.errors import ConfigError, ValidationError
+
+__all__ = [
+    "AddOp",
+    "EmbedderBackend",
+    "ForgetOp",
+    "Memory",
+    "MemoryCategory",
+    "MemoryConfig",
+    "MemoryFilter",
+    "MemoryOps",
+    "Scope",
+    "ScopeLevel",
+    "SearchResult",
+    "UpdateOp",
+    "VectorFilter",
+    "new_id",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def as_utc(value: datetime) -> datetime:
+    """Naive datetimes are taken as UTC so comparisons never mix aware and naive values."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class MemoryCategory(enum.StrEnum):
+    PREFERENCE = "preference"
+    FACT = "fact"
+    CONTEXT = "context"
+    ENTITY = "entity"
+    DECISION = "decision"
+    INSIGHT = "insight"
+
+    @classmethod
+    def parse(cls, value: MemoryCategory | str) -> MemoryCategory:
+        if isinstance(value, MemoryCategory):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            names = ", ".join(c.value for c in cls)
+            raise ValidationError(f"unknown category {value!r}; expected one of: {names}") from None
+
+
+class ScopeLevel(enum.StrEnum):
+    """Broadest first: USER memories are visible to every request of the user."""
+
+    USER = "user"
+    SESSION = "session"
+    AGENT = "agent"
+    TURN = "turn"
+
+    @classmethod
+    def parse(cls, value: ScopeLevel | str) -> ScopeLevel:
+        if isinstance(value, ScopeLevel):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise ValidationError(
+                f"unknown scope {value!r}; expected user, session, agent or turn"
+            ) from None
+
+
+class EmbedderBackend(enum.StrEnum):
+    LOCAL = "local"
+    OPENAI = "openai"
+    OLLAMA = "ollama"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where a request (or a memory) stands. A memory is visible from a scope when each of its
+    session/agent/turn ids is either unset or equal to the scope's: a request sees its own level
+    and everything broader, never a sibling session, agent or turn, and never another user."""
+
+    user_id: str
+    session_id: str | None = None
+    agent_id: str | None = None
+    turn_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.user_id or not str(self.user_id).strip():
+            raise ValidationError("user_id is required")
+
+    @property
+    def level(self) -> ScopeLevel:
+        if self.turn_id:
+            return ScopeLevel.TURN
+        if self.agent_id:
+            return ScopeLevel.AGENT
+        if self.session_id:
+            return ScopeLevel.SESSION
+        return ScopeLevel.USER
+
+    @property
+    def key(self) -> str:
+        """One string naming the narrow part of the scope, indexed next to each vector."""
+        return scope_key(self.session_id, self.agent_id, self.turn_id)
+
+    def visible_keys(self) -> list[str]:
+        """Every scope key a memory visible from here can have (at most 8)."""
+        keys = set()
+        for s in {None, self.session_id}:
+            for a in {None, self.agent_id}:
+                for t in {None, self.turn_id}:
+                    keys.add(scope_key(s, a, t))
+        return sorted(keys)
+
+    def clamp(self, level: ScopeLevel) -> Scope:
+        """The scope at `level` built from this request's ids; a level the request cannot reach
+        (e.g. SESSION without a session id) falls back to the nearest broader one."""
+        if level is ScopeLevel.USER:
+            return Scope(self.user_id)
+        if level is ScopeLevel.SESSION:
+            return Scope(self.user_id, self.session_id)
+        if level is ScopeLevel.AGENT:
+            return Scope(self.user_id, self.session_id, self.agent_id)
+        return self
+
+
+def scope_key(session_id: str | None, agent_id: str | None, turn_id: str | None) -> str:
+    return "\x1f".join(part or "" for part in (session_id, agent_id, turn_id))
+
+
+@dataclass
+class Memory:
+    content: str
+    user_id: str
+    id: str = field(default_factory=new_id)
+    session_id: str | None = None
+    agent_id: str | None = None
+    turn_id: str | None = None
+    category: MemoryCategory = MemoryCategory.FACT
+    importance: float = 0.5
+    entity_refs: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=utcnow)
+    valid_from: datetime = field(default_factory=utcnow)
+    valid_until: datetime | None = None
+    supersedes: str | None = None
+    superseded_by: str | None = None
+    forgotten_at: datetime | None = None
+    access_count: int = 0
+    last_accessed: datetime | None = None
+    embedding_model: str | None = None
+    embedding: list[float] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(self.user_id, self.session_id, self.agent_id, self.turn_id)
+
+    @property
+    def scope_level(self) -> ScopeLevel:
+        return self.scope.level
+
+    @property
+    def is_current(self) -> bool:
+        return self.valid_until is None
+
+    def valid_at(self, when: datetime) -> bool:
+        when = as_utc(when)
+        return self.valid_from <= when and (self.valid_until is None or when < self.valid_until)
+
+    def to_dict(self, *, with_embedding: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "embedding" and not with_embedding:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            elif isinstance(value, enum.Enum):
+                value = value.value
+            out[f.name] = value
+        out["scope"] = self.scope_level.value
+        out["is_current"] = self.is_current
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Memory:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("created_at", "valid_from", "valid_until", "forgotten_at", "last_accessed"):
+            if kwargs.get(key):
+                kwargs[key] = as_utc(datetime.fromisoformat(kwargs[key]))
+        if "category" in kwargs:
+            kwargs["category"] = MemoryCategory.parse(kwargs["category"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    memory: Memory
+    similarity: float
+    score: float = 0.0
+    bm25: float | None = None
+
+
+@dataclass
+class MemoryFilter:
+    """Which memories a read returns.
+
+    Scope: with `all_scopes=False` (the default) the ids name a request's position and the read
+    returns what that request may see (its level and every broader one; see `Scope`). With
+    `all_scopes=True` the ids are plain equality filters and unset ones match anything, which is
+    the administrator's view ("everything this user has").
+    """
+
+    user_id: str | None = None
+    session_id: str | None = None
+    agent_id: str | None = None
+    turn_id: str | None = None
+    all_scopes: bool = False
+    categories: list[MemoryCategory] | None = None
+    min_importance: float | None = None
+    include_superseded: bool = False
+    as_of: datetime | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    limit: int | None = 100
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.user_id:
+            raise ValidationError("MemoryFilter needs a user_id: memories are isolated by user")
+        if self.categories is not None:
+            self.categories = [MemoryCategory.parse(c) for c in self.categories]
+        if self.min_importance is not None and not 0.0 <= self.min_importance <= 1.0:
+            raise ValidationError("min_importance must be between 0 and 1")
+        if self.limit is not None and self.limit < 0:
+            raise ValidationError("limit must not be negative")
+        if self.offset < 0:
+            raise ValidationError("offset must not be negative")
+        for name in ("as_of", "created_after", "created_before"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, as_utc(value))
+
+    @property
+    def scope(self) -> Scope:
+        assert self.user_id is not None
+        return Scope(self.user_id, self.session_id, self.agent_id, self.turn_id)
+
+
+# The spec imports VectorFilter from headroom.memory.ports; vector searches filter the same way.
+VectorFilter = MemoryFilter
+
+
+# --- write ops: what a <memory> block (or the outbox) asks the engine to do -------------------
+
+
+@dataclass(frozen=True)
+class AddOp:
+    text: str
+    category: MemoryCategory = MemoryCategory.FACT
+    importance: float = 0.5
+    scope: ScopeLevel = ScopeLevel.USER
+    entity_refs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class UpdateOp:
+    """Supersede memory `id` (a real memory id, aliases already resolved) with `text`."""
+
+    id: str
+    text: str
+    category: MemoryCategory | None = None
+    importance: float | None = None
+
+
+@dataclass(frozen=True)
+class ForgetOp:
+    id: str
+
+
+@dataclass(frozen=True)
+class MemoryOps:
+    add: tuple[AddOp, ...] = ()
+    update: tuple[UpdateOp, ...] = ()
+    forget: tuple[ForgetOp, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.update or self.forget)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "add": [
+                {
+                    "text": a.text,
+                    "category": a.category.value,
+                    "importance": a.importance,
+                    "scope": a.scope.value,
+                    "entity_refs": list(a.entity_refs),
+                }
+                for a in self.add
+            ],
+            "update": [
+                {
+                    "id": u.id,
+                    "text": u.text,
+                    "category": u.category.value if u.category else None,
+                    "importance": u.importance,
+                }
+                for u in self.update
+            ],
+            "forget": [f.id for f in self.forget],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryOps:
+        return cls(
+            add=tuple(
+                AddOp(
+                    text=a["text"],
+                    category=MemoryCategory.parse(a.get("category", "fact")),
+                    importance=float(a.get("importance", 0.5)),
+                    scope=ScopeLevel.parse(a.get("scope", "user")),
+                    entity_refs=tuple(a.get("entity_refs", ())),
+                )
+                for a in data.get("add", [])
+            ),
+            update=tuple(
+                UpdateOp(
+                    id=u["id"],
+                    text=u["text"],
+                    category=MemoryCategory.parse(u["category"]) if u.get("category") else None,
+                    importance=u.get("importance"),
+                )
+                for u in data.get("update", [])
+            ),
+            forget=tuple(ForgetOp(id=i) for i in data.get("forget", [])),
+        )
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_MODELS = {
+    EmbedderBackend.LOCAL: DEFAULT_LOCAL_MODEL,
+    EmbedderBackend.OPENAI: "text-embedding-3-small",
+    EmbedderBackend.OLLAMA: "nomic-embed-text",
+}
+
+
+def default_db_path() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("headroom", appauthor=False)) / "memory.db"
+
+
+@dataclass
+class MemoryConfig:
+    """Every option the spec shows. The HNSW knobs exist because the spec names them; the default
+    vector index is sqlite-vec (exact KNN inside each user's partition), which has no graph to tune,
+    so setting them to anything but their defaults raises instead of being silently ignored."""
+
+    db_path: str | Path | None = None
+    embedder_backend: EmbedderBackend = EmbedderBackend.LOCAL
+    embedder_model: str | None = None
+    vector_dimension: int | None = None
+    openai_api_key: str | None = None
+    openai_base_url: str = "https://api.openai.com/v1"
+    ollama_base_url: str = "http://localhost:11434"
+    hnsw_ef_construction: int = 200
+    hnsw_m: int = 16
+    hnsw_ef_search: int = 50
+    cache_enabled: bool = True
+    cache_max_size: int = 1000
+    # Beyond the spec:
+    torch_threads: int = 1
+    embed_batch_size: int = 64
+    query_embedding_cache_size: int = 1024
+    dedup_threshold: float = 0.95
+    bubble_importance_threshold: float | None = 0.85
+    recall_preset: str = "default"
+    reader_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.embedder_backend, str):
+            try:
+                self.embedder_backend = EmbedderBackend(self.embedder_backend.lower())
+            except ValueError:
+                raise ConfigError(
+                    f"unknown embedder_backend {self.embedder_backend!r}; "
+                    "expected local, openai or ollama"
+                ) from None
+        if self.embedder_model is None:
+            self.embedder_model = _DEFAULT_MODELS[self.embedder_backend]
+        if self.db_path is None:
+            self.db_path = default_db_path()
+        if (self.hnsw_ef_construction, self.hnsw_m, self.hnsw_ef_search) != (200, 16, 50):
+            raise ConfigError(
+                "hnsw_* options are not supported: the default vector index is sqlite-vec, which "
+                "searches each user's partition exactly (no HNSW graph to tune); remove them"
+            )
+        if self.vector_dimension is not None and self.vector_dimension <= 0:
+            raise ConfigError("vector_dimension must be positive")
+        if self.cache_max_size < 0:
+            raise ConfigError("cache_max_size must not be negative")
+        if self.torch_threads < 1:
+            raise ConfigError("torch_threads must be at least 1")
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise ConfigError("dedup_threshold must be in (0, 1]")
+        if self.bubble_importance_threshold is not None and not (
+            0.0 <= self.bubble_importance_threshold <= 1.0
+        ):
+            raise ConfigError("bubble_importance_threshold must be between 0 and 1 (or None)")
+        if self.embed_batch_size < 1:
+            raise ConfigError("embed_batch_size must be at least 1")
+        if self.reader_threads < 1:
+            raise ConfigError("reader_threads must be at least 1")
+
+    def with_changes(self, **changes: Any) -> MemoryConfig:
+        return replace(self, **changes)

@@ -1,0 +1,154 @@
+"""The seams the spec names, as `typing.Protocol`s. `HierarchicalMemory` receives implementations;
+`HierarchicalMemory.create(config)` wires the SQLite / sqlite-vec / FTS5 / local-embedding defaults.
+
+The ports are synchronous on purpose: storage and model calls block, so the facade runs each
+whole operation (store + vector + text index, in one transaction) on a worker thread, never on
+the event loop. Adapters of the SQLite family share one connection per thread, so a write that
+touches all three indexes commits or rolls back as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from memory.models import Memory, MemoryCategory, MemoryFilter, VectorFilter
+
+__all__ = [
+    "Embedder",
+    "MemoryCache",
+    "MemoryFilter",
+    "MemoryStore",
+    "TextIndex",
+    "VectorFilter",
+    "VectorIndex",
+]
+
+
+@runtime_checkable
+class MemoryStore(Protocol):
+    """Rows, supersession, the audit trail, the outbox, purge and stats."""
+
+    def transaction(self) -> AbstractContextManager[None]: ...
+
+    def insert(self, memory: Memory) -> int:
+        """Store a new row; returns its integer row key (the key the indexes use)."""
+        ...
+
+    def get(self, memory_id: str) -> Memory | None: ...
+
+    def get_by_rowids(self, rowids: Sequence[int]) -> dict[int, Memory]: ...
+
+    def rowid_of(self, memory_id: str) -> int | None: ...
+
+    def save(self, memory: Memory) -> None:
+        """Write back mutable fields: importance, metadata, entity refs, scope, access, validity."""
+        ...
+
+    def query(self, flt: MemoryFilter) -> list[Memory]: ...
+
+    def find_current_by_content(self, user_id: str, content: str) -> Memory | None: ...
+
+    def chain(self, memory_id: str) -> list[Memory]:
+        """The whole supersession chain through `memory_id`, oldest first."""
+        ...
+
+    def embeddings_as_of(
+        self, flt: MemoryFilter
+    ) -> list[tuple[int, np.ndarray]]:
+        """Stored embeddings of the memories `flt` selects (for history / as-of semantic reads)."""
+        ...
+
+    def record_event(
+        self, memory_id: str, user_id: str, op: str, *, old: Any = None, new: Any = None,
+        request_id: str | None = None, at: datetime | None = None,
+    ) -> None: ...
+
+    def events(self, memory_id: str) -> list[dict[str, Any]]: ...
+
+    def outbox_put(self, payload: dict[str, Any]) -> int: ...
+
+    def outbox_pending(self, limit: int) -> list[tuple[int, dict[str, Any]]]: ...
+
+    def outbox_done(self, ids: Sequence[int]) -> None: ...
+
+    def purge(self, flt: MemoryFilter) -> tuple[list[int], dict[str, int]]:
+        """Hard-delete every row `flt` selects (all_scopes semantics) with its events and outbox
+        entries; returns the deleted row keys (for the indexes) and counts per table."""
+        ...
+
+    def stats(self, user_id: str | None = None) -> dict[str, Any]: ...
+
+    def iter_all(self, user_id: str | None = None) -> Iterator[Memory]: ...
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """Holds the vectors of *current* memories only, partitioned by user."""
+
+    dimension: int
+
+    def add(
+        self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory,
+        embedding: np.ndarray,
+    ) -> None: ...
+
+    def remove(self, rowids: Sequence[int]) -> None: ...
+
+    def search(
+        self, embedding: np.ndarray, user_id: str, *, scope_keys: Sequence[str] | None,
+        categories: Sequence[MemoryCategory] | None, k: int,
+    ) -> list[tuple[int, float]]:
+        """(rowid, cosine similarity), best first; user and scope are pre-filters."""
+        ...
+
+    def count(self, user_id: str | None = None) -> int: ...
+
+
+@runtime_checkable
+class TextIndex(Protocol):
+    """Full-text (BM25) over *current* memories only, partitioned by user."""
+
+    def add(
+        self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory, content: str
+    ) -> None: ...
+
+    def remove(self, rowids: Sequence[int]) -> None: ...
+
+    def search(
+        self, query: str, user_id: str, *, scope_keys: Sequence[str] | None,
+        categories: Sequence[MemoryCategory] | None, k: int,
+    ) -> list[tuple[int, float]]:
+        """(rowid, BM25 relevance where higher is better), best first."""
+        ...
+
+    def count(self, user_id: str | None = None) -> int: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    model_id: str
+
+    @property
+    def dimension(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """An (n, dimension) float32 array of L2-normalised vectors."""
+        ...
+
+
+@runtime_checkable
+class MemoryCache(Protocol):
+    def get(self, memory_id: str) -> Memory | None: ...
+
+    def put(self, memory: Memory) -> None: ...
+
+    def invalidate(self, memory_id: str) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def __len__(self) -> int: ...

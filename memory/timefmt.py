@@ -1,0 +1,24 @@
+"""One text format for times in SQLite: fixed-width UTC, so string order is time order."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def to_db(value: datetime | None = None) -> str:
+    value = value or datetime.now(UTC)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime(_FORMAT)
+
+
+def to_db_opt(value: datetime | None) -> str | None:
+    return None if value is None else to_db(value)
+
+
+def from_db(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime.strptime(value, _FORMAT).replace(tzinfo=UTC)

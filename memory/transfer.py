@@ -1,0 +1,127 @@
+"""JSONL export and import. The first line is a header naming the embedding model; each further
+line is one memory with every field (history included), so a round trip loses nothing. Import
+keeps ids, times and supersession links, skips ids already present, and re-embeds when the file's
+model differs from this database's."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from memory.errors import HeadroomMemoryError, ImportFormatError
+from memory.models import Memory, utcnow
+
+if TYPE_CHECKING:
+    from memory.hierarchical import HierarchicalMemory
+
+__all__ = ["export_jsonl", "import_jsonl"]
+
+FORMAT = "headroom-memory-export"
+_BATCH = 128
+
+
+@contextlib.contextmanager
+def _open(target: str | Path | IO[str], mode: str) -> Iterator[IO[str]]:
+    if isinstance(target, (str, Path)):
+        with open(target, mode, encoding="utf-8") as fh:
+            yield fh
+    else:
+        yield target
+
+
+def export_jsonl(mem: HierarchicalMemory, dest: str | Path | IO[str], user_id: str | None) -> int:
+    """Write the header and every memory (runs on a reader thread); returns the memory count."""
+    count = 0
+    with _open(dest, "w") as out:
+        header = {
+            "format": FORMAT, "version": 1, "embedding_model": mem.embedder.model_id,
+            "exported_at": utcnow().isoformat(), "user_id": user_id,
+        }
+        out.write(json.dumps(header) + "\n")
+        for memory in mem.store.iter_all(user_id):
+            out.write(json.dumps(memory.to_dict(with_embedding=True)) + "\n")
+            count += 1
+    return count
+
+
+def _parse(source: str | Path | IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    with _open(source, "r") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ImportFormatError(number, f"not valid JSON ({exc.msg})") from None
+            if not isinstance(data, dict):
+                raise ImportFormatError(number, "expected a JSON object")
+            yield number, data
+
+
+def _to_memory(number: int, data: dict[str, Any]) -> Memory:
+    for key in ("content", "user_id"):
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise ImportFormatError(number, f"missing or empty {key!r}")
+    try:
+        memory = Memory.from_dict(data)
+    except (HeadroomMemoryError, ValueError, TypeError) as exc:
+        raise ImportFormatError(number, str(exc)) from None
+    if not 0.0 <= memory.importance <= 1.0:
+        raise ImportFormatError(number, "importance must be between 0 and 1")
+    return memory
+
+
+async def import_jsonl(
+    mem: HierarchicalMemory, source: str | Path | IO[str],
+    on_progress: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """Validate the whole file first (nothing is written if any line is bad), then insert in
+    batches. Returns counts: imported, skipped (id already present), reembedded."""
+    model = mem.embedder.model_id
+    file_model: str | None = None
+    memories: list[Memory] = []
+    for number, data in _parse(source):
+        if data.get("format") == FORMAT:
+            file_model = data.get("embedding_model")
+            continue
+        memories.append(_to_memory(number, data))
+
+    counts = {"imported": 0, "skipped": 0, "reembedded": 0}
+    dimension = mem.vectors.dimension
+    for start in range(0, len(memories), _BATCH):
+        batch = memories[start : start + _BATCH]
+        stale = [
+            m for m in batch
+            if (m.embedding_model or file_model) != model
+            or m.embedding is None
+            or len(m.embedding) != dimension
+        ]
+        if stale:
+            vectors = await mem._embed([m.content for m in stale])
+            for m, v in zip(stale, vectors, strict=True):
+                m.embedding = np.asarray(v, dtype=np.float32).tolist()
+                m.embedding_model = model
+            counts["reembedded"] += len(stale)
+
+        def write(batch: list[Memory] = batch) -> tuple[int, int]:
+            imported = skipped = 0
+            for m in batch:
+                if mem.store.rowid_of(m.id) is not None:
+                    skipped += 1
+                    continue
+                vector = np.asarray(m.embedding, dtype=np.float32)
+                mem._index_new(m, vector, request_id="import")
+                imported += 1
+            return imported, skipped
+
+        imported, skipped = await mem._write(write)
+        counts["imported"] += imported
+        counts["skipped"] += skipped
+        if on_progress:
+            on_progress(len(batch))
+    return counts

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible reverse proxy that gives any chat client long-term memory."""
