@@ -1,0 +1,109 @@
+"""`create_app(config)`: the routes, the lifespan (engine, httpx client, writer start and drain)
+and the exception handlers. No logic lives here; a request's story is in `proxy.pipeline`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from memory.ports import Embedder
+from proxy.config import ProxyConfig
+from proxy.errors import ProxyError, error_body, error_response
+from proxy.passthrough import forward
+from proxy.pipeline import chat_completions
+from proxy.service import MemoryService
+from proxy.upstream import Upstream
+
+log = logging.getLogger("headroom.proxy")
+
+__all__ = ["create_app"]
+
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def create_app(
+    config: ProxyConfig,
+    *,
+    embedder: Embedder | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    warm: bool = True,
+) -> Starlette:
+    """`embedder` shares an already-loaded model (tests); `transport` replaces the network."""
+    service = MemoryService(
+        config.memory_config(), top_k=config.top_k, token_budget=config.token_budget,
+        recall_timeout_s=config.recall_timeout_s, embedder=embedder,
+    )
+    upstream = Upstream(config, transport=transport)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start(warm=warm)
+        log.info("proxy ready to accept requests; upstream %s", config.upstream_base)
+        try:
+            yield
+        finally:
+            log.info("shutting down: draining pending memory writes")
+            await service.stop(config.drain_timeout_s)
+            await upstream.aclose()
+            log.info("shutdown complete")
+
+    async def chat(request: Request) -> Response:
+        return await chat_completions(request, config, upstream, service)
+
+    async def passthrough(request: Request) -> Response:
+        return await forward(request, upstream)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        status = service.status()
+        return JSONResponse(
+            {"ready": service.ready, **status}, status_code=200 if service.ready else 503
+        )
+
+    async def proxy_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProxyError)
+        if exc.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc)
+        return error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse(
+            error_body(str(exc.detail), "invalid_request_error", None),
+            status_code=exc.status_code,
+        )
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            error_body("internal proxy error", "server_error", "internal_error"),
+            status_code=500,
+        )
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/{path:path}", passthrough, methods=_ALL_METHODS),
+        ],
+        lifespan=lifespan,
+        exception_handlers={
+            ProxyError: proxy_error,
+            HTTPException: http_error,
+            Exception: unexpected,
+        },
+    )
+    app.state.service = service
+    app.state.config = config
+    return app

@@ -1,0 +1,76 @@
+"""The proxy's exceptions, each carrying its HTTP status and OpenAI error `type`, and the one
+function that renders them in the OpenAI error shape.
+
+    ProxyError
+    ├── BadRequestError        400 invalid_request_error (malformed JSON, bad header value)
+    ├── PayloadTooLargeError   413 invalid_request_error
+    └── UpstreamError
+        ├── UpstreamUnreachableError   502 upstream_error
+        └── UpstreamTimeoutError       504 upstream_error
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+__all__ = [
+    "BadRequestError",
+    "PayloadTooLargeError",
+    "ProxyError",
+    "UpstreamError",
+    "UpstreamTimeoutError",
+    "UpstreamUnreachableError",
+    "error_body",
+    "error_response",
+]
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BadRequestError(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PayloadTooLargeError(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnreachableError(UpstreamError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.message, exc.type, exc.code), status_code=exc.status, headers=headers
+    )

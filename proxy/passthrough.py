@@ -1,0 +1,61 @@
+"""Every route other than chat completions: forwarded byte for byte, bodies streamed both ways."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from proxy.errors import PayloadTooLargeError
+from proxy.upstream import Upstream, request_headers, response_headers
+
+__all__ = ["forward", "read_body"]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def forward(
+    request: Request, upstream: Upstream, body: bytes | None = None
+) -> StreamingResponse:
+    """Send the request on unchanged (streaming its body unless already read) and stream the
+    upstream's bytes back, content-encoding included."""
+    headers = request_headers(request.headers, upstream.config, decode=False)
+    content: bytes | AsyncIterator[bytes] | None = body
+    if body is None:
+        length = request.headers.get("content-length")
+        if length is not None:
+            # Keep the client's framing: with a length, httpx streams without chunked encoding.
+            headers["content-length"] = length
+            content = request.stream()
+        elif "transfer-encoding" in request.headers:
+            content = request.stream()
+    response = await upstream.send(
+        request.method, request.url.path, query=request.url.query.encode(), headers=headers,
+        content=content,
+    )
+    return StreamingResponse(
+        _relay(response), status_code=response.status_code,
+        headers=response_headers(response, keep_length=True),
+    )
+
+
+async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+    finally:
+        await Upstream.close_response(response)

@@ -1,0 +1,105 @@
+"""Owns the one `httpx.AsyncClient`: forwards the client's auth and body, drops hop-by-hop
+headers, streams, and maps httpx errors to `UpstreamError`s."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+import anyio
+import httpx
+
+from proxy.config import ProxyConfig
+from proxy.errors import UpstreamTimeoutError, UpstreamUnreachableError
+from proxy.scope import HEADROOM_HEADER_PREFIX
+
+__all__ = ["HOP_BY_HOP", "Upstream", "response_headers"]
+
+# RFC 9110 §7.6.1 connection-specific headers, plus the ones httpx/uvicorn recompute.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+    }
+)
+
+
+def request_headers(
+    incoming: Mapping[str, str], config: ProxyConfig, *, decode: bool
+) -> dict[str, str]:
+    """What the upstream gets: the client's headers minus hop-by-hop and our own X-Headroom-*.
+    `decode=True` asks for an unencoded body because the proxy must read it (chat completions)."""
+    connection_named = {
+        h.strip().lower() for h in incoming.get("connection", "").split(",") if h.strip()
+    }
+    out: dict[str, str] = {}
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in connection_named:
+            continue
+        if lower.startswith(HEADROOM_HEADER_PREFIX):
+            continue
+        out[lower] = value
+    if "authorization" not in out and config.upstream_key:
+        out["authorization"] = f"Bearer {config.upstream_key}"
+    if decode:
+        out["accept-encoding"] = "identity"
+    return out
+
+
+def response_headers(upstream: httpx.Response, *, keep_length: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in upstream.headers.multi_items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP and not (keep_length and lower == "content-length"):
+            continue
+        if lower in out:  # repeated headers (set-cookie) joined; starlette takes a dict
+            out[lower] = f"{out[lower]}, {value}"
+        else:
+            out[lower] = value
+    return out
+
+
+class Upstream:
+    def __init__(self, config: ProxyConfig, transport: httpx.AsyncBaseTransport | None = None):
+        self.config = config
+        self.client = httpx.AsyncClient(
+            base_url=config.upstream_base,
+            timeout=httpx.Timeout(
+                config.upstream_timeout_s, connect=config.upstream_connect_timeout_s
+            ),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def send(
+        self, method: str, path: str, *, query: bytes, headers: Mapping[str, str],
+        content: bytes | AsyncIterator[bytes] | None,
+    ) -> httpx.Response:
+        """Send and return the response with its body not yet read (the caller streams it and
+        must close it)."""
+        url = httpx.URL(path=path, query=query)
+        request = self.client.build_request(method, url, headers=dict(headers), content=content)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.ConnectTimeout as exc:
+            raise UpstreamUnreachableError(
+                f"could not connect to the upstream at {self.config.upstream_base}: timed out"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(
+                f"the upstream at {self.config.upstream_base} did not answer in time"
+            ) from exc
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.NetworkError) as exc:
+            raise UpstreamUnreachableError(
+                f"could not reach the upstream at {self.config.upstream_base}: {exc}"
+            ) from exc
+
+    @staticmethod
+    async def close_response(response: httpx.Response) -> None:
+        """Close even while the surrounding task is being cancelled (client went away)."""
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
