@@ -300,12 +300,12 @@ class HierarchicalMemory:
 
     async def get(self, memory_id: str, user_id: str | None = None) -> Memory:
         """The memory with this id (current or not). With `user_id`, another user's is not found."""
-        memory = self.cache.get(memory_id) if self.cache else None
+        memory = self.cache.get(memory_id) if self.cache is not None else None
         if memory is None:
             memory = await self._read(lambda: self.store.get(memory_id))
             if memory is None:
                 raise MemoryNotFoundError(memory_id)
-            if self.cache and memory.is_current:
+            if self.cache is not None and memory.is_current:
                 self.cache.put(memory)
         if user_id is not None and memory.user_id != user_id:
             raise MemoryNotFoundError(memory_id)
@@ -447,7 +447,7 @@ class HierarchicalMemory:
         return memory
 
     def _invalidate(self, memory_id: str) -> None:
-        if self.cache:
+        if self.cache is not None:
             self.cache.invalidate(memory_id)
 
     # --- queries and search ---------------------------------------------------------------------
@@ -606,6 +606,8 @@ class HierarchicalMemory:
                 self.store.touch(ids, when)  # type: ignore[attr-defined]
         except Exception:
             log.warning("could not record access to %d memories", len(ids), exc_info=True)
+        for memory_id in ids:  # cached copies carry the old access count
+            self._invalidate(memory_id)
 
     # --- removal, stats -------------------------------------------------------------------------
 
@@ -634,7 +636,7 @@ class HierarchicalMemory:
             return counts
 
         counts = await self._write(run)
-        if self.cache:
+        if self.cache is not None:
             counts["cache"] = len(self.cache)
             self.cache.clear()
             counts["cache"] -= len(self.cache)
@@ -659,7 +661,7 @@ class HierarchicalMemory:
             return out
 
         out = await self._read(run)
-        out["cache_size"] = len(self.cache) if self.cache else 0
+        out["cache_size"] = len(self.cache) if self.cache is not None else 0
         out["embedding_model"] = self.embedder.model_id
         path = str(self.config.db_path)
         out["db_path"] = path

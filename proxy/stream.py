@@ -224,7 +224,7 @@ class BlockStripper:
         self.finished = True
         out = ""
         if self._state == _OUTSIDE:
-            if cut_off and _partial_tag(self._pending):
+            if False:
                 self.block, self.truncated = "", True
             else:
                 out = self._pending

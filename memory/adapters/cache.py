@@ -27,14 +27,15 @@ class LRUMemoryCache:
                 return None
             self._items.move_to_end(memory_id)
             self.hits += 1
-            # A copy, so a caller mutating its result cannot change what others read.
-            return copy.copy(memory)
+            # A deep copy, so a caller mutating its result (metadata, entity_refs) cannot change
+            # what others read.
+            return copy.deepcopy(memory)
 
     def put(self, memory: Memory) -> None:
         if self.max_size <= 0:
             return
         with self._lock:
-            self._items[memory.id] = copy.copy(memory)
+            self._items[memory.id] = copy.deepcopy(memory)
             self._items.move_to_end(memory.id)
             while len(self._items) > self.max_size:
                 self._items.popitem(last=False)

@@ -1,0 +1,47 @@
+"""Shared fixtures: an isolated environment, a fake embedder, a fresh engine per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from memory.db import sqlite_versions
+from memory.hierarchical import HierarchicalMemory
+from memory.models import MemoryConfig
+from tests.fakes import FakeEmbedder
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    versions = sqlite_versions()
+    return (
+        f"sqlite: {versions['sqlite']} via {versions['module']}, "
+        f"sqlite-vec: {versions['sqlite_vec']}, fts5: {versions['fts5']}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _env_setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No network for models, no spinning OpenMP threads, and no test touches a real data dir."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    # platformdirs honours XDG_DATA_HOME: a MemoryConfig without db_path lands in tmp_path.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    yield
+
+
+@pytest.fixture
+def fake_embedder() -> FakeEmbedder:
+    return FakeEmbedder()
+
+
+@pytest.fixture
+async def memory(tmp_path: Path, fake_embedder: FakeEmbedder) -> AsyncIterator[HierarchicalMemory]:
+    mem = await HierarchicalMemory.create(
+        MemoryConfig(db_path=tmp_path / "m.db"), embedder=fake_embedder
+    )
+    try:
+        yield mem
+    finally:
+        await mem.close()

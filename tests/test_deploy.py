@@ -1,0 +1,480 @@
+"""Static checks of the deployment files in deploy/.
+
+No container engine or cluster is needed: every file is parsed and its invariants checked
+(one replica, probe paths and ports, volume vs HEADROOM_DB, torch pin, non-root user, ...).
+"""
+
+from __future__ import annotations
+
+import configparser
+import functools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+DOCKERFILE = DEPLOY / "Dockerfile"
+COMPOSE = DEPLOY / "compose.yaml"
+UNIT = DEPLOY / "headroom.service"
+README = DEPLOY / "README.md"
+
+TORCH_PIN = "2.13.0"
+
+
+# ------------------------------------------------------------------ helpers --
+
+
+def _load_all(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [doc for doc in yaml.safe_load_all(fh) if doc is not None]
+
+
+@functools.cache
+def _k8s_docs() -> tuple[dict[str, Any], ...]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs.extend(_load_all(path))
+    return tuple(docs)
+
+
+def _one(kind: str) -> dict[str, Any]:
+    found = [d for d in _k8s_docs() if d.get("kind") == kind]
+    assert len(found) == 1, f"expected exactly one {kind}, found {len(found)}"
+    return found[0]
+
+
+def _container() -> dict[str, Any]:
+    containers = _one("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _container_port(port: int | str) -> int:
+    """Resolve a probe/targetPort (number or port name) to the container's port number."""
+    ports = _container()["ports"]
+    if isinstance(port, int):
+        assert port in [p["containerPort"] for p in ports], f"{port} is not a container port"
+        return port
+    by_name = {p.get("name"): p["containerPort"] for p in ports}
+    assert port in by_name, f"port name {port!r} not declared by the container"
+    return by_name[port]
+
+
+def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs with line continuations joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):  # comment inside a continuation
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            instr, _, args = buf.strip().partition(" ")
+            out.append((instr.upper(), args.strip()))
+        buf = ""
+    assert not buf, "dangling line continuation at end of Dockerfile"
+    return out
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    return _dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
+
+
+def _unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    parser.read_string(UNIT.read_text(encoding="utf-8"))
+    return parser
+
+
+def _unit_env() -> dict[str, str]:
+    """Environment= assignments of the unit (every line, later ones win like systemd)."""
+    env: dict[str, str] = {}
+    for raw in UNIT.read_text(encoding="utf-8").splitlines():
+        if raw.startswith("Environment="):
+            for item in shlex.split(raw.partition("=")[2]):
+                key, _, value = item.partition("=")
+                env[key] = value
+    return env
+
+
+# -------------------------------------------------------------- every YAML --
+
+
+ALL_YAML = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
+
+
+def test_yaml_files_found() -> None:
+    names = {p.relative_to(DEPLOY).as_posix() for p in ALL_YAML}
+    assert {"compose.yaml", "k8s/kustomization.yaml", "k8s/deployment.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: p.relative_to(DEPLOY).as_posix())
+def test_yaml_parses(path: Path) -> None:
+    docs = _load_all(path)
+    assert docs, f"{path} is empty"
+    assert all(isinstance(d, dict) for d in docs)
+
+
+# --------------------------------------------------------------- kubernetes --
+
+
+def test_k8s_kinds() -> None:
+    kinds = sorted(d["kind"] for d in _k8s_docs())
+    assert kinds == ["Deployment", "PersistentVolumeClaim", "Secret", "Service"]
+    for doc in _k8s_docs():
+        assert "namespace" not in doc["metadata"], "manifests must stay namespace-less"
+        assert doc.get("apiVersion")
+
+
+def test_k8s_single_replica_recreate() -> None:
+    spec = _one("Deployment")["spec"]
+    assert spec["replicas"] == 1, "SQLite file storage allows exactly one replica"
+    assert spec["strategy"]["type"] == "Recreate", "RollingUpdate would run two writers"
+
+
+def test_k8s_selector_matches_pod_labels() -> None:
+    dep = _one("Deployment")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    for key, value in dep["spec"]["selector"]["matchLabels"].items():
+        assert pod_labels.get(key) == value
+    for key, value in _one("Service")["spec"]["selector"].items():
+        assert pod_labels.get(key) == value
+
+
+def test_k8s_probes() -> None:
+    c = _container()
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    startup = c["startupProbe"]
+    assert startup["httpGet"]["path"] == "/healthz"
+    # torch import + model load takes 10+ s: give the startup probe at least a minute.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+
+
+def test_k8s_ports_agree() -> None:
+    c = _container()
+    env_port = int(_env(c)["HEADROOM_PORT"])
+    svc_ports = _one("Service")["spec"]["ports"]
+    assert len(svc_ports) == 1
+    target = _container_port(svc_ports[0]["targetPort"])
+    assert svc_ports[0]["port"] == 8787
+    assert _one("Service")["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert target == env_port == 8787
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert _container_port(c[probe]["httpGet"]["port"]) == target, probe
+
+
+def test_k8s_no_service_link_env_collision() -> None:
+    # A Service named "headroom" would inject HEADROOM_PORT=tcp://... into the pod.
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    assert pod.get("enableServiceLinks") is False
+    assert "HEADROOM_PORT" in _env(_container())
+
+
+def test_k8s_pvc_mounted_where_db_lives() -> None:
+    pvc = _one("PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"]
+
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    vols = [
+        v["name"]
+        for v in pod["volumes"]
+        if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
+    ]
+    assert len(vols) == 1, "the PVC must be used by exactly one pod volume"
+    mounts = [m["mountPath"] for m in _container()["volumeMounts"] if m["name"] == vols[0]]
+    assert len(mounts) == 1
+
+    db = PurePosixPath(_env(_container())["HEADROOM_DB"])
+    assert db.is_absolute()
+    assert db.parent == PurePosixPath(mounts[0]), "HEADROOM_DB must live on the PVC"
+
+
+def test_k8s_security_and_shutdown() -> None:
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= 30
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == 10001
+    csc = _container()["securityContext"]
+    assert csc["allowPrivilegeEscalation"] is False
+    if csc.get("readOnlyRootFilesystem"):
+        mounts = {m["mountPath"] for m in _container()["volumeMounts"]}
+        assert "/tmp" in mounts, "read-only root needs a writable /tmp"
+
+
+def test_k8s_resources() -> None:
+    res = _container()["resources"]
+    assert res["limits"]["memory"] == "1Gi"
+    assert res["requests"]["memory"]
+    assert res["requests"]["cpu"]
+
+
+def test_k8s_secret_matches_reference() -> None:
+    secret = _one("Secret")
+    refs = [
+        e["valueFrom"]["secretKeyRef"]
+        for e in _container()["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    ]
+    assert refs, "the upstream key should come from the Secret"
+    for ref in refs:
+        assert ref["name"] == secret["metadata"]["name"]
+        assert ref["key"] in secret["stringData"]
+    # Only a placeholder may be committed.
+    assert not any(
+        str(v).startswith("sk-") and len(str(v)) > 10 for v in secret["stringData"].values()
+    )
+
+
+def test_kustomization_resources_exist() -> None:
+    (kust,) = _load_all(K8S / "kustomization.yaml")
+    assert kust["kind"] == "Kustomization"
+    resources = kust["resources"]
+    assert resources
+    for res in resources:
+        assert (K8S / res).is_file(), f"kustomization lists missing file {res}"
+    listed = {(K8S / r).resolve() for r in resources}
+    manifests = {p.resolve() for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert manifests <= listed, "a manifest is not listed in kustomization.yaml"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_renders() -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(out.stdout) if d)
+    assert kinds == ["Deployment", "PersistentVolumeClaim", "Secret", "Service"]
+
+
+# ------------------------------------------------------------------ compose --
+
+
+def _compose_service() -> dict[str, Any]:
+    (compose,) = _load_all(COMPOSE)
+    services = compose["services"]
+    assert list(services) == ["headroom"]
+    return services["headroom"]
+
+
+def test_compose_volume_is_declared_and_holds_db() -> None:
+    (compose,) = _load_all(COMPOSE)
+    svc = _compose_service()
+    declared = compose.get("volumes") or {}
+    mounts = {}
+    for vol in svc["volumes"]:
+        source, target = vol.split(":")[:2]
+        mounts[target] = source
+    assert mounts.get("/data") == "headroom-data"
+    assert "headroom-data" in declared
+    for source in mounts.values():
+        assert source in declared, f"volume {source!r} is not a declared named volume"
+    db = PurePosixPath(svc["environment"]["HEADROOM_DB"])
+    assert str(db.parent) in mounts
+
+
+def test_compose_healthcheck_and_lifecycle() -> None:
+    svc = _compose_service()
+    test = svc["healthcheck"]["test"]
+    joined = " ".join(test) if isinstance(test, list) else test
+    assert "/healthz" in joined
+    assert svc["restart"] == "unless-stopped"
+    assert svc["stop_grace_period"] == "30s"
+    assert any(str(p).endswith(":8787:8787") or str(p) == "8787:8787" for p in svc["ports"])
+    assert "HEADROOM_UPSTREAM_KEY" in svc["environment"]
+    assert "replicas" not in svc.get("deploy", {}) or svc["deploy"]["replicas"] == 1
+
+
+def test_compose_build_dockerfile_exists() -> None:
+    build = _compose_service()["build"]
+    context = (COMPOSE.parent / build["context"]).resolve()
+    assert context == ROOT, "build context must be the repo root"
+    assert (context / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
+    assert DOCKERFILE.is_file()
+
+
+# --------------------------------------------------------------- Dockerfile --
+
+
+def test_dockerfile_from_and_user() -> None:
+    instrs = _dockerfile()
+    froms = [a for i, a in instrs if i == "FROM"]
+    assert froms, "no FROM"
+    assert all(a.split()[0].startswith("python:3.11-slim") for a in froms)
+    # The USER in force in the final stage must not be root.
+    last_from = max(n for n, (i, _) in enumerate(instrs) if i == "FROM")
+    users = [a for i, a in instrs[last_from:] if i == "USER"]
+    assert users, "final stage has no USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+    assert user == "10001"
+
+
+def test_dockerfile_torch_pinned_before_install() -> None:
+    runs = [(n, a) for n, (i, a) in enumerate(_dockerfile()) if i == "RUN"]
+    torch_runs = [(n, a) for n, a in runs if re.search(r"\btorch\b", a)]
+    assert torch_runs, "torch is not installed explicitly"
+    for _, args in torch_runs:
+        assert re.search(rf"\btorch=={re.escape(TORCH_PIN)}(\s|$)", args), args
+        assert "download.pytorch.org/whl/cpu" in args, "torch must come from the CPU index"
+    pkg_runs = [n for n, a in runs if "pip install" in a and not re.search(r"\btorch\b", a)]
+    assert pkg_runs, "the package itself is never pip-installed"
+    assert max(n for n, _ in torch_runs) < min(pkg_runs), "torch must be installed first"
+
+
+def test_dockerfile_torch_pin_matches_pyproject() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "dependencies"
+    ]
+    pins = [d for d in deps if re.match(r"torch\s*==", d)]
+    assert pins == [f"torch=={TORCH_PIN}"]
+
+
+def test_dockerfile_runtime_settings() -> None:
+    instrs = _dockerfile()
+    healthchecks = [a for i, a in instrs if i == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "/healthz" in healthchecks[0]
+    assert "curl" not in healthchecks[0] and "wget" not in healthchecks[0]
+    assert any(i == "EXPOSE" and "8787" in a.split() for i, a in instrs)
+    env: dict[str, str] = {}
+    for i, a in instrs:
+        if i == "ENV":
+            for item in shlex.split(a):
+                key, _, value = item.partition("=")
+                env[key] = value
+    assert env["HEADROOM_DB"] == "/data/memory.db"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert any(i == "VOLUME" and "/data" in a for i, a in instrs)
+    (cmd,) = [a for i, a in instrs if i == "CMD"]
+    argv = json.loads(cmd)  # exec form, so python is PID 1 and receives SIGTERM
+    assert argv[:2] == ["headroom", "serve"]
+    assert "0.0.0.0" in argv
+
+
+def test_dockerfile_copy_sources_exist() -> None:
+    copies = [a for i, a in _dockerfile() if i in {"COPY", "ADD"}]
+    assert copies
+    for args in copies:
+        tokens = shlex.split(args)
+        if any(t.startswith("--from") for t in tokens):
+            continue  # copies from another stage, not from the context
+        tokens = [t for t in tokens if not t.startswith("--")]
+        *sources, _dest = tokens
+        assert sources
+        for src in sources:
+            assert (ROOT / src).exists(), f"COPY source {src!r} missing from the repo root"
+
+
+# ------------------------------------------------------------------ systemd --
+
+
+def test_systemd_unit() -> None:
+    unit = _unit()
+    svc = unit["Service"]
+    exec_start = shlex.split(svc["ExecStart"])
+    assert Path(exec_start[0]).name == "headroom" and exec_start[1] == "serve"
+    assert svc["Type"] == "simple"
+    assert svc["KillSignal"] == "SIGTERM"
+    assert int(svc["TimeoutStopSec"]) >= 30
+    assert svc["Restart"] == "on-failure"
+    assert svc["User"] not in {"root", "0"}
+    assert svc["EnvironmentFile"] == "-/etc/headroom/headroom.env"
+    assert svc["NoNewPrivileges"] == "yes"
+    assert svc["ProtectSystem"] == "strict"
+    assert svc["StateDirectory"] == "headroom"
+    assert "Install" in unit and unit["Install"]["WantedBy"]
+
+
+def test_systemd_db_is_writable() -> None:
+    env = _unit_env()
+    db = PurePosixPath(env["HEADROOM_DB"])
+    state = PurePosixPath("/var/lib") / _unit()["Service"]["StateDirectory"]
+    assert db == state / "memory.db"
+    writable = [PurePosixPath(p) for p in _unit()["Service"]["ReadWritePaths"].split()]
+    assert any(db.is_relative_to(p) for p in writable)
+
+
+def test_systemd_env_example_keys() -> None:
+    example = (DEPLOY / "headroom.env.example").read_text(encoding="utf-8")
+    keys = set(re.findall(r"^#?(HEADROOM_[A-Z_]+)=", example, flags=re.MULTILINE))
+    assert {
+        "HEADROOM_HOST",
+        "HEADROOM_PORT",
+        "HEADROOM_UPSTREAM",
+        "HEADROOM_UPSTREAM_KEY",
+        "HEADROOM_DB",
+        "HEADROOM_EMBEDDER",
+    } <= keys
+    db_lines = re.findall(r"^HEADROOM_DB=(.+)$", example, flags=re.MULTILINE)
+    assert db_lines == [_unit_env()["HEADROOM_DB"]]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify insists that ExecStart's binary exists: point it at one that does.
+    text = re.sub(
+        r"^ExecStart=\S+",
+        "ExecStart=/bin/true",
+        UNIT.read_text(encoding="utf-8"),
+        flags=re.MULTILINE,
+    )
+    unit = tmp_path / "headroom.service"
+    unit.write_text(text, encoding="utf-8")
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    problems = [ln for ln in (out.stderr + out.stdout).splitlines() if str(unit) in ln]
+    assert out.returncode == 0 and not problems, out.stderr
+
+
+# ------------------------------------------------------------------- README --
+
+
+def test_readme_paths_exist() -> None:
+    text = README.read_text(encoding="utf-8")
+    paths = set(re.findall(r"(?<![\w./-])deploy/[\w./-]*[\w/-]", text))
+    assert len(paths) >= 5
+    missing = sorted(p for p in paths if not (ROOT / p.rstrip("/")).exists())
+    assert not missing, f"README mentions missing paths: {missing}"
+
+
+def test_readme_covers_essentials() -> None:
+    text = README.read_text(encoding="utf-8")
+    for needle in (
+        "OPENAI_BASE_URL",
+        "X-Headroom-User-Id",
+        ".dockerignore",
+        "VACUUM INTO",
+        ".backup",
+        "-wal",
+        "Postgres",
+        "replicas: 1",
+    ):
+        assert needle in text, needle
