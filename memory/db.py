@@ -93,6 +93,8 @@ def connect(path: str | Path, *, readonly: bool = False) -> Any:
     conn.row_factory = module.Row
     conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
+    # Deleted content is overwritten, so a purge leaves no readable trace in the file.
+    conn.execute("PRAGMA secure_delete = ON")
     if not readonly and target != ":memory:":
         try:
             conn.execute("PRAGMA journal_mode = WAL")

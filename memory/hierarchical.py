@@ -268,6 +268,8 @@ class HierarchicalMemory:
         old_scope = existing.scope
         target = temporal.common_scope(old_scope, incoming.scope)
         existing.importance = max(existing.importance, incoming.importance)
+        if temporal.should_bubble(existing, self.config.bubble_importance_threshold):
+            target = Scope(existing.user_id)  # reinforced up to the bubbling threshold
         existing.access_count += 1
         existing.last_accessed = now
         if target != old_scope:
@@ -394,6 +396,10 @@ class HierarchicalMemory:
         category: MemoryCategory | None, importance: float | None, metadata: dict | None,
         entity_refs: list[str] | None, user_id: str | None, request_id: str | None,
     ) -> Memory:
+        if not content.strip():  # supersede() checks too; the outbox worker comes here directly
+            raise ValidationError("memory content must not be empty")
+        if importance is not None and not 0.0 <= importance <= 1.0:
+            raise ValidationError(f"importance must be between 0 and 1, got {importance!r}")
         old = self._load(old_id, user_id)
         closed, new = temporal.supersede(
             old, content, at, category=category, importance=importance, metadata=metadata,
@@ -418,11 +424,9 @@ class HierarchicalMemory:
     ) -> Memory:
         """Soft delete: the memory leaves every current read path; its row and history stay."""
 
-        def run() -> Memory:
-            memory = self._forget_sync(memory_id, user_id, reason, request_id)
-            return memory
-
-        return await self._write(run)
+        return await self._write(
+            lambda: self._forget_sync(memory_id, user_id, reason, request_id)
+        )
 
     def _forget_sync(
         self, memory_id: str, user_id: str | None, reason: str | None, request_id: str | None
@@ -456,7 +460,7 @@ class HierarchicalMemory:
         return await self._read(lambda: self.store.query(flt))
 
     async def count(self, flt: MemoryFilter) -> int:
-        return await self._read(lambda: self.store.count(flt))  # type: ignore[attr-defined]
+        return await self._read(lambda: self.store.count(flt))
 
     async def search(
         self,
@@ -603,7 +607,7 @@ class HierarchicalMemory:
     def _touch_sync(self, ids: list[str], when: datetime) -> None:
         try:
             with self.store.transaction():
-                self.store.touch(ids, when)  # type: ignore[attr-defined]
+                self.store.touch(ids, when)
         except Exception:
             log.warning("could not record access to %d memories", len(ids), exc_info=True)
         for memory_id in ids:  # cached copies carry the old access count
@@ -636,6 +640,7 @@ class HierarchicalMemory:
             return counts
 
         counts = await self._write(run)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self.store.checkpoint)
         if self.cache is not None:
             counts["cache"] = len(self.cache)
             self.cache.clear()

@@ -6,10 +6,13 @@ processes opening a new file at once cannot both apply it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from memory.timefmt import to_db
+
+log = logging.getLogger(__name__)
 
 Migration = Callable[[Any], None]
 
@@ -79,8 +82,18 @@ def m001_initial(conn: Any) -> None:
     )
 
 
+def m002_fts_secure_delete(conn: Any) -> None:
+    """Deletes remove terms from the FTS5 index itself instead of leaving delete markers next to
+    them until a merge, so a purged memory's words are gone from the file (SQLite >= 3.42)."""
+    try:
+        conn.execute("INSERT INTO memories_fts(memories_fts, rank) VALUES('secure-delete', 1)")
+    except Exception as exc:  # pragma: no cover - an older SQLite
+        log.warning("FTS5 secure-delete unavailable (%s): purged words stay until a merge", exc)
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
+    ("m002_fts_secure_delete", m002_fts_secure_delete),
 ]
 
 

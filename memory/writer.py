@@ -121,10 +121,10 @@ class OutboxWorker:
         request_id = payload.get("request_id")
         vec = iter(vectors)
         for add in ops.add:
-            target = scope.clamp(add.scope)
-            memory = _draft_memory(mem, add, target)
-            try:
-                mem._insert_or_reinforce(memory, next(vec), dedup=True, request_id=request_id)
+            vector = next(vec)
+            try:  # building the draft validates it: a bad op is dropped, never retried forever
+                memory = _draft_memory(mem, add, scope.clamp(add.scope))
+                mem._insert_or_reinforce(memory, vector, dedup=True, request_id=request_id)
                 self.applied += 1
             except HeadroomMemoryError as exc:
                 self.failed += 1

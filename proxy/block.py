@@ -31,6 +31,8 @@ MAX_TEXT_CHARS = 2000
 _MAX_BODY_CHARS = 64_000  # the repair loop is quadratic in the worst case
 _DEFAULT_IMPORTANCE = 0.5
 _FORGET_SYNONYMS = ("forget", "delete", "remove")
+# strict=False: models put raw newlines and tabs inside strings.
+_DECODER = json.JSONDecoder(strict=False)
 
 
 def split_block(text: str, *, cut_off: bool = False) -> tuple[str, str | None, bool]:
@@ -109,17 +111,17 @@ def _load(body: str, *, truncated: bool, warnings: list[str]) -> Any:
         return None
     # Fences and any prose around the JSON fall away: parsing starts at the first bracket and
     # raw_decode stops at the end of the first value.
-    starts = sorted(i for i in (body.find("{"), body.find("[")) if i >= 0)
-    if not starts:
+    start = min((i for i in (body.find("{"), body.find("[")) if i >= 0), default=-1)
+    if start < 0:
         warnings.append("block holds no JSON object")
         return None
-    for start in starts:
-        for candidate in (body[start:], _drop_trailing_commas(body[start:])):
-            try:
-                return json.JSONDecoder().raw_decode(candidate)[0]
-            except ValueError:
-                pass
-    value = _repair(body[starts[0] :])
+    text = body[start:]
+    for candidate in (text, _drop_trailing_commas(text)):
+        try:
+            return _DECODER.raw_decode(candidate)[0]
+        except (ValueError, RecursionError):  # deep nesting raises RecursionError
+            pass
+    value = _repair(text)
     if value is None:
         warnings.append("block is not valid JSON and could not be repaired; ignored")
     elif truncated:
@@ -182,8 +184,8 @@ def _repair(text: str) -> Any:
             cuts.append((i, "".join(reversed(stack))))
     for end, closers in reversed(cuts):
         try:
-            return json.loads(_drop_trailing_commas(text[:end] + closers))
-        except ValueError:
+            return _DECODER.decode(_drop_trailing_commas(text[:end] + closers))
+        except (ValueError, RecursionError):
             continue
     return None
 

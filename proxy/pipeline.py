@@ -61,6 +61,10 @@ async def prepare(body: dict[str, Any], rs: RequestScope, service: MemoryService
     if rs.scope is None or not rs.active or not isinstance(messages, list):
         return Prepared(body)
     prepared = Prepared(body)
+    if service.engine is None:
+        # No database: nothing could be recalled or stored, so ask the model for no block.
+        prepared.notes.append("memory off: database unavailable")
+        return prepared
     response_format = body.get("response_format")
     extraction = rs.mode.extract
     if (
@@ -129,17 +133,14 @@ async def chat_completions(
     )
     receipt = prepared.receipt(rs)
     if upstream_response.status_code >= 400:
-        return await _relay_error(upstream_response, receipt)
+        return await _relay_error(upstream, upstream_response, receipt)
     if body.get("stream") is True:
         return StreamingResponse(
             _stream(upstream_response, lambda b: store_block(b, prepared, rs, service), rs),
             status_code=upstream_response.status_code,
             headers={**response_headers(upstream_response, keep_length=False), **receipt},
         )
-    try:
-        payload = await upstream_response.aread()
-    finally:
-        await Upstream.close_response(upstream_response)
+    payload = await upstream.read(upstream_response)
     try:
         completion = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -158,11 +159,10 @@ async def chat_completions(
     )
 
 
-async def _relay_error(upstream_response: httpx.Response, receipt: dict[str, str]) -> Response:
-    try:
-        payload = await upstream_response.aread()
-    finally:
-        await Upstream.close_response(upstream_response)
+async def _relay_error(
+    upstream: Upstream, upstream_response: httpx.Response, receipt: dict[str, str]
+) -> Response:
+    payload = await upstream.read(upstream_response)
     return Response(
         payload, upstream_response.status_code,
         headers={**response_headers(upstream_response, keep_length=False), **receipt},

@@ -11,16 +11,17 @@ Three layers, each usable alone:
   `StreamStripper` glues decoder and rewriter into bytes in, bytes out.
 
 What counts as the block (the stripper's rules, in one place):
-- It starts at `<memory>` and ends at the first `</memory>` after it that is not inside a JSON
-  string (once the body has shown a `{` or `[`), so a memory whose text mentions the tag cannot
-  end the block early and leak its tail.
-- It counts only if nothing but whitespace follows it; otherwise the held text is released as
-  ordinary answer text. Another `<memory>` outside a JSON string starts a new candidate and
+- A candidate starts at `<memory>`. Its first visible character (after an optional ``` fence
+  line) decides how it reads: `{` or `[` make it JSON, anything else makes it prose.
+- It ends at the first `</memory>` after it, except that in JSON the tags inside strings do not
+  count, so a memory whose text mentions the tag cannot end the block early and leak its tail.
+- It is the block only if nothing but whitespace follows; otherwise the held text is released as
+  ordinary answer text. Another `<memory>` (outside JSON strings) starts a new candidate and
   releases the old one, so the LAST opening tag that begins a message-ending block wins.
 - An unclosed candidate at the end of the message is stripped as a truncated block when the
-  answer was cut off (`cut_off=True`, e.g. finish_reason "length") or when its body looks like a
-  block (empty, or starting with `{`, `[` or a code fence); an unclosed `<memory>` in prose that
-  ended normally stays in the answer. With `cut_off`, a dangling partial tag (`<mem`) is stripped.
+  answer was cut off (`cut_off=True`: finish_reason "length", or no finish at all) or when it is
+  not prose (JSON, a fence, or empty); an unclosed `<memory>` in prose that ended normally stays
+  in the answer. With `cut_off`, a dangling partial tag (`<mem`) is stripped too.
 - Whitespace right before the block is not part of the visible text.
 """
 
@@ -162,6 +163,8 @@ class SSEDecoder:
 # --- the per-choice stripper ---------------------------------------------------------------------
 
 _OUTSIDE, _INSIDE, _AFTER = "outside", "inside", "after"
+_UNDECIDED, _JSON, _PROSE = "undecided", "json", "prose"
+_NO_FENCE, _FENCE_LINE, _AFTER_FENCE = 0, 1, 2
 
 
 def _partial_tag(text: str) -> int:
@@ -175,11 +178,6 @@ def _partial_tag(text: str) -> int:
 def _split_trailing_space(text: str) -> tuple[str, str]:
     kept = text.rstrip()
     return kept, text[len(kept) :]
-
-
-def _looks_like_block(body: str) -> bool:
-    rest = body.lstrip()
-    return not rest or rest[0] in "{[`"
 
 
 class BlockStripper:
@@ -198,10 +196,14 @@ class BlockStripper:
         self._lead = ""  # whitespace before the candidate's opening tag
         self._body: list[str] = []  # after the opening tag (closing tag included once seen)
         self._trail = ""  # AFTER: whitespace after the closing tag
-        self._reset_json()
+        self._new_candidate()
 
-    def _reset_json(self) -> None:
-        self._json = self._in_str = self._escaped = False
+    def _new_candidate(self) -> None:
+        # How the body reads is decided by its first visible character: "{" or "[" (a ``` fence
+        # line may come first) makes it JSON, whose strings may hold tags; anything else is
+        # prose, where the first closing tag ends it and any opening tag starts over.
+        self._mode, self._fence = _UNDECIDED, _NO_FENCE
+        self._in_str = self._escaped = False
 
     def feed(self, text: str) -> str:
         if self.finished:
@@ -224,13 +226,13 @@ class BlockStripper:
         self.finished = True
         out = ""
         if self._state == _OUTSIDE:
-            if False:
+            if cut_off and _partial_tag(self._pending):
                 self.block, self.truncated = "", True
             else:
                 out = self._pending
         elif self._state == _INSIDE:
             body = "".join(self._body)
-            if cut_off or _looks_like_block(body):
+            if cut_off or self._mode != _PROSE:
                 self.block, self.truncated = body, True
             else:
                 out = self._lead + OPEN_TAG + body
@@ -245,7 +247,7 @@ class BlockStripper:
         if at >= 0:
             emitted, self._lead = _split_trailing_space(buf[:at])
             self._pending, self._body, self._state = "", [], _INSIDE
-            self._reset_json()
+            self._new_candidate()
             return emitted, buf[at + len(OPEN_TAG) :]
         partial = _partial_tag(buf)
         emitted, space = _split_trailing_space(buf[: len(buf) - partial])
@@ -264,11 +266,14 @@ class BlockStripper:
                 elif ch == '"':
                     self._in_str = False
                 continue
-            if self._json and ch == '"':
+            if self._mode == _UNDECIDED:
+                self._decide(ch)
+                if self._mode != _PROSE:
+                    continue
+            elif self._mode == _JSON and ch == '"':
                 self._in_str = True
-            elif ch in "{[":
-                self._json = True
-            elif ch == ">":
+                continue
+            if ch == ">":
                 tail = "".join(body[-len(CLOSE_TAG) :])
                 if tail == CLOSE_TAG:
                     self._state, self._trail = _AFTER, ""
@@ -278,9 +283,21 @@ class BlockStripper:
                     released = self._lead + OPEN_TAG + "".join(body[: -len(OPEN_TAG)])
                     emitted, self._lead = _split_trailing_space(released)
                     self._body = []
-                    self._reset_json()
+                    self._new_candidate()
                     return emitted, text[i + 1 :]
         return "", ""
+
+    def _decide(self, ch: str) -> None:
+        if ch in "{[":
+            self._mode = _JSON
+        elif ch == "\n" and self._fence == _FENCE_LINE:
+            self._fence = _AFTER_FENCE
+        elif ch.isspace():
+            pass
+        elif self._fence == _AFTER_FENCE or not (ch == "`" or (ch.isalnum() and self._fence)):
+            self._mode = _PROSE
+        else:
+            self._fence = _FENCE_LINE  # backticks, then a language name like "json"
 
     def _after(self, text: str) -> tuple[str, str]:
         for i, ch in enumerate(text):

@@ -95,6 +95,22 @@ class Upstream:
                 f"could not reach the upstream at {self.config.upstream_base}: {exc}"
             ) from exc
 
+    async def read(self, response: httpx.Response) -> bytes:
+        """The whole body of a response from `send`, closed afterwards. A body that stalls or
+        breaks off is an upstream error too (504 / 502), not a proxy failure."""
+        try:
+            return await response.aread()
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError(
+                f"the upstream at {self.config.upstream_base} stopped sending its answer"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnreachableError(
+                f"the upstream at {self.config.upstream_base} broke off its answer: {exc}"
+            ) from exc
+        finally:
+            await self.close_response(response)
+
     @staticmethod
     async def close_response(response: httpx.Response) -> None:
         """Close even while the surrounding task is being cancelled (client went away)."""

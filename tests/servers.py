@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import random
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,16 +30,26 @@ def free_port() -> int:
 
 
 class ThreadedServer(uvicorn.Server):
+    loop: asyncio.AbstractEventLoop | None = None
+    url: str = ""
+
     def install_signal_handlers(self) -> None:  # the test process keeps its own handlers
         pass
 
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()  # so tests can run coroutines on the app's loop
+        await super().serve(sockets)
+
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
+def running_server(app: Any, port: int | None = None) -> Iterator[ThreadedServer]:
+    """uvicorn in a daemon thread; yields the server (its `.url`, and `.loop` for
+    `run_coroutine_threadsafe`). Exiting runs the app's lifespan shutdown."""
     port = port or free_port()
     server = ThreadedServer(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
+    server.url = f"http://127.0.0.1:{port}"
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -47,10 +58,16 @@ def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
             raise RuntimeError("server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
+    with running_server(app, port) as server:
+        yield server.url
 
 
 @dataclass
@@ -66,6 +83,10 @@ class Reply:
     delay_s: float = 0.0
     chunk_seed: int | None = None
     usage_chunk: bool = True
+    headers: dict[str, str] | None = None  # extra response headers (e.g. retry-after)
+    event_delay_s: float = 0.0  # streaming: pause between events
+    hold_before_finish_s: float = 0.0  # streaming: pause after the content, before finish_reason
+    extra_chunk_fields: dict[str, Any] | None = None  # unknown fields put in every chunk
 
 
 @dataclass
@@ -74,6 +95,10 @@ class FakeUpstream:
     received: list[dict[str, Any]] = field(default_factory=list)
     received_headers: list[dict[str, str]] = field(default_factory=list)
     stream_closed: list[bool] = field(default_factory=list)
+    passthrough_bodies: list[dict[str, Any]] = field(default_factory=list)
+    # When set, builds the reply from the request body instead of taking the next queued one
+    # (concurrent tests, where queue order and request order differ).
+    responder: Callable[[dict[str, Any]], Reply] | None = None
 
     def queue(self, *replies: Reply | str) -> None:
         for r in replies:
@@ -91,7 +116,10 @@ class FakeUpstream:
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
-                Route("/v1/{path:path}", self._echo, methods=["GET", "POST", "PUT", "DELETE"]),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/v1/gzipped", self._gzipped, methods=["GET"]),
+                Route("/v1/{path:path}", self._echo,
+                      methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
             ]
         )
 
@@ -99,6 +127,28 @@ class FakeUpstream:
         self.received_headers.append(dict(request.headers))
         return JSONResponse({"object": "list", "data": [{"id": "fake-model", "object": "model",
                                                            "created": 0, "owned_by": "test"}]})
+
+    async def _completions(self, request: Request) -> Response:
+        """Legacy completions; streams `text` pieces slowly when asked (pass-through tests)."""
+        body = await request.json()
+        self.received_headers.append(dict(request.headers))
+        self.passthrough_bodies.append(body)
+        text = body.get("prompt_reply", "Once upon a time<memory>{}</memory>")
+        if not body.get("stream"):
+            return JSONResponse({"object": "text_completion", "choices": [{"text": text}]})
+
+        async def sse() -> AsyncIterator[bytes]:
+            for piece in (text[:5], text[5:]):
+                yield f"data: {json.dumps({'choices': [{'text': piece}]})}\n\n".encode()
+                await asyncio.sleep(float(body.get("delay", 0)))
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    async def _gzipped(self, request: Request) -> Response:
+        self.received_headers.append(dict(request.headers))
+        return Response(gzip.compress(b'{"compressed": true}' * 50), media_type="application/json",
+                        headers={"content-encoding": "gzip"})
 
     async def _echo(self, request: Request) -> Response:
         body = await request.body()
@@ -114,14 +164,14 @@ class FakeUpstream:
         body = await request.json()
         self.received.append(body)
         self.received_headers.append(dict(request.headers))
-        reply = self.next_reply()
+        reply = self.responder(body) if self.responder else self.next_reply()
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
         if reply.status >= 400:
             return JSONResponse(
-                reply.error or {"error": {"message": "upstream says no", "type": "invalid_request_error",
-                                          "code": "bad"}},
-                status_code=reply.status,
+                reply.error or {"error": {"message": "upstream says no",
+                                          "type": "invalid_request_error", "code": "bad"}},
+                status_code=reply.status, headers=reply.headers,
             )
         contents = reply.content if isinstance(reply.content, list) else [reply.content] * int(
             body.get("n") or 1
@@ -129,7 +179,7 @@ class FakeUpstream:
         if body.get("stream"):
             return StreamingResponse(
                 self._sse(body, reply, contents), media_type="text/event-stream",
-                headers={"x-upstream": "fake"},
+                headers={"x-upstream": "fake", **(reply.headers or {})},
             )
         choices = []
         for i, text in enumerate(contents):
@@ -138,20 +188,32 @@ class FakeUpstream:
                 message["tool_calls"] = reply.tool_calls
             choices.append({"index": i, "message": message, "finish_reason": reply.finish_reason,
                             "logprobs": None})
-        return JSONResponse(
-            {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
-             "model": body.get("model", "fake"), "choices": choices,
-             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}},
-            headers={"x-upstream": "fake"},
-        )
+        completion = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
+                      "model": body.get("model", "fake"), "choices": choices,
+                      "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                      **(reply.extra_chunk_fields or {})}
+        if reply.fail_after_bytes is not None:
+            payload = json.dumps(completion).encode()
+            return StreamingResponse(
+                self._broken(payload[: reply.fail_after_bytes]),
+                media_type="application/json",
+            )
+        return JSONResponse(completion, headers={"x-upstream": "fake", **(reply.headers or {})})
+
+    @staticmethod
+    async def _broken(part: bytes) -> AsyncIterator[bytes]:
+        yield part
+        await asyncio.sleep(0.05)
+        raise ConnectionResetError("fake upstream drops the connection")
 
     async def _sse(
         self, body: dict[str, Any], reply: Reply, contents: list[str]
     ) -> AsyncIterator[bytes]:
         rng = random.Random(reply.chunk_seed)
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1,
-                "model": body.get("model", "fake")}
+                "model": body.get("model", "fake"), **(reply.extra_chunk_fields or {})}
         events: list[dict[str, Any]] = []
+        finish_at: set[int] = set()
         for i, _ in enumerate(contents):
             events.append({**base, "choices": [{"index": i, "delta": {"role": "assistant",
                                                                       "content": ""},
@@ -170,6 +232,7 @@ class FakeUpstream:
                         {"index": tc_index, **tc}]}, "finish_reason": None}]})
             events.append({**base, "choices": [{"index": i, "delta": {},
                                                 "finish_reason": reply.finish_reason}]})
+            finish_at.add(len(events) - 1)
         if reply.usage_chunk and (body.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "choices": [], "usage": {"prompt_tokens": 1,
                                                             "completion_tokens": 1,
@@ -177,14 +240,205 @@ class FakeUpstream:
         sent = 0
         closed = True
         try:
-            for event in events:
+            for n, event in enumerate(events):
+                if n in finish_at and reply.hold_before_finish_s:
+                    await asyncio.sleep(reply.hold_before_finish_s)
                 data = f"data: {json.dumps(event)}\n\n".encode()
                 if reply.fail_after_bytes is not None and sent + len(data) > reply.fail_after_bytes:
                     raise ConnectionResetError("fake upstream drops the connection")
                 sent += len(data)
                 yield data
-                await asyncio.sleep(0)
+                await asyncio.sleep(reply.event_delay_s)
             yield b"data: [DONE]\n\n"
             closed = False
         finally:
             self.stream_closed.append(closed)
+
+
+# --- the proxy under test, wired to a fake upstream --------------------------------------------
+
+
+class InFlight:
+    """Pure ASGI wrapper counting HTTP requests still being handled: a streaming response's
+    generator (which queues the memory block when it ends) has finished once the count drops."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.count = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.count -= 1
+
+
+@dataclass
+class Proxy:
+    """A running proxy (uvicorn thread) in front of a running `FakeUpstream`."""
+
+    server: ThreadedServer
+    app: Any
+    inflight: InFlight
+    upstream: FakeUpstream
+    upstream_root: str
+
+    @property
+    def upstream_url(self) -> str:
+        return self.upstream_root + "/v1"
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url + "/v1"
+
+    @property
+    def service(self) -> Any:
+        return self.app.state.service
+
+    @property
+    def engine(self) -> Any:
+        return self.service.engine
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine on the proxy's own event loop (the engine lives there)."""
+        assert self.server.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.server.loop).result(timeout)
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until every request has finished and every queued memory write is applied."""
+        deadline = time.monotonic() + timeout
+        while self.inflight.count:
+            if time.monotonic() > deadline:
+                raise TimeoutError("requests still in flight")
+            time.sleep(0.01)
+        self.run(self.service.flush(timeout), timeout + 5)
+
+    def memories(self, user_id: str, *, include_superseded: bool = False) -> list[Any]:
+        """Every memory row of a user (all scopes), after `settle()`."""
+        from memory.models import MemoryFilter
+
+        self.settle()
+        return self.run(self.engine.query(MemoryFilter(
+            user_id=user_id, all_scopes=True, include_superseded=include_superseded, limit=None,
+        )))
+
+    def headers(self, user: str | None = None, session: str | None = None,
+                **extra: str) -> dict[str, str]:
+        out = dict(extra)
+        if user is not None:
+            out["X-Headroom-User-Id"] = user
+        if session is not None:
+            out["X-Headroom-Session-Id"] = session
+        return out
+
+    def client(self, user: str | None = None, session: str | None = None, *,
+               api_key: str = "sk-client", **extra: str) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30,
+                      default_headers=self.headers(user, session, **extra))
+
+    def async_client(self, user: str | None = None, session: str | None = None, *,
+                     api_key: str = "sk-client", **extra: str) -> Any:
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30,
+                           default_headers=self.headers(user, session, **extra))
+
+
+@contextlib.contextmanager
+def running_upstream(upstream: FakeUpstream | None = None) -> Iterator[tuple[str, FakeUpstream]]:
+    upstream = upstream or FakeUpstream()
+    with serve_in_thread(upstream.app()) as url:
+        yield url, upstream
+
+
+@contextlib.contextmanager
+def running_proxy(
+    db_path: Any, embedder: Any, *, upstream: FakeUpstream | None = None,
+    upstream_url: str | None = None, warm: bool = False, **config: Any,
+) -> Iterator[Proxy]:
+    """A proxy on a fresh port with its database at `db_path`, in front of `upstream` (a new
+    FakeUpstream by default; `upstream_url` points it somewhere else instead)."""
+    from proxy.app import create_app
+    from proxy.config import ProxyConfig
+
+    with contextlib.ExitStack() as stack:
+        fake = upstream or FakeUpstream()
+        if upstream_url is None:
+            upstream_url, fake = stack.enter_context(running_upstream(fake))
+        cfg = ProxyConfig(upstream_url=upstream_url, db_path=db_path, **config)
+        app = create_app(cfg, embedder=embedder, warm=warm)
+        inflight = InFlight(app)
+        server = stack.enter_context(running_server(inflight))
+        yield Proxy(server, app, inflight, fake, upstream_url)
+
+
+# --- reading what the upstream received ----------------------------------------------------------
+
+
+def memory_block(add: list[Any] | None = None, update: list[Any] | None = None,
+                 forget: list[str] | None = None) -> str:
+    """A `<memory>` block as a model would write it (only the keys given)."""
+    ops: dict[str, Any] = {}
+    if add is not None:
+        ops["add"] = [{"text": a} if isinstance(a, str) else a for a in add]
+    if update is not None:
+        ops["update"] = update
+    if forget is not None:
+        ops["forget"] = forget
+    return f"<memory>{json.dumps(ops)}</memory>"
+
+
+def recalled(body: dict[str, Any]) -> str | None:
+    """The content of the injected memory message in an upstream request body, if any."""
+    from proxy.inject import MEMORY_PREAMBLE
+
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if message.get("role") == "system" and isinstance(content, str) and content.startswith(
+            MEMORY_PREAMBLE
+        ):
+            return content
+    return None
+
+
+def instructed(body: dict[str, Any]) -> bool:
+    """True when the upstream request carries the extraction instruction (anywhere)."""
+    from proxy.inject import EXTRACTION_INSTRUCTION
+
+    return any(m.get("content") == EXTRACTION_INSTRUCTION for m in body.get("messages", []))
+
+
+class GatedEmbedder:
+    """Wraps a real embedder; `embed` waits while `gate` is clear, for texts containing `trigger`
+    (every text when `trigger` is None). Lets a test hold the model back (slow write, model
+    still loading, recall too slow) without mocking anything of ours."""
+
+    def __init__(self, inner: Any, trigger: str | None = None) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.trigger = trigger
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()  # set once a call is held at the gate
+
+    @property
+    def dimension(self) -> int:
+        return int(self.inner.dimension)
+
+    def embed(self, texts: Any) -> Any:
+        if self.trigger is None or any(self.trigger in t for t in texts):
+            if not self.gate.is_set():
+                self.waiting.set()
+            if not self.gate.wait(60):
+                raise TimeoutError("gate never opened")
+        return self.inner.embed(texts)

@@ -5,6 +5,7 @@ non-streaming path would show, and no byte of a real block reaches it."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +27,7 @@ from proxy.stream import (
 )
 
 FAST = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     # The only function-scoped fixture is conftest's autouse env setup, which is safe to share.
     suppress_health_check=[HealthCheck.function_scoped_fixture],
@@ -39,17 +40,17 @@ LOOKALIKES = [
     "< memory>", "<memory/>", "<memories>", "memory>", ">", "<<", " ", "\n", "\t", "\r\n", "x",
     "é", "日本", "🙂", "{", "}", "[", "]", '"', "\\", "```", "```json\n", "\u00a0", "\u2028",
 ]  # fmt: skip
-NO_QUOTE_LOOKALIKES = [f for f in LOOKALIKES if '"' not in f]
+PROSE_LOOKALIKES = [f for f in LOOKALIKES if not set(f) & set("{[")]
 
-any_text = st.lists(
-    st.one_of(st.sampled_from(LOOKALIKES), st.text(max_size=6)), max_size=25
-).map("".join)
-# Without a double quote, a stray candidate in the answer can never be inside a JSON string when
-# the real block arrives, so the expected visible text is simply the prefix, right-stripped.
+any_text = st.lists(st.one_of(st.sampled_from(LOOKALIKES), st.text(max_size=6)), max_size=25).map(
+    "".join
+)
+# Without "{" or "[", a stray `<memory>` in the answer always reads as prose, so it can never hide
+# the real block inside a JSON string: the expected visible text is the prefix, right-stripped.
 prefix_text = st.lists(
     st.one_of(
-        st.sampled_from(NO_QUOTE_LOOKALIKES),
-        st.text(alphabet=st.characters(blacklist_characters='"'), max_size=6),
+        st.sampled_from(PROSE_LOOKALIKES),
+        st.text(alphabet=st.characters(blacklist_characters="{["), max_size=6),
     ),
     max_size=20,
 ).map("".join)
@@ -76,7 +77,7 @@ block_body = st.one_of(
 def chunkings(draw: st.DrawFn, text: str) -> list[str]:
     cuts = sorted(draw(st.sets(st.integers(0, len(text)), max_size=12)))
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def stream(parts: list[str], *, cut_off: bool = False) -> tuple[str, BlockStripper]:
@@ -105,7 +106,8 @@ def test_chunking_never_matters(text: str, cut_off: bool, data: st.DataObject | 
 @example(prefix="I use <memory> tags", gap=" ", body="{}", trail="\n", data=None)  # brief's case
 @example(prefix="x <memory>a</memory>", gap=" ", body="{}", trail="", data=None)
 @example(prefix="<mem", gap="", body="{}", trail="", data=None)
-@example(prefix="see <memory>[1]", gap="\n", body="{}", trail="", data=None)
+@example(prefix='see <memory> "x', gap="\n", body="{}", trail="", data=None)
+@example(prefix="<memory>```", gap="", body="{}", trail="", data=None)
 def test_a_final_block_never_leaks(
     prefix: str, gap: str, body: str, trail: str, data: st.DataObject | None
 ) -> None:
@@ -160,6 +162,12 @@ def test_text_without_a_block_is_unchanged(text: str, data: st.DataObject) -> No
         ('A <memory>{"add":[', "A", '{"add":[', True),
         ("A <memory>", "A", "", True),
         ("A <memory>\n```json\n{", "A", "\n```json\n{", True),
+        ("A <memory>```json\n", "A", "```json\n", True),
+        ("Use <memory> `tags`.", "Use <memory> `tags`.", None, False),
+        ("A <memory>```\nhello", "A <memory>```\nhello", None, False),
+        # Prose with brackets and an odd quote cannot hide the real block that follows.
+        ('I <memory> x[ "b]. <memory>{"a":[]}</memory>', 'I <memory> x[ "b].', '{"a":[]}', False),
+        ("x <memory></memory>", "x", "", False),
         ("<memory>a</memory> b <memory>{}</memory>", "<memory>a</memory> b", "{}", False),
         ("<memory>a</memory>\n<memory>{}</memory>", "<memory>a</memory>", "{}", False),
         ('x <memory>{"t":"</memory> y"}</memory>', "x", '{"t":"</memory> y"}', False),
@@ -222,7 +230,11 @@ sse_event = st.one_of(
 
 
 @FAST
-@given(events=st.lists(sse_event, max_size=6), eol=st.sampled_from(["\n", "\r\n", "\r"]), data=st.data())
+@given(
+    events=st.lists(sse_event, max_size=6),
+    eol=st.sampled_from(["\n", "\r\n", "\r"]),
+    data=st.data(),
+)
 def test_sse_decoder_any_chunking(events: list[list[str]], eol: str, data: st.DataObject) -> None:
     wire = "".join(eol.join(lines) + eol + eol for lines in events).encode()
     cuts = sorted(data.draw(st.sets(st.integers(0, len(wire)), max_size=10)))
@@ -233,8 +245,10 @@ def test_sse_decoder_any_chunking(events: list[list[str]], eol: str, data: st.Da
     got += decoder.flush()
     assert b"".join(e.raw for e in got) == wire  # nothing lost, nothing invented
     assert [list(e.lines) for e in got] == events
-    expected = ["\n".join(x.split(":", 1)[1].removeprefix(" ") for x in lines if x.startswith("data"))
-                for lines in events]  # fmt: skip
+    expected = [
+        "\n".join(x.split(":", 1)[1].removeprefix(" ") for x in lines if x.startswith("data"))
+        for lines in events
+    ]
     assert [e.data or "" for e in got] == expected
 
 
@@ -315,7 +329,7 @@ def answer_stream(parts_by_choice: dict[int, list[str]], finish: str = "stop") -
     return b"".join(wire)
 
 
-@FAST
+@settings(FAST, max_examples=60)  # each example is a whole multi-choice SSE stream
 @given(
     texts=st.lists(st.one_of(any_text, prefix_text.map(lambda p: p + "\n<memory>{}</memory>")),
                    min_size=1, max_size=3),
@@ -366,9 +380,9 @@ def test_held_text_goes_out_before_the_finish_chunk() -> None:
 
 
 def test_finish_chunk_with_its_own_content_carries_the_rest() -> None:
-    wire = sse(chunk(choice(content="Hi\n"))) + sse(chunk(choice(finish="stop", content="there")))
+    wire = sse(chunk(choice(content="Hi\n"))) + sse(chunk(choice(finish="stop", content="you <")))
     out, _ = run(wire)
-    assert [o["choices"][0]["delta"]["content"] for o in parsed(out)] == ["Hi", "\nthere"]
+    assert [o["choices"][0]["delta"]["content"] for o in parsed(out)] == ["Hi", "\nyou <"]
 
 
 def test_emptied_chunks_are_dropped_unless_they_carry_something() -> None:
@@ -392,7 +406,7 @@ def test_emptied_chunks_are_dropped_unless_they_carry_something() -> None:
 
 
 def test_done_flushes_a_choice_that_never_finished() -> None:
-    wire = sse(chunk(choice(content="Hi\n<memory>{\"add\""))) + sse(chunk(choice(content="\n")))
+    wire = sse(chunk(choice(content='Hi\n<memory>{"add"'))) + sse(chunk(choice(content="\n")))
     out, s = run(wire + b"data: [DONE]\n\n")
     assert contents(out) == {0: "Hi"}
     assert s.chosen_block == Block(0, '{"add"\n', True)

@@ -355,6 +355,11 @@ class SQLiteMemoryStore:
         deleted = conn.execute(f"DELETE FROM memories WHERE {where}", params).rowcount
         return rids, {"memories": deleted, "events": events, "outbox": outbox}
 
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the main file and truncate it, so pages a purge overwrote
+        leave no older copy behind in the WAL (best effort: a long reader can keep it busy)."""
+        self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
     def stats(self, user_id: str | None = None) -> dict[str, Any]:
         conn = self.db.conn
         cond, params = ("WHERE user_id = ?", [user_id]) if user_id is not None else ("", [])

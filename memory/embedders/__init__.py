@@ -1,0 +1,82 @@
+"""Embedding backends (local torch or ONNX Runtime, OpenAI, Ollama), a query-embedding cache,
+and `make_embedder(config)`, which picks one from a `MemoryConfig`."""
+
+from __future__ import annotations
+
+from memory.embedders.cached import CachedEmbedder
+from memory.embedders.local import LocalEmbedder, import_torch
+from memory.embedders.ollama import OllamaEmbedder
+from memory.embedders.onnx import OnnxEmbedder
+from memory.embedders.openai import OPENAI_DIMENSIONS, OpenAIEmbedder
+from memory.errors import ConfigError
+from memory.models import EmbedderBackend, MemoryConfig
+from memory.ports import Embedder
+
+__all__ = [
+    "LOCAL_RUNTIMES",
+    "CachedEmbedder",
+    "LocalEmbedder",
+    "OllamaEmbedder",
+    "OnnxEmbedder",
+    "OpenAIEmbedder",
+    "import_torch",
+    "make_embedder",
+]
+
+LOCAL_RUNTIMES = ("torch", "onnx")
+# These answer `dimensions` with an error, so a different vector_dimension is a config mistake.
+_FIXED_SIZE_OPENAI = frozenset({"text-embedding-ada-002"})
+
+_Built = LocalEmbedder | OnnxEmbedder | OpenAIEmbedder | OllamaEmbedder
+
+
+def make_embedder(config: MemoryConfig) -> Embedder:
+    """The embedder `config` asks for, not yet loaded (a local model loads on first use).
+
+    Raises ConfigError when `config.vector_dimension` contradicts a dimension known without
+    loading anything; otherwise the mismatch shows up as an EmbedderError on first use.
+    """
+    model = config.embedder_model
+    if not model:
+        raise ConfigError("embedder_model must not be empty")
+    embedder: _Built
+    if config.embedder_backend is EmbedderBackend.LOCAL:
+        # TODO(lead): read config.embedder_runtime directly once MemoryConfig has the field.
+        runtime = getattr(config, "embedder_runtime", "torch")
+        if runtime == "torch":
+            embedder = LocalEmbedder(
+                model, torch_threads=config.torch_threads, batch_size=config.embed_batch_size
+            )
+        elif runtime == "onnx":
+            embedder = OnnxEmbedder(
+                model, threads=config.torch_threads, batch_size=config.embed_batch_size
+            )
+        else:
+            expected = ", ".join(LOCAL_RUNTIMES)
+            raise ConfigError(f"unknown embedder_runtime {runtime!r}; expected one of: {expected}")
+    elif config.embedder_backend is EmbedderBackend.OPENAI:
+        wanted = config.vector_dimension
+        shorten = (
+            wanted is not None
+            and wanted != OPENAI_DIMENSIONS.get(model)
+            and model not in _FIXED_SIZE_OPENAI
+        )
+        embedder = OpenAIEmbedder(
+            model,
+            api_key=config.openai_api_key,
+            base_url=config.openai_base_url,
+            dimension=wanted if shorten else None,
+            batch_size=config.embed_batch_size,
+        )
+    elif config.embedder_backend is EmbedderBackend.OLLAMA:
+        embedder = OllamaEmbedder(
+            model, base_url=config.ollama_base_url, batch_size=config.embed_batch_size
+        )
+    else:  # pragma: no cover - MemoryConfig validates the enum
+        raise ConfigError(f"unknown embedder_backend {config.embedder_backend!r}")
+    known, wanted = embedder.known_dimension, config.vector_dimension
+    if wanted is not None and known is not None and known != wanted:
+        if isinstance(embedder, OpenAIEmbedder | OllamaEmbedder):
+            embedder.close()
+        raise ConfigError(f"vector_dimension {wanted} does not match model {model} ({known})")
+    return embedder
