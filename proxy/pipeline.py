@@ -75,6 +75,10 @@ async def prepare(body: dict[str, Any], rs: RequestScope, service: MemoryService
         # A <memory> block would break the JSON the client asked for.
         extraction = False
         prepared.notes.append("extraction off: response_format asks for JSON")
+    if extraction and (body.get("logprobs") or body.get("top_logprobs")):
+        # Token logprobs would carry the block's tokens past the stripper to the client.
+        extraction = False
+        prepared.notes.append("extraction off: logprobs requested")
     memories = await service.recall(rs.scope, query_text(messages)) if rs.mode.recall else []
     if rs.mode.recall and not service.ready:
         prepared.notes.append("recall off: memory not ready")
@@ -138,7 +142,7 @@ async def chat_completions(
         return StreamingResponse(
             _stream(upstream_response, lambda b: store_block(b, prepared, rs, service), rs),
             status_code=upstream_response.status_code,
-            headers={**response_headers(upstream_response, keep_length=False), **receipt},
+            headers=response_headers(upstream_response, keep_length=False, extra=receipt),
         )
     payload = await upstream.read(upstream_response)
     try:
@@ -146,15 +150,15 @@ async def chat_completions(
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("upstream answer of %s is not JSON; relayed as is", rs.request_id)
         return Response(payload, upstream_response.status_code,
-                        headers={**response_headers(upstream_response, keep_length=True),
-                                 **receipt})
+                        headers=response_headers(upstream_response, keep_length=True,
+                                                 extra=receipt))
     clean, blocks = strip_completion(completion) if isinstance(completion, dict) else (
         completion, {}
     )
     store_block(pick_block(blocks), prepared, rs, service)
     return Response(
         json.dumps(clean).encode(), upstream_response.status_code,
-        headers={**response_headers(upstream_response, keep_length=False), **receipt},
+        headers=response_headers(upstream_response, keep_length=False, extra=receipt),
         media_type="application/json",
     )
 
@@ -165,7 +169,7 @@ async def _relay_error(
     payload = await upstream.read(upstream_response)
     return Response(
         payload, upstream_response.status_code,
-        headers={**response_headers(upstream_response, keep_length=False), **receipt},
+        headers=response_headers(upstream_response, keep_length=False, extra=receipt),
     )
 
 
@@ -194,4 +198,10 @@ async def _stream(
             yield tail
     finally:
         await Upstream.close_response(upstream_response)
+        try:
+            # Idempotent. When the stream ended early (client gone), this records a block that
+            # had fully arrived before the choice's finish_reason did.
+            stripper.finish()
+        except Exception:  # the stripper does no I/O; this guards fail-open regardless
+            log.exception("could not finish the stream of %s", rs.request_id)
         on_done(stripper.chosen_block)
