@@ -7,7 +7,7 @@
 
 Commands parse arguments, call `HierarchicalMemory` and print: rich tables for people, `--json`
 for scripts. No SQL here. Library errors become one `error: ...` line on stderr and exit code 1
-(usage errors are click's own, exit code 2); `--debug` or HEADROOM_DEBUG=1 shows the traceback.
+(usage errors are typer's own, exit code 2); `--debug` or HEADROOM_DEBUG=1 shows the traceback.
 
 Only the commands that embed (add, update with new text, semantic and hybrid search, import) load
 the embedding model; the others open the store with a stand-in that carries the model the database
@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import IO, Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from memory import transfer
 from memory.errors import (
     EmbedderError,
     HeadroomMemoryError,
@@ -86,6 +88,11 @@ def _expected(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    """One line, whatever the message: some wrapped errors (hub downloads) span several."""
+    return " ".join(_message(exc).split())
+
+
+def _message(exc: BaseException) -> str:
     if isinstance(exc, UnicodeDecodeError):
         return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
     if isinstance(exc, OSError) and exc.strerror:
@@ -102,11 +109,23 @@ class _Group(typer.core.TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `headroom ... | head`: the reader left, nothing to report
+            _silence_stdout()
+            raise typer.Exit(1) from None
         except Exception as exc:
             if ctx.meta.get(_DEBUG) or not _expected(exc):
                 raise
             typer.echo(f"error: {_describe(exc)}", err=True)
             raise typer.Exit(1) from exc
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again (the
+    recipe in the Python docs for SIGPIPE)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (tests)
+        pass
 
 
 app = typer.Typer(
@@ -296,9 +315,8 @@ def _recorded_model(db: Path) -> _RecordedModel | None:
     database = Database(db)
     try:
         store = SQLiteMemoryStore(database)
-        model, dimension = store.get_setting("embedding_model"), store.get_setting(
-            "vector_dimension"
-        )
+        model = store.get_setting("embedding_model")
+        dimension = store.get_setting("vector_dimension")
     finally:
         database.close()
     return _RecordedModel(model, int(dimension)) if model and dimension else None
@@ -367,10 +385,8 @@ def _err() -> Console:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
+    if isinstance(value, datetime):  # the audit trail's times
         return value.isoformat()
-    if isinstance(value, enum.Enum):
-        return value.value
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
@@ -393,20 +409,37 @@ def _short(text: str, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _memory_table(memories: Sequence[Memory], title: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("id", no_wrap=True)
-    table.add_column("scope", no_wrap=True)
-    table.add_column("category", no_wrap=True)
-    table.add_column("imp", justify="right", no_wrap=True)
-    table.add_column("created (UTC)", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("content")
-    for m in memories:
-        table.add_row(
+def _table(title: str | None = None, *numbers: str) -> Table:
+    """A compact table; `numbers` are the right-aligned leading columns."""
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+        collapse_padding=True, pad_edge=False,
+    )
+    for name in numbers:
+        table.add_column(name, justify="right", no_wrap=True)
+    return table
+
+
+def _memory_table(
+    memories: Sequence[Memory], numbers: Sequence[str] = (),
+    leading: Sequence[Sequence[str]] | None = None,
+) -> Table:
+    """One row per memory, after the `numbers` columns (`leading` holds their cells); a status
+    column only when some memory is not current (superseded or forgotten)."""
+    table = _table(None, *numbers)
+    for name in ("id", "scope", "category", "imp", "created"):
+        table.add_column(name, no_wrap=True, justify="right" if name == "imp" else "left")
+    with_status = any(not m.is_current for m in memories)
+    if with_status:
+        table.add_column("status", no_wrap=True)
+    table.add_column("content", min_width=16, ratio=1)
+    for i, m in enumerate(memories):
+        cells = [
             m.id[:8], m.scope_level.value, m.category.value, f"{m.importance:.2f}",
-            _when(m.created_at), _status(m), escape(_short(m.content)),
-        )
+            m.created_at.strftime("%Y-%m-%d"), *([_status(m)] if with_status else []),
+            escape(_short(m.content, 120)),
+        ]
+        table.add_row(*(leading[i] if leading else ()), *cells)
     return table
 
 
@@ -442,12 +475,30 @@ async def _counts(db: Path) -> dict[str, Any]:
         return await mem.stats()
 
 
+def _model_id(config: MemoryConfig) -> str:
+    """The id of the embedder `config` names, without loading it (nothing heavy is built)."""
+    from memory import embedders
+
+    embedder = embedders.make_embedder(config)
+    closer = getattr(embedder, "close", None)
+    if callable(closer):
+        closer()
+    return embedder.model_id
+
+
 def startup_summary(config: ProxyConfig) -> dict[str, Any]:
     """What `serve` prints before it starts: where it listens, what it forwards to, which
-    database and embedder, and how many memories the database holds. Loads no model."""
+    database and embedder, how many memories the database holds, and warnings about what would
+    keep memory off (the server then passes requests through untouched). Loads no model."""
     memory_config = config.memory_config()
     db = Path(config.db_path)
     base = _client_url(config.host, config.port)
+    warnings: list[str] = []
+    try:
+        embedder = _model_id(memory_config)
+    except HeadroomMemoryError as exc:
+        embedder = f"{memory_config.embedder_backend.value}:{memory_config.embedder_model}"
+        warnings.append(f"the embedder cannot start, memory stays off: {exc}")
     summary: dict[str, Any] = {
         "listen": f"http://{config.host}:{config.port}",
         "client_base_url": f"{base}/v1",
@@ -455,10 +506,11 @@ def startup_summary(config: ProxyConfig) -> dict[str, Any]:
         "upstream_key": config.upstream_key is not None,
         "db": str(db),
         "db_exists": db.exists(),
-        "embedder": f"{memory_config.embedder_backend.value}:{memory_config.embedder_model}",
+        "embedder": embedder,
         "memories": {"current": 0, "superseded": 0, "forgotten": 0, "users": 0,
                      "outbox_pending": 0},
         "db_bytes": 0,
+        "warnings": warnings,
     }
     if summary["db_exists"]:
         stats = _run(_counts(db))
@@ -468,6 +520,11 @@ def startup_summary(config: ProxyConfig) -> dict[str, Any]:
             "outbox_pending": stats["outbox_pending"],
         }
         summary["db_bytes"] = stats["db_bytes"]
+        if stats["embedding_model"] != embedder:
+            warnings.append(
+                f"{db} was built with {stats['embedding_model']}, not {embedder}: memory stays "
+                "off until they match (see `headroom doctor`)"
+            )
     return summary
 
 
@@ -490,6 +547,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     out.print(f"  upstream   {escape(summary['upstream'])} ({key})")
     out.print(f"  database   {escape(summary['db'])} ({held})")
     out.print(f"  embedder   {escape(summary['embedder'])} (loads in the background)")
+    for warning in summary["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     out.print(f"Point a client at it:  OPENAI_BASE_URL={summary['client_base_url']}")
     out.print("Memory is per user: send the X-Headroom-User-Id header (or the body's `user`).")
     sys.stdout.flush()
@@ -615,7 +674,7 @@ class SearchMode(enum.StrEnum):
 
 @memories_app.command()
 def search(
-    query: Annotated[str, typer.Argument(help="What to look for.")],
+    query: Annotated[str, typer.Argument(metavar="QUERY", help="What to look for.")],
     user: UserOpt,
     session: SessionOpt = None,
     agent: AgentOpt = None,
@@ -679,19 +738,19 @@ def search(
     if not results:
         _err().print("no matches")
         return
-    table = Table()
-    for name in ("#", "score", "sim", "bm25", "id", "scope", "category", "status"):
-        numeric = name in ("#", "score", "sim", "bm25")
-        table.add_column(name, no_wrap=True, justify="right" if numeric else "left")
-    table.add_column("content")
+    scores = {
+        SearchMode.HYBRID: ("score", "sim", "bm25"),
+        SearchMode.SEMANTIC: ("sim",),
+        SearchMode.TEXT: ("bm25",),
+    }[mode]
+    leading = []
     for i, r in enumerate(results, start=1):
-        m = r.memory
-        table.add_row(
-            str(i), f"{r.score:.3f}", f"{r.similarity:.3f}",
-            "" if r.bm25 is None else f"{r.bm25:.2f}", m.id[:8], m.scope_level.value,
-            m.category.value, _status(m), escape(_short(m.content)),
-        )
-    _out().print(table)
+        values = {
+            "score": f"{r.score:.3f}", "sim": f"{r.similarity:.3f}",
+            "bm25": "-" if r.bm25 is None else f"{r.bm25:.3g}",
+        }
+        leading.append([str(i), *(values[s] for s in scores)])
+    _out().print(_memory_table([r.memory for r in results], ("#", *scores), leading))
 
 
 @memories_app.command()
@@ -734,7 +793,7 @@ def show(
     for name, value in fields.items():
         grid.add_row(name, escape(str(value)) if value is not None else "-")
     out.print(grid)
-    table = Table(title="audit trail", title_justify="left")
+    table = _table("audit trail")
     for name in ("at (UTC)", "op", "request"):
         table.add_column(name, no_wrap=True)
     table.add_column("details")
@@ -803,7 +862,9 @@ def history(
 
 @memories_app.command()
 def add(
-    text: Annotated[str, typer.Argument(help="The memory, one fact in a sentence.")],
+    text: Annotated[
+        str, typer.Argument(metavar="TEXT", help="The memory, one fact in a sentence.")
+    ],
     user: UserOpt,
     session: SessionOpt = None,
     agent: AgentOpt = None,
@@ -853,7 +914,8 @@ def update(
     text: Annotated[
         str | None,
         typer.Argument(
-            help="New content: supersedes the memory with a new version.", show_default=False
+            metavar="TEXT", show_default=False,
+            help="New content: supersedes the memory with a new version.",
         ),
     ] = None,
     user: OptionalUserOpt = None,
@@ -957,7 +1019,7 @@ def purge(
         include_superseded=True, limit=None,
     )
 
-    async def go() -> dict[str, int] | None:
+    async def go() -> dict[str, int]:
         async with _engine(_db_path(db)) as mem:
             count = await mem.count(flt)
             if not yes:
@@ -968,7 +1030,6 @@ def purge(
             return await mem.purge(user, session, agent)
 
     counts = _run(go())
-    assert counts is not None
     if as_json:
         _print_json(counts)
         return
@@ -980,6 +1041,9 @@ def purge(
 
 
 # --- memories: moving --------------------------------------------------------------------------
+
+
+_HEADER = json.dumps(transfer.FORMAT)  # the export header's format name, as JSON writes it
 
 
 class _CountingWriter:
@@ -997,7 +1061,9 @@ class _CountingWriter:
 
 @memories_app.command("export")
 def export_memories(
-    path: Annotated[str, typer.Argument(help="JSONL file to write; - for stdout.")] = "-",
+    path: Annotated[
+        str, typer.Argument(metavar="PATH", help="JSONL file to write; - for stdout.")
+    ] = "-",
     user: Annotated[
         str | None, typer.Option("--user", "-u", help="Only this user (default: every user).")
     ] = None,
@@ -1021,6 +1087,7 @@ def export_memories(
         count = _run(go(sys.stdout))
         sys.stdout.flush()
     else:
+        _require_db(_db_path(db))  # before the file is created
         with open(path, "w", encoding="utf-8") as fh:
             count = _run(go(fh))
     err.print(f"exported {count} memories" + ("" if path == "-" else f" to {path}"))
@@ -1028,7 +1095,9 @@ def export_memories(
 
 @memories_app.command("import")
 def import_memories(
-    path: Annotated[str, typer.Argument(help="JSONL file from export; - for stdin.")],
+    path: Annotated[
+        str, typer.Argument(metavar="PATH", help="JSONL file from export; - for stdin.")
+    ],
     db: DbOpt = None,
     as_json: JsonOpt = False,
     embedder: EmbedderOpt = EmbedderBackend.LOCAL,
@@ -1051,11 +1120,11 @@ def import_memories(
     err = _err()
 
     async def go() -> dict[str, int]:
-        total = sum(1 for line in source if line.strip())
+        total = sum(1 for line in source if line.strip() and _HEADER not in line)
         source.seek(0)
         async with _engine(_db_path(db), embed, create=True) as mem:
             with _progress(err, "importing") as progress:
-                task = progress.add_task("import", total=max(total - 1, 0))
+                task = progress.add_task("import", total=total)
                 return await mem.import_jsonl(
                     source, on_progress=lambda n: progress.advance(task, n)
                 )
@@ -1078,16 +1147,18 @@ def import_memories(
 
 
 def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KB", "MB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
         size /= 1024
-    return f"{n} B"  # pragma: no cover
+    return f"{size:.1f} GB"
 
 
 def _counts_table(title: str, counts: dict[str, int]) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = _table(title)
     table.add_column(title.removeprefix("by "))
     table.add_column("current", justify="right")
     for key, value in counts.items():
@@ -1165,7 +1236,8 @@ def _check_sqlite() -> list[Check]:
     ]
 
 
-def _check_database(db: Path, configured: str) -> Check:
+def _check_database(db: Path, configured: str | None) -> Check:
+    """Opens (or could create) the database; with `configured`, its model must be that one."""
     fix = "check --db / HEADROOM_DB; the file must be a Headroom SQLite database you can write"
     if not db.exists():
         parent = next((p for p in db.parents if p.exists()), Path("/"))
@@ -1176,17 +1248,22 @@ def _check_database(db: Path, configured: str) -> Check:
         data = _run(_counts(db))
     except Exception as exc:
         return Check("database", False, f"{db}: {_describe(exc)}", fix)
-    detail = f"{db}: {data['current']} current memories, {_size(data['db_bytes'])}"
-    if data["embedding_model"] != configured:
+    detail = (
+        f"{db}: {data['current']} current memories, {_size(data['db_bytes'])}, "
+        f"built with {data['embedding_model']}"
+    )
+    if configured is not None and data["embedding_model"] != configured:
         return Check(
-            "database", False, f"{detail}; built with {data['embedding_model']}, not {configured}",
+            "database", False, f"{detail}, not {configured}",
             "pass the embedder it was built with (--embedder / --embedder-model), or export it "
             "and import into a new database (import re-embeds)",
         )
-    return Check("database", True, f"{detail}, model {configured}")
+    return Check("database", True, detail)
 
 
 def _check_embedder(config: MemoryConfig) -> tuple[Check, str | None]:
+    """Builds the configured embedder and embeds one text; returns the check and the model id
+    (None when the embedder cannot even be built)."""
     from memory import embedders
 
     backend = config.embedder_backend
@@ -1198,21 +1275,20 @@ def _check_embedder(config: MemoryConfig) -> tuple[Check, str | None]:
         f"`ollama pull {config.embedder_model}`",
     }
     start = time.perf_counter()
+    model: Any = None
     try:
         model = embedders.make_embedder(config)
         vectors = model.embed(["headroom doctor"])
-        model_id = model.model_id
     except Exception as exc:
         reason = _short(f"{backend.value}: {exc}", 160)
-        return Check("embedder", False, reason, fixes[backend]), None
+        return Check("embedder", False, reason, fixes[backend]), getattr(model, "model_id", None)
+    finally:
+        closer = getattr(model, "close", None)
+        if callable(closer):
+            closer()
     seconds = time.perf_counter() - start
-    return (
-        Check(
-            "embedder", True,
-            f"{model_id} ({vectors.shape[1]} dimensions) answered in {seconds:.1f} s",
-        ),
-        model_id,
-    )
+    detail = f"{model.model_id} ({vectors.shape[1]} dimensions) answered in {seconds:.1f} s"
+    return Check("embedder", True, detail), model.model_id
 
 
 def _check_upstream(upstream: str, key: str | None) -> Check:
@@ -1272,7 +1348,7 @@ def doctor(
     ).memory_config(path)
     checks = _check_sqlite()
     embedder_check, model_id = _check_embedder(config)
-    checks.append(_check_database(path, model_id or str(config.embedder_model)))
+    checks.append(_check_database(path, model_id))
     checks.append(embedder_check)
     checks.append(_check_upstream(upstream, upstream_key))
     out = _out()

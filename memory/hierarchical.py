@@ -38,7 +38,16 @@ from memory.models import (
     utcnow,
 )
 from memory.ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
-from memory.recall import RecallPreset, apply_budget, clean_query, fuse, get_preset, rescore
+from memory.recall import (
+    RecallPreset,
+    add_context,
+    apply_budget,
+    clean_query,
+    context_rowids,
+    fuse,
+    get_preset,
+    rescore,
+)
 
 log = logging.getLogger("headroom.memory")
 
@@ -574,7 +583,8 @@ class HierarchicalMemory:
             else []
         )
         fused = fuse(vector_hits, text_hits, preset)
-        rows = self.store.get_by_rowids(list(fused))
+        rows = self.store.get_by_rowids([*fused, *context_rowids(fused, preset)])
+        fused = add_context(fused, rows, scope, categories, preset)
         ranked = rescore(fused, rows, now, preset)[:top_k]
         return [SearchResult(m, s.similarity, s.score, s.bm25) for s, m in ranked]
 
@@ -722,18 +732,21 @@ class HierarchicalMemory:
         if self._worker is not None:
             await self._worker.drain(timeout)
 
-    async def close(self) -> None:
-        """Drain the outbox, stop the threads, close the database."""
+    async def close(self, drain_timeout: float = 30.0) -> None:
+        """Drain the outbox (up to `drain_timeout`; what is left replays on the next start), stop
+        the threads, close the database."""
         if self._closed:
             return
         self._closed = True
         if self._worker is not None:
-            await self._worker.stop()
+            await self._worker.stop(drain_timeout)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._shutdown_threads)
 
     def _shutdown_threads(self) -> None:
-        self._embedding.shutdown(wait=True)
+        # A model still loading must not hold shutdown up (a container gets ~10 s after SIGTERM);
+        # nothing durable happens on the embedding thread.
+        self._embedding.shutdown(wait=False, cancel_futures=True)
         self._readers.shutdown(wait=True)
         self._writer.shutdown(wait=True)
         if self._on_close:

@@ -136,7 +136,10 @@ class MemoryService:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
         if self.engine is not None:
-            await self.engine.close()
+            if not self.model_ready.is_set():
+                # Applying queued ops needs the model; they stay in the outbox and replay on start.
+                log.info("embedding model not loaded: queued memory writes replay on next start")
+            await self.engine.close(timeout if self.model_ready.is_set() else 0.0)
 
     def status(self) -> dict[str, Any]:
         return {

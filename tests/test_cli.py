@@ -25,7 +25,7 @@ from typer.testing import CliRunner, Result
 
 import cli
 from memory.hierarchical import HierarchicalMemory
-from memory.models import MemoryConfig
+from memory.models import EmbedderBackend, MemoryConfig
 from tests.fakes import FakeEmbedder
 from tests.servers import free_port, running_upstream
 
@@ -103,7 +103,8 @@ def test_add_then_list_as_table_and_json(hr: Invoke) -> None:
 
     table = hr("memories", "list", "--user", "alice").stdout
     assert first[:8] in table and second[:8] in table
-    assert "Works at Google" in table and "preference" in table and "current" in table
+    assert "Works at Google" in table and "preference" in table
+    assert "status" not in table  # only shown when some memory is not current
 
     rows = as_json(hr("memories", "list", "--user", "alice", "--json"))
     assert [r["id"] for r in rows] == [second, first]  # newest first
@@ -199,6 +200,8 @@ def test_update_with_text_supersedes_and_history_shows_the_chain(hr: Invoke) -> 
     assert [m["id"] for m in current] == [new]
     everything = hr("memories", "list", "--user", "alice", "--include-superseded", "--json")
     assert {m["id"]: m["is_current"] for m in as_json(everything)} == {old: False, new: True}
+    table = hr("memories", "list", "--user", "alice", "--include-superseded").stdout
+    assert "superseded" in table and "current" in table
     then = as_json(hr("memories", "list", "--user", "alice", "--as-of", before.isoformat(),
                       "--json"))
     assert [m["id"] for m in then] == [old]
@@ -378,6 +381,23 @@ def test_errors_are_one_line_with_exit_code_1(hr: Invoke, db: Path, tmp_path: Pa
     assert_one_line_error(unwritable, "No such file or directory")
 
 
+def test_embedder_trouble_is_one_line(
+    hr: Invoke, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other_model = _db_of_another_model(tmp_path / "fake.db")
+    result = hr("memories", "add", "Anything", "--user", "alice", db_path=other_model, expect=1)
+    assert_one_line_error(result, "built with embedder fake:bow-64")
+
+    import memory.embedders
+    from memory.errors import EmbedderError
+
+    broken = FakeEmbedder()
+    broken.fail_with = EmbedderError("could not load the model\nCheck your internet connection")
+    monkeypatch.setattr(memory.embedders, "make_embedder", lambda config: broken)
+    failed = hr("memories", "add", "Anything", "--user", "alice", expect=1)
+    assert_one_line_error(failed, "could not load the model Check your internet connection")
+
+
 def test_debug_shows_the_traceback(hr: Invoke, db: Path) -> None:
     from memory.errors import MemoryNotFoundError
 
@@ -432,17 +452,18 @@ def test_doctor_all_ok(hr: Invoke) -> None:
     assert upstream.received_headers[-1]["authorization"] == "Bearer sk-test"
 
 
-def test_doctor_reports_failures_with_fixes(hr: Invoke, tmp_path: Path) -> None:
-    other_model = tmp_path / "fake.db"
-
+def _db_of_another_model(path: Path) -> Path:
     async def build() -> None:
-        mem = await HierarchicalMemory.create(
-            MemoryConfig(db_path=other_model), embedder=FakeEmbedder()
-        )
+        mem = await HierarchicalMemory.create(MemoryConfig(db_path=path), embedder=FakeEmbedder())
         await mem.add("Built with another model", "alice")
         await mem.close()
 
     asyncio.run(build())
+    return path
+
+
+def test_doctor_reports_failures_with_fixes(hr: Invoke, tmp_path: Path) -> None:
+    other_model = _db_of_another_model(tmp_path / "fake.db")
     dead = f"http://127.0.0.1:{free_port()}"
     result = hr("doctor", "--upstream", dead, db_path=other_model, expect=1)
     out = result.stdout
@@ -496,7 +517,22 @@ def test_startup_summary(hr: Invoke, db: Path, tmp_path: Path) -> None:
     summary = cli.startup_summary(ProxyConfig(db_path=db))
     assert summary["memories"] == {"current": 2, "superseded": 1, "forgotten": 0, "users": 2,
                                    "outbox_pending": 0}
-    assert summary["embedder"] == "local:all-MiniLM-L6-v2"
+    assert summary["embedder"] == "local:all-MiniLM-L6-v2" and summary["warnings"] == []
+
+    other = cli.startup_summary(ProxyConfig(db_path=_db_of_another_model(tmp_path / "f.db")))
+    (warning,) = other["warnings"]
+    assert "built with fake:bow-64, not local:all-MiniLM-L6-v2" in warning
+
+
+def test_startup_summary_warns_when_the_embedder_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.config import ProxyConfig
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = ProxyConfig(db_path=tmp_path / "m.db", embedder_backend=EmbedderBackend.OPENAI)
+    (warning,) = cli.startup_summary(config)["warnings"]
+    assert "the embedder cannot start" in warning and "OPENAI_API_KEY" in warning
 
 
 # --- as a real process -------------------------------------------------------------------------
