@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Annotated, Any, TypeVar
@@ -247,6 +247,14 @@ TorchThreadsOpt = Annotated[
     ),
 ]
 
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--embedder-runtime", envvar="HEADROOM_EMBEDDER_RUNTIME", rich_help_panel=_EMBED,
+        help="How the local model runs: auto (onnx when installed), onnx or torch.",
+    ),
+]
+
 
 @dataclass(frozen=True)
 class EmbedOptions:
@@ -255,12 +263,16 @@ class EmbedOptions:
     openai_api_key: str | None = None
     ollama_url: str = _OLLAMA_URL
     torch_threads: int = 1
+    # The memories commands take the runtime from the environment only; `serve` has the flag.
+    runtime: str = field(
+        default_factory=lambda: os.environ.get("HEADROOM_EMBEDDER_RUNTIME") or "auto"
+    )
 
     def memory_config(self, db: Path) -> MemoryConfig:
         return MemoryConfig(
             db_path=db, embedder_backend=self.backend, embedder_model=self.model,
             openai_api_key=self.openai_api_key, ollama_base_url=self.ollama_url,
-            torch_threads=self.torch_threads,
+            torch_threads=self.torch_threads, embedder_runtime=self.runtime,
         )
 
 
@@ -578,6 +590,7 @@ def serve(
     openai_api_key: OpenAIKeyOpt = None,
     ollama_url: OllamaUrlOpt = _OLLAMA_URL,
     torch_threads: TorchThreadsOpt = 1,
+    embedder_runtime: RuntimeOpt = "auto",
     top_k: Annotated[
         int, typer.Option(envvar="HEADROOM_TOP_K", min=0, help="Memories recalled per request.")
     ] = 5,
@@ -601,7 +614,8 @@ def serve(
         host=host, port=port, upstream_url=upstream, upstream_key=upstream_key or None,
         db_path=_db_path(db), embedder_backend=embedder, embedder_model=embedder_model,
         openai_api_key=openai_api_key, ollama_base_url=ollama_url, torch_threads=torch_threads,
-        top_k=top_k, token_budget=token_budget, log_level=log_level.value,
+        embedder_runtime=embedder_runtime, top_k=top_k, token_budget=token_budget,
+        log_level=log_level.value,
     )
     _print_summary(startup_summary(config))
     from proxy.server import serve as run_server

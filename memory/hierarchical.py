@@ -14,13 +14,14 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import numpy as np
 
 from memory import temporal
+from memory.embedders.cached import CachedEmbedder
 from memory.errors import (
     ConfigError,
     MemoryNotFoundError,
@@ -40,13 +41,16 @@ from memory.models import (
 from memory.ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
 from memory.recall import (
     RecallPreset,
+    TimeWindow,
     add_context,
     apply_budget,
     clean_query,
     context_rowids,
     fuse,
     get_preset,
+    query_windows,
     rescore,
+    strip_spans,
 )
 
 log = logging.getLogger("headroom.memory")
@@ -117,6 +121,8 @@ class HierarchicalMemory:
         self.vectors = vector_index
         self.text = text_index
         self.embedder = embedder
+        # Only queries go through the cache: memory contents would push repeat queries out.
+        self._query_embedder = CachedEmbedder(embedder, self.config.query_embedding_cache_size)
         self.cache = cache
         self.preset: RecallPreset = get_preset(self.config.recall_preset)
         # One writer thread: SQLite allows one writer, and ordering writes avoids lock waits.
@@ -143,6 +149,7 @@ class HierarchicalMemory:
             config = MemoryConfig(**options)
         elif options:
             config = config.with_changes(**options)
+        get_preset(config.recall_preset)  # an unknown preset fails before the file is opened
         writer = ThreadPoolExecutor(1, thread_name_prefix="headroom-writer")
         loop = asyncio.get_running_loop()
         try:
@@ -181,7 +188,11 @@ class HierarchicalMemory:
         )
 
     async def embed_query(self, text: str) -> np.ndarray:
-        return (await self._embed([text]))[0]
+        """One query's vector, from the LRU of recent queries when it repeats."""
+        vectors = await asyncio.get_running_loop().run_in_executor(
+            self._embedding, self._query_embedder.embed, [text]
+        )
+        return vectors[0]
 
     async def warm_up(self) -> None:
         """Load the embedding model now (the server does this in the background at start)."""
@@ -566,6 +577,7 @@ class HierarchicalMemory:
         now: datetime, preset: RecallPreset, vector: np.ndarray | None,
     ) -> list[SearchResult]:
         keys = scope.visible_keys()
+        windows = query_windows(query, now) if preset.w_time > 0 else []
         vector_hits = (
             self.vectors.search(
                 vector, scope.user_id, scope_keys=keys, categories=categories,
@@ -574,10 +586,12 @@ class HierarchicalMemory:
             if vector is not None and preset.w_vector > 0
             else []
         )
+        if vector_hits and windows and preset.time_candidates > 0:
+            vector_hits = self._window_hits(vector_hits, vector, scope, categories, windows, preset)
         text_hits = (
             self.text.search(
-                clean_query(query, preset), scope.user_id, scope_keys=keys,
-                categories=categories, k=max(preset.text_depth, top_k),
+                clean_query(strip_spans(query, windows), preset), scope.user_id,
+                scope_keys=keys, categories=categories, k=max(preset.text_depth, top_k),
             )
             if preset.w_text > 0
             else []
@@ -585,8 +599,31 @@ class HierarchicalMemory:
         fused = fuse(vector_hits, text_hits, preset)
         rows = self.store.get_by_rowids([*fused, *context_rowids(fused, preset)])
         fused = add_context(fused, rows, scope, categories, preset)
-        ranked = rescore(fused, rows, now, preset)[:top_k]
+        ranked = rescore(fused, rows, now, preset, windows)[:top_k]
         return [SearchResult(m, s.similarity, s.score, s.bm25) for s, m in ranked]
+
+    def _window_hits(
+        self, hits: list[tuple[int, float]], vector: Any, scope: Scope,
+        categories: list[MemoryCategory] | None, windows: list[TimeWindow], preset: RecallPreset,
+    ) -> list[tuple[int, float]]:
+        """Add every memory written in the query's time windows to the vector hits, by exact
+        cosine, when a window holds at most `preset.time_candidates` of them."""
+        slack = timedelta(days=preset.time_slack_days)
+        extra: list[tuple[int, np.ndarray]] = []
+        for w in windows:
+            flt = MemoryFilter(
+                user_id=scope.user_id, session_id=scope.session_id, agent_id=scope.agent_id,
+                turn_id=scope.turn_id, categories=categories, created_after=w.start,
+                created_before=w.end + slack, limit=None,
+            )
+            if self.store.count(flt) <= preset.time_candidates:  # type: ignore[attr-defined]
+                extra += self.store.embeddings_as_of(flt)
+        if not extra:
+            return hits
+        known = {rid for rid, _ in hits}
+        query = np.asarray(vector, dtype=np.float32)
+        merged = hits + [(rid, float(v @ query)) for rid, v in extra if rid not in known]
+        return sorted({rid: sim for rid, sim in merged}.items(), key=lambda h: -h[1])
 
     async def recall(
         self,
@@ -787,9 +824,9 @@ def _build_defaults(config: MemoryConfig, embedder: Embedder | None) -> tuple[An
     try:
         store = SQLiteMemoryStore(db)
         if embedder is None:
-            from memory.embedders import CachedEmbedder, make_embedder
+            from memory.embedders import make_embedder
 
-            embedder = CachedEmbedder(make_embedder(config), config.query_embedding_cache_size)
+            embedder = make_embedder(config)
         recorded_model = store.get_setting("embedding_model")
         recorded_dim = store.get_setting("vector_dimension")
         if recorded_model is not None and recorded_model != embedder.model_id:

@@ -1,30 +1,41 @@
-"""Ranking for recall: fusion of vector and BM25 hits, importance and recency, the token budget.
+"""Ranking for recall: fusion of vector and BM25 hits, conversation context, importance and
+recency, the token budget.
 
-Pure functions over ranked id lists; the knobs are data (`RecallPreset`) with named presets, so
-`bench/` can sweep them without touching code.
+Pure functions over ranked id lists and rows; the knobs are data (`RecallPreset`) with named
+presets, so `bench/` can sweep them without touching code. `_hybrid_sync` in `hierarchical`
+does the I/O: it asks the indexes, calls `fuse`, fetches the rows `context_rowids` names, then
+`add_context` and `rescore`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, tzinfo
 
 from memory.errors import ConfigError
-from memory.models import Memory
+from memory.models import Memory, MemoryCategory, Scope
 
 __all__ = [
     "PRESETS",
     "RecallPreset",
     "Scored",
+    "TimeWindow",
+    "add_context",
+    "adjacent",
     "apply_budget",
     "clean_query",
+    "context_rowids",
     "estimate_tokens",
     "fuse",
     "get_preset",
+    "minmax",
+    "query_windows",
+    "recency",
     "rescore",
+    "strip_spans",
 ]
 
 # Words that carry no topic: question words, auxiliaries, pronouns. Dropping them keeps BM25 from
@@ -46,17 +57,49 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 @dataclass(frozen=True)
 class RecallPreset:
+    """How recall ranks. Scores are fused first (`fuse`), then conversation context is added
+    (`add_context`), then importance and recency scale the result (`rescore`)."""
+
     name: str
     fusion: str = "weighted"  # "weighted" | "rrf"
     vector_depth: int = 50
     text_depth: int = 50
     w_vector: float = 0.5
     w_text: float = 0.5
+    # Weighted fusion: cosine as it is ("raw") or min-max scaled over the hits ("minmax").
+    vector_norm: str = "raw"
     rrf_k: int = 60
+    # Conversation context: a memory gains this share of the best score among its neighbours,
+    # the memories written just before and after it (same user, same session if any, at most
+    # `context_gap_minutes` apart, `context_span` rows either side, the farther ones weighing
+    # 1/distance). Neighbours of the `context_seeds` best hits join the candidates.
+    context_weight: float = 0.0
+    context_span: int = 1
+    context_seeds: int = 20
+    context_gap_minutes: float = 120.0
+    # Time: a query naming a date ("on 16 June, 2023", "in August 2023", "yesterday") scales
+    # memories written in that window (or up to `time_slack_days` after it, when it was talked
+    # about) by 1 + w_time; the date's words leave the BM25 query; and when the window holds at
+    # most `time_candidates` memories they are all scored by cosine and join the candidates.
+    w_time: float = 0.0
+    time_slack_days: float = 7.0
+    time_candidates: int = 0
+    # Multipliers: score × (1 + w_importance·(importance − 0.5) + w_recency·recency), so they
+    # act at any score scale and an old, relevant memory loses at most w_recency of its score.
     w_importance: float = 0.05
     w_recency: float = 0.05
     recency_half_life_days: float = 90.0
     stop_words: frozenset[str] = field(default=STOP_WORDS, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.fusion not in ("weighted", "rrf"):
+            raise ConfigError(f"unknown fusion {self.fusion!r}; expected weighted or rrf")
+        if self.vector_norm not in ("raw", "minmax"):
+            raise ConfigError(f"unknown vector_norm {self.vector_norm!r}; expected raw or minmax")
+        if min(self.vector_depth, self.text_depth, self.context_span, self.context_seeds) < 0:
+            raise ConfigError("depths, context_span and context_seeds must not be negative")
+        if self.recency_half_life_days <= 0:
+            raise ConfigError("recency_half_life_days must be positive")
 
 
 PRESETS: dict[str, RecallPreset] = {
@@ -82,6 +125,7 @@ def get_preset(name: str | RecallPreset) -> RecallPreset:
 
 
 def clean_query(query: str, preset: RecallPreset) -> str:
+    """The query's words minus stop words (all of them if nothing else is left)."""
     words = _WORD.findall(query)
     kept = [w for w in words if w.casefold() not in preset.stop_words]
     return " ".join(kept or words)
@@ -95,7 +139,8 @@ class Scored:
     bm25: float | None = None
 
 
-def _minmax(values: Sequence[float]) -> list[float]:
+def minmax(values: Sequence[float]) -> list[float]:
+    """Scale to [0, 1]; all-equal values (or one value) all become 1."""
     if not values:
         return []
     lo, hi = min(values), max(values)
@@ -120,15 +165,183 @@ def fuse(
             s.bm25 = bm
             s.score += preset.w_text / (preset.rrf_k + rank + 1)
         return out
-    if preset.fusion != "weighted":
-        raise ConfigError(f"unknown fusion {preset.fusion!r}")
-    for rid, sim in vector_hits:
-        out[rid] = Scored(rid, preset.w_vector * max(sim, 0.0), similarity=sim)
-    for (rid, bm), norm in zip(text_hits, _minmax([b for _, b in text_hits]), strict=True):
+    sims = [sim for _, sim in vector_hits]
+    scaled = minmax(sims) if preset.vector_norm == "minmax" else [max(s, 0.0) for s in sims]
+    for (rid, sim), value in zip(vector_hits, scaled, strict=True):
+        out[rid] = Scored(rid, preset.w_vector * value, similarity=sim)
+    for (rid, bm), norm in zip(text_hits, minmax([b for _, b in text_hits]), strict=True):
         s = out.setdefault(rid, Scored(rid, 0.0))
         s.bm25 = bm
         s.score += preset.w_text * norm
     return out
+
+
+# --- conversation context ----------------------------------------------------------------------
+
+
+def context_rowids(scored: dict[int, Scored], preset: RecallPreset) -> list[int]:
+    """Rows to fetch as possible neighbours of the best `context_seeds` hits (rowid ± span)."""
+    if preset.context_weight <= 0 or preset.context_span <= 0:
+        return []
+    seeds = sorted(scored.values(), key=lambda s: s.score, reverse=True)[: preset.context_seeds]
+    wanted: set[int] = set()
+    for s in seeds:
+        for d in range(1, preset.context_span + 1):
+            wanted.update((s.rowid - d, s.rowid + d))
+    return sorted(wanted.difference(scored))
+
+
+def adjacent(a: Memory, b: Memory, gap_minutes: float) -> bool:
+    """Written in the same sitting: same user, no conflicting session, close in time."""
+    if a.user_id != b.user_id:
+        return False
+    if a.session_id and b.session_id and a.session_id != b.session_id:
+        return False
+    return abs((a.created_at - b.created_at).total_seconds()) <= gap_minutes * 60.0
+
+
+def add_context(
+    scored: dict[int, Scored], rows: dict[int, Memory], scope: Scope,
+    categories: Collection[MemoryCategory] | None, preset: RecallPreset,
+) -> dict[int, Scored]:
+    """Each memory gains `context_weight` × the best (distance-discounted) score among its
+    neighbours. Rows fetched only as neighbours join when current, visible from `scope` and of
+    one of `categories` (if given). A turn that answers a matching question, or the question
+    before a matching answer, rises with it."""
+    if preset.context_weight <= 0 or preset.context_span <= 0:
+        return scored
+    base = {rid: s.score for rid, s in scored.items() if rid in rows}
+    pool = dict(scored)
+    visible = set(scope.visible_keys())
+    for rid, memory in rows.items():
+        if (
+            rid not in pool
+            and memory.user_id == scope.user_id
+            and memory.is_current
+            and memory.forgotten_at is None
+            and memory.scope.key in visible
+            and (not categories or memory.category in categories)
+        ):
+            pool[rid] = Scored(rid, 0.0)
+    out: dict[int, Scored] = {}
+    for rid, s in pool.items():
+        memory = rows.get(rid)
+        if memory is None:
+            continue
+        best = 0.0
+        for d in range(1, preset.context_span + 1):
+            for other in (rid - d, rid + d):
+                value = base.get(other, 0.0) / d
+                if value > best and adjacent(memory, rows[other], preset.context_gap_minutes):
+                    best = value
+        gained = base.get(rid, 0.0) + preset.context_weight * best
+        if gained > 0.0:
+            out[rid] = Scored(rid, gained, s.similarity, s.bm25)
+    return out
+
+
+# --- dates named in the query ------------------------------------------------------------------
+
+_MONTHS = {
+    name: i + 1
+    for i, names in enumerate(
+        ("january jan", "february feb", "march mar", "april apr", "may", "june jun",
+         "july jul", "august aug", "september sep sept", "october oct", "november nov",
+         "december dec")
+    )
+    for name in names.split()
+}
+_MONTH = "(" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?"
+_ORD = r"(\d{1,2})(?:st|nd|rd|th)?"
+_YEAR = r"((?:19|20)\d{2})"
+_DATE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("ymd", re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")),
+    ("dmy", re.compile(rf"\b{_ORD}\s+(?:of\s+)?{_MONTH},?\s+{_YEAR}\b", re.IGNORECASE)),
+    ("mdy", re.compile(rf"\b{_MONTH}\s+{_ORD},?\s+{_YEAR}\b", re.IGNORECASE)),
+    ("my", re.compile(rf"\b{_MONTH},?\s+(?:of\s+)?{_YEAR}\b", re.IGNORECASE)),
+    # A month alone only after a preposition and capitalised ("in July", not "may have").
+    ("m", re.compile(r"\b(?:in|during|since|from|of|last|this|early|late|mid)\s+("
+                     + "|".join(n.capitalize() for n in _MONTHS if len(n) > 3 and n != "may")
+                     + r")\b")),
+    ("y", re.compile(rf"\b(?:in|during|since|of)\s+{_YEAR}\b", re.IGNORECASE)),
+    ("rel", re.compile(r"\b(yesterday|today|last\s+(?:week|month|year))\b", re.IGNORECASE)),
+)
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """A span of time a query names, [start, end), and where it was named in the query."""
+
+    start: datetime
+    end: datetime
+    span: tuple[int, int]
+
+    def contains(self, when: datetime, slack: timedelta = timedelta(0)) -> bool:
+        return self.start <= when < self.end + slack
+
+
+def _month_start(year: int, month: int, tz: tzinfo | None) -> datetime:
+    return datetime(year + (month - 1) // 12, (month - 1) % 12 + 1, 1, tzinfo=tz)
+
+
+def _window(kind: str, groups: tuple[str, ...], now: datetime) -> tuple[datetime, datetime]:
+    tz = now.tzinfo
+    if kind == "ymd":
+        day = datetime(int(groups[0]), int(groups[1]), int(groups[2]), tzinfo=tz)
+        return day, day + timedelta(days=1)
+    if kind in ("dmy", "mdy"):
+        d, m, y = groups if kind == "dmy" else (groups[1], groups[0], groups[2])
+        day = datetime(int(y), _MONTHS[m.casefold()], int(d), tzinfo=tz)
+        return day, day + timedelta(days=1)
+    if kind == "my":
+        year, month = int(groups[1]), _MONTHS[groups[0].casefold()]
+        return _month_start(year, month, tz), _month_start(year, month + 1, tz)
+    if kind == "m":  # the latest such month that has begun
+        month = _MONTHS[groups[0].casefold()]
+        year = now.year if month <= now.month else now.year - 1
+        return _month_start(year, month, tz), _month_start(year, month + 1, tz)
+    if kind == "y":
+        return _month_start(int(groups[0]), 1, tz), _month_start(int(groups[0]) + 1, 1, tz)
+    word = " ".join(groups[0].casefold().split())
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if word == "today":
+        return today, now
+    if word == "yesterday":
+        return today - timedelta(days=1), today
+    if word == "last week":
+        return today - timedelta(days=7), now
+    if word == "last month":
+        this = _month_start(now.year, now.month, tz)
+        return _month_start(now.year, now.month - 1, tz), this
+    return _month_start(now.year - 1, 1, tz), _month_start(now.year, 1, tz)
+
+
+def query_windows(query: str, now: datetime) -> list[TimeWindow]:
+    """The spans of time `query` names, most specific forms first, without overlaps; `now`
+    anchors relative ones ("yesterday", "in July" = the latest July)."""
+    found: list[TimeWindow] = []
+    taken: list[tuple[int, int]] = []
+    for kind, pattern in _DATE_PATTERNS:
+        for m in pattern.finditer(query):
+            if any(m.start() < b and a < m.end() for a, b in taken):
+                continue
+            try:
+                start, end = _window(kind, m.groups(), now)
+            except (ValueError, OverflowError):  # "31 February"
+                continue
+            found.append(TimeWindow(start, end, m.span()))
+            taken.append(m.span())
+    return found
+
+
+def strip_spans(query: str, windows: Sequence[TimeWindow]) -> str:
+    """The query without the words that named its time windows."""
+    for w in sorted(windows, key=lambda w: w.span, reverse=True):
+        query = query[: w.span[0]] + " " + query[w.span[1] :]
+    return query
+
+
+# --- importance, recency, budget ---------------------------------------------------------------
 
 
 def recency(memory: Memory, now: datetime, half_life_days: float) -> float:
@@ -137,17 +350,23 @@ def recency(memory: Memory, now: datetime, half_life_days: float) -> float:
 
 
 def rescore(
-    scored: dict[int, Scored], memories: dict[int, Memory], now: datetime, preset: RecallPreset
+    scored: dict[int, Scored], memories: dict[int, Memory], now: datetime, preset: RecallPreset,
+    windows: Sequence[TimeWindow] = (),
 ) -> list[tuple[Scored, Memory]]:
-    """Add the importance and recency terms; best first, ties broken by newer first."""
+    """Scale by importance, recency and the query's time windows; best first, ties broken by
+    newer first."""
     ranked: list[tuple[Scored, Memory]] = []
+    slack = timedelta(days=preset.time_slack_days)
     for rid, s in scored.items():
         memory = memories.get(rid)
         if memory is None:
             continue
-        s.score += preset.w_importance * memory.importance
+        factor = 1.0 + preset.w_importance * (memory.importance - 0.5)
         if preset.w_recency:
-            s.score += preset.w_recency * recency(memory, now, preset.recency_half_life_days)
+            factor += preset.w_recency * recency(memory, now, preset.recency_half_life_days)
+        if preset.w_time and any(w.contains(memory.created_at, slack) for w in windows):
+            factor += preset.w_time
+        s.score *= factor
         ranked.append((s, memory))
     ranked.sort(key=lambda pair: (pair[0].score, pair[1].valid_from), reverse=True)
     return ranked
@@ -158,7 +377,7 @@ def estimate_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def apply_budget(memories: Sequence[Memory], budget_tokens: int | None) -> list[Memory]:
+def apply_budget(memories: Iterable[Memory], budget_tokens: int | None) -> list[Memory]:
     """Keep memories (best first) while they fit; a line's overhead (alias, date) is ~12 tokens."""
     if budget_tokens is None:
         return list(memories)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
-from memory.errors import SupersededError
+from memory.errors import SupersededError, ValidationError
 from memory.models import Memory, MemoryCategory, Scope, new_id
 
 __all__ = ["common_scope", "forget", "promote", "should_bubble", "supersede"]
@@ -28,6 +28,11 @@ def supersede(
 ) -> tuple[Memory, Memory]:
     """(closed old, new) — the new memory inherits scope, category and importance unless given."""
     ensure_current(old)
+    if at < old.valid_from:  # the old memory would end before it began
+        raise ValidationError(
+            f"cannot supersede memory {old.id!r} at {at.isoformat()}: it is valid only from "
+            f"{old.valid_from.isoformat()}"
+        )
     new = Memory(
         id=new_id(),
         content=new_content,

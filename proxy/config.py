@@ -23,6 +23,7 @@ class ProxyConfig:
     openai_api_key: str | None = None
     ollama_base_url: str = "http://localhost:11434"
     torch_threads: int = 1
+    embedder_runtime: str = "auto"
     top_k: int = 5
     token_budget: int = 800
     log_level: str = "info"
@@ -41,6 +42,7 @@ class ProxyConfig:
             openai_api_key=self.openai_api_key,
             ollama_base_url=self.ollama_base_url,
             torch_threads=self.torch_threads,
+            embedder_runtime=self.embedder_runtime,
         )
 
     @property

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from proxy.errors import PayloadTooLargeError
-from proxy.upstream import Upstream, request_headers, response_headers
+from proxy.upstream import Upstream, request_headers, response_headers, target
 
 __all__ = ["forward", "read_body"]
 
@@ -43,9 +43,9 @@ async def forward(
             content = request.stream()
         elif "transfer-encoding" in request.headers:
             content = request.stream()
+    path, query = target(request.scope)
     response = await upstream.send(
-        request.method, request.url.path, query=request.url.query.encode(), headers=headers,
-        content=content,
+        request.method, path, query=query, headers=headers, content=content
     )
     return StreamingResponse(
         _relay(response), status_code=response.status_code,

@@ -25,7 +25,7 @@ from proxy.passthrough import forward, read_body
 from proxy.scope import RequestScope, scope_from_request
 from proxy.service import MemoryService
 from proxy.stream import Block, StreamStripper, pick_block, strip_completion
-from proxy.upstream import Upstream, request_headers, response_headers
+from proxy.upstream import Upstream, request_headers, response_headers, target
 
 log = logging.getLogger("headroom.proxy")
 
@@ -131,14 +131,16 @@ async def chat_completions(
     prepared = await prepare(body, rs, service)
     headers = request_headers(request.headers, config, decode=True)
     content = json.dumps(prepared.body).encode()
+    path, query = target(request.scope)
     upstream_response = await upstream.send(
-        "POST", request.url.path, query=request.url.query.encode(), headers=headers,
-        content=content,
+        "POST", path, query=query, headers=headers, content=content
     )
     receipt = prepared.receipt(rs)
     if upstream_response.status_code >= 400:
         return await _relay_error(upstream, upstream_response, receipt)
-    if body.get("stream") is True:
+    json_answer = "json" in upstream_response.headers.get("content-type", "").lower()
+    if body.get("stream") is True and not json_answer:
+        # (An upstream that ignores `stream` and sends one JSON body takes the path below.)
         return StreamingResponse(
             _stream(upstream_response, lambda b: store_block(b, prepared, rs, service), rs),
             status_code=upstream_response.status_code,

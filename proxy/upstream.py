@@ -4,15 +4,17 @@ headers, streams, and maps httpx errors to `UpstreamError`s."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import anyio
 import httpx
+from starlette.datastructures import MutableHeaders
 
 from proxy.config import ProxyConfig
 from proxy.errors import UpstreamTimeoutError, UpstreamUnreachableError
 from proxy.scope import HEADROOM_HEADER_PREFIX
 
-__all__ = ["HOP_BY_HOP", "Upstream", "response_headers"]
+__all__ = ["HOP_BY_HOP", "Upstream", "request_headers", "response_headers", "target"]
 
 # RFC 9110 §7.6.1 connection-specific headers, plus the ones httpx/uvicorn recompute.
 HOP_BY_HOP = frozenset(
@@ -46,16 +48,28 @@ def request_headers(
     return out
 
 
-def response_headers(upstream: httpx.Response, *, keep_length: bool) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in upstream.headers.multi_items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP and not (keep_length and lower == "content-length"):
-            continue
-        if lower in out:  # repeated headers (set-cookie) joined; starlette takes a dict
-            out[lower] = f"{out[lower]}, {value}"
-        else:
-            out[lower] = value
+def target(scope: Mapping[str, Any]) -> tuple[str, bytes]:
+    """The request's path and query exactly as the client sent them: percent-escapes such as
+    `%2F` stay escaped (the ASGI `path` is already decoded)."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else scope["path"]
+    return path, scope.get("query_string", b"")
+
+
+def response_headers(
+    upstream: httpx.Response, *, keep_length: bool, extra: Mapping[str, str] | None = None
+) -> MutableHeaders:
+    """The upstream's headers minus hop-by-hop ones, then `extra` (our receipt) set on top.
+    Repeated headers stay separate: two Set-Cookie values joined by a comma are unreadable."""
+    raw = [
+        (name.lower(), value)
+        for name, value in upstream.headers.raw
+        if name.lower().decode("latin-1") not in HOP_BY_HOP
+        or (keep_length and name.lower() == b"content-length")
+    ]
+    out = MutableHeaders(raw=raw)
+    for name, value in (extra or {}).items():
+        out[name] = value
     return out
 
 

@@ -33,7 +33,7 @@ from memory.ports import Embedder
 from proxy.pipeline import Prepared, prepare, store_block
 from proxy.scope import MemoryMode, RequestScope
 from proxy.service import MemoryService
-from proxy.stream import ChunkRewriter, SSEEvent, pick_block, strip_completion
+from proxy.stream import Block, ChunkRewriter, SSEEvent, pick_block, strip_completion
 
 log = logging.getLogger("headroom.wrapper")
 
@@ -265,6 +265,12 @@ class _ChunkStripper:
             return []
         return [self._to_chunk(e, self.template) for e in self.rewriter.finish()]
 
+    def chosen_block(self) -> Block | None:
+        """The block to store, also when the caller stopped reading early: a block that had
+        fully arrived before the finish chunk still counts (as when a proxy client leaves)."""
+        self.rewriter.finish()  # idempotent
+        return self.rewriter.chosen_block
+
     @staticmethod
     def _to_chunk(event: SSEEvent, template: Any) -> Any:
         data = event.data
@@ -285,7 +291,7 @@ class _SyncStream:
                 yield from (c for c in self._stripper.feed(chunk) if c is not None)
             yield from (c for c in self._stripper.finish() if c is not None)
         finally:
-            self._on_done(self._stripper.rewriter.chosen_block)
+            self._on_done(self._stripper.chosen_block())
 
     def __enter__(self) -> _SyncStream:
         return self
@@ -318,7 +324,7 @@ class _AsyncStream:
                 if c is not None:
                     yield c
         finally:
-            self._on_done(self._stripper.rewriter.chosen_block)
+            self._on_done(self._stripper.chosen_block())
 
     async def __aenter__(self) -> _AsyncStream:
         return self

@@ -14,6 +14,16 @@ from memory.models import MemoryConfig
 from tests.fakes import FakeEmbedder
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # When a hypothesis test fails, its pytest plugin imports libcst to suggest a patch, and that
+    # import warns. The warning is attributed to libcst's module, so pyproject's
+    # "ignore::DeprecationWarning:mypy_extensions" misses it and the failure became an
+    # INTERNALERROR; matching the message works.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+    )
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     versions = sqlite_versions()
     return (

@@ -1,5 +1,6 @@
-"""Real servers for end-to-end tests: uvicorn in a thread (httpx's `serve_in_thread` pattern), and
-a scripted fake of the paid upstream LLM that streams replies in random chunk sizes."""
+"""Real servers for end-to-end tests: uvicorn in a thread (httpx's `serve_in_thread` pattern), a
+scripted fake of the paid upstream LLM that streams replies in random chunk sizes, the proxy under
+test wired to it (`running_proxy`), and helpers to read what the upstream received."""
 
 from __future__ import annotations
 
@@ -70,6 +71,10 @@ def serve_in_thread(app: Any, port: int | None = None) -> Iterator[str]:
         yield server.url
 
 
+COOKIES = ("__cf_bm=abc; path=/; expires=Wed, 25-Nov-26 16:00:00 GMT; HttpOnly",
+           "_cfuvid=xyz; path=/; HttpOnly")
+
+
 @dataclass
 class Reply:
     """What the fake upstream answers to the next chat completion."""
@@ -87,6 +92,7 @@ class Reply:
     event_delay_s: float = 0.0  # streaming: pause between events
     hold_before_finish_s: float = 0.0  # streaming: pause after the content, before finish_reason
     extra_chunk_fields: dict[str, Any] | None = None  # unknown fields put in every chunk
+    ignore_stream: bool = False  # answer with one JSON body even when asked to stream
 
 
 @dataclass
@@ -96,6 +102,7 @@ class FakeUpstream:
     received_headers: list[dict[str, str]] = field(default_factory=list)
     stream_closed: list[bool] = field(default_factory=list)
     passthrough_bodies: list[dict[str, Any]] = field(default_factory=list)
+    received_queries: list[str] = field(default_factory=list)
     # When set, builds the reply from the request body instead of taking the next queued one
     # (concurrent tests, where queue order and request order differ).
     responder: Callable[[dict[str, Any]], Reply] | None = None
@@ -153,16 +160,21 @@ class FakeUpstream:
     async def _echo(self, request: Request) -> Response:
         body = await request.body()
         self.received_headers.append(dict(request.headers))
-        return Response(
+        response = Response(
             json.dumps({"method": request.method, "path": request.url.path,
+                        "raw_path": request.scope["raw_path"].decode("latin-1"),
                         "query": request.url.query, "body_len": len(body),
                         "body_sha": __import__("hashlib").sha256(body).hexdigest()}).encode(),
             media_type="application/json", headers={"x-upstream": "fake"},
         )
+        for cookie in COOKIES:  # repeated headers, with commas inside their values
+            response.raw_headers.append((b"set-cookie", cookie.encode()))
+        return response
 
     async def _chat(self, request: Request) -> Response:
         body = await request.json()
         self.received.append(body)
+        self.received_queries.append(request.url.query)
         self.received_headers.append(dict(request.headers))
         reply = self.responder(body) if self.responder else self.next_reply()
         if reply.delay_s:
@@ -176,7 +188,7 @@ class FakeUpstream:
         contents = reply.content if isinstance(reply.content, list) else [reply.content] * int(
             body.get("n") or 1
         )
-        if body.get("stream"):
+        if body.get("stream") and not reply.ignore_stream:
             return StreamingResponse(
                 self._sse(body, reply, contents), media_type="text/event-stream",
                 headers={"x-upstream": "fake", **(reply.headers or {})},

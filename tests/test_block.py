@@ -220,6 +220,8 @@ def test_truncated_block_keeps_complete_items_only() -> None:
     assert ops(body, truncated=True) == MemoryOps(add=(AddOp("a"),), forget=(ForgetOp("id-1"),))
     body = '{"add":[{"text":"a","category":"fact","importance":0.'
     assert ops(body, truncated=True) == MemoryOps()
+    body = '{"add":[{"text":"a","entities":["Go"]'  # the item itself never closed
+    assert ops(body, truncated=True) == MemoryOps()
     assert ops('{"add":[{"text":"a"}],"upd', truncated=True).add == (AddOp("a"),)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -328,7 +329,7 @@ async def test_search_min_similarity_and_top_k(memory: HierarchicalMemory) -> No
     results = await memory.search("red apple", "alice", top_k=10)
     assert [r.memory.content for r in results][:2] == ["red apple", "red apple pie"]
     assert results[0].similarity == pytest.approx(1.0, abs=1e-5)
-    assert all(a.similarity >= b.similarity for a, b in zip(results, results[1:], strict=False))
+    assert all(a.similarity >= b.similarity for a, b in itertools.pairwise(results))
     close = await memory.search("red apple", "alice", min_similarity=0.5)
     assert [r.memory.content for r in close] == ["red apple", "red apple pie"]
     assert len(await memory.search("red apple", "alice", top_k=1)) == 1
@@ -375,3 +376,33 @@ async def test_cached_copy_follows_writes(memory: HierarchicalMemory) -> None:
     assert (await memory.get(m.id)).last_accessed is not None
     await memory.forget(m.id)
     assert not (await memory.get(m.id)).is_current
+
+
+def _open_files(name: str) -> int:
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if name in str(fd.resolve(strict=False)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("kwargs", [{"recall_preset": "nope"}])
+async def test_failed_create_leaves_no_open_file(tmp_path: Path, kwargs: dict) -> None:
+    path = tmp_path / "leak-check.db"
+    with pytest.raises(ConfigError):
+        await HierarchicalMemory.create(
+            MemoryConfig(db_path=path, **kwargs), embedder=FakeEmbedder()
+        )
+    assert _open_files("leak-check.db") == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+async def test_failed_create_with_another_model_leaves_no_open_file(tmp_path: Path) -> None:
+    path = tmp_path / "leak-check.db"
+    async with await HierarchicalMemory.create(
+        MemoryConfig(db_path=path), embedder=FakeEmbedder()
+    ):
+        pass
+    with pytest.raises(ConfigError):
+        await HierarchicalMemory.create(
+            MemoryConfig(db_path=path), embedder=FakeEmbedder(32, "fake:bow-32")
+        )
+    assert _open_files("leak-check.db") == 0

@@ -34,12 +34,12 @@ async def test_exact_duplicate_reinforces(memory: HierarchicalMemory) -> None:
 
 
 @pytest.mark.parametrize(
-    "variant", ["likes green tea", "LIKES GREEN TEA.", "  Likes   green\ttea!  ", "Likes green tea."]
+    "variant",
+    ["likes green tea", "LIKES GREEN TEA.", "  Likes   green\ttea!  ", "Likes green tea."],
 )
 async def test_case_space_and_punctuation_variants_are_the_same_fact(
     memory: HierarchicalMemory, variant: str
 ) -> None:
-    # dedup_threshold=1.0 would still match identical word bags; make the exact path do it
     first = await memory.add("Likes green tea", "alice")
     again = await memory.add(variant, "alice")
     assert again.id == first.id

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from memory.errors import MemoryNotFoundError, SupersededError
+from memory.errors import MemoryNotFoundError, SupersededError, ValidationError
 from memory.hierarchical import HierarchicalMemory
 from memory.models import MemoryCategory, MemoryFilter
 
@@ -173,7 +173,7 @@ async def test_forget_of_a_superseded_memory_is_refused(memory: HierarchicalMemo
 
 
 async def test_supersede_events_are_recorded(memory: HierarchicalMemory) -> None:
-    a = await memory.add("Drives a Fiat", "alice")
+    a = await memory.add("Drives a Fiat", "alice", valid_from=T0)
     b = await memory.supersede(a.id, "Drives a Volvo", request_id="req-7", at=T2)
     events = await memory.get_events(a.id)
     assert [e["op"] for e in events] == ["add", "supersede"]
@@ -213,3 +213,14 @@ async def test_superseded_content_can_be_added_again(memory: HierarchicalMemory)
     assert {m.content for m in await memory.query(MemoryFilter(user_id="alice"))} == {
         "Lives in Berlin", "Lives in Paris"
     }
+
+
+async def test_supersede_before_the_memory_began_is_refused(memory: HierarchicalMemory) -> None:
+    """An explicit `at` earlier than the old memory's valid_from would end it before it began."""
+    a = await memory.add("Lives in Berlin", "alice", valid_from=T1)
+    with pytest.raises(ValidationError, match="valid only from"):
+        await memory.supersede(a.id, "Lives in Paris", at=T0)
+    assert (await memory.get(a.id)).is_current
+    assert len(await memory.query(MemoryFilter(user_id="alice", include_superseded=True))) == 1
+    same_instant = await memory.supersede(a.id, "Lives in Paris", at=T1)
+    assert same_instant.valid_from == T1

@@ -76,6 +76,7 @@ def test_memory_stored_in_one_session_is_recalled_in_a_new_session(proxy: Proxy)
     first = proxy.upstream.received[0]
     assert first["messages"][0] == {"role": "system", "content": EXTRACTION_INSTRUCTION}
     assert recalled(first) is None
+    assert "tools" not in first  # the proxy never adds a tool of its own
 
     [stored] = proxy.memories("bob")
     assert (stored.content, stored.category) == (GO, MemoryCategory.PREFERENCE)
@@ -221,6 +222,45 @@ def test_supersede_and_forget_through_the_block(proxy: Proxy) -> None:
     assert "Google" not in message and "Berlin" not in message
 
 
+def test_scopes_chosen_in_the_block_are_clamped_to_the_request(proxy: Proxy) -> None:
+    proxy.upstream.queue(Reply("Ok. " + memory_block([
+        {"text": "Is debugging a flaky CI job right now", "scope": "session",
+         "importance": 0.5},
+        {"text": "Wants terse answers from this assistant", "scope": "agent",
+         "importance": 0.4},
+        {"text": "Is a staff engineer at a bank", "scope": "session", "importance": 0.95},
+    ])))
+    ask(proxy.client("quinn", "s1"), "help me with CI")  # no agent id: "agent" clamps to s1
+    rows = {m.content: m for m in proxy.memories("quinn")}
+    assert rows["Is debugging a flaky CI job right now"].session_id == "s1"
+    assert rows["Wants terse answers from this assistant"].session_id == "s1"
+    assert rows["Wants terse answers from this assistant"].agent_id is None
+    assert rows["Is a staff engineer at a bank"].session_id is None  # important: bubbled up
+
+    proxy.upstream.queue(Reply("Sure."), Reply("Sure."))
+    ask(proxy.client("quinn", "s2"), "help me with CI as a staff engineer, tersely")
+    other_session = recalled(proxy.upstream.last) or ""
+    ask(proxy.client("quinn", "s1"), "help me with CI as a staff engineer, tersely")
+    same_session = recalled(proxy.upstream.last) or ""
+    assert "staff engineer" in other_session and "flaky CI" not in other_session
+    assert "terse" not in other_session
+    assert "flaky CI" in same_session and "terse" in same_session
+
+
+def test_logprobs_turn_extraction_off(proxy: Proxy) -> None:
+    """Token logprobs would carry the block's tokens to the client past the stripper."""
+    seed(proxy, "rita", "Likes green tea")
+    proxy.upstream.queue(Reply("Tea."))
+    raw = proxy.client("rita").chat.completions.with_raw_response.create(
+        model="gpt-test", logprobs=True, top_logprobs=2,
+        messages=[{"role": "user", "content": "What do I like to drink?"}],
+    )
+    assert raw.parse().choices[0].message.content == "Tea."
+    assert "extraction off" in raw.headers["x-headroom-memory-notes"]
+    assert not instructed(proxy.upstream.last)
+    assert "Likes green tea" in (recalled(proxy.upstream.last) or "")
+
+
 def test_the_same_block_twice_is_one_row_reinforced(proxy: Proxy) -> None:
     block = memory_block([{"text": "Prefers tabs over spaces", "importance": 0.4}])
     for _ in range(2):
@@ -278,6 +318,12 @@ def test_without_a_user_id_the_proxy_is_transparent(proxy: Proxy) -> None:
     assert response.json()["choices"][0]["message"]["content"] == "Hi. " + block
     assert response.headers["x-headroom-request-id"].startswith("hr-")
     assert response.headers["x-upstream"] == "fake"
+    # Streaming too: the upstream's bytes, block and all.
+    stream_body = {**body, "stream": True}
+    proxy.upstream.queue(Reply("Hi. " + block, chunk_seed=1), Reply("Hi. " + block, chunk_seed=1))
+    direct = _post_raw(f"{proxy.upstream_url}/chat/completions", stream_body, {})
+    assert _post_raw(f"{proxy.base_url}/chat/completions", stream_body, {}) == direct
+    assert proxy.upstream.last == stream_body
 
     # The body's `user` field names the user when no header does.
     proxy.upstream.queue(Reply("Tea! " + memory_block(["Ivan drinks tea at 5pm"])))
@@ -362,6 +408,19 @@ def test_stream_with_a_block_keeps_every_other_field(proxy: Proxy) -> None:
     assert non_content(through) == non_content(direct)
     assert all(e["x_vendor"] == {"a": 1} for e in through)
     assert [m.content for m in proxy.memories("kate")] == ["Lives in Paris"]
+
+
+def test_upstream_ignoring_stream_true_still_gets_stripped(proxy: Proxy) -> None:
+    """Some compatible servers answer `stream: true` with one JSON body: it is not SSE, so it
+    takes the non-streaming path instead of leaking its block."""
+    proxy.upstream.queue(Reply("Plain JSON. " + memory_block(["Runs an old server"]),
+                               ignore_stream=True))
+    response = httpx.post(f"{proxy.base_url}/chat/completions",
+                          json={"model": "gpt-test", "stream": True,
+                                "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"x-headroom-user-id": "sid"})
+    assert response.json()["choices"][0]["message"]["content"] == "Plain JSON."
+    assert [m.content for m in proxy.memories("sid")] == ["Runs an old server"]
 
 
 # --- cut off, tools, response_format, n > 1, multimodal ----------------------------------------

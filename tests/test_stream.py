@@ -329,10 +329,17 @@ def answer_stream(parts_by_choice: dict[int, list[str]], finish: str = "stop") -
     return b"".join(wire)
 
 
+answers = st.one_of(
+    any_text,
+    st.builds(lambda p, b: f"{p}\n<memory>{b}</memory>", prefix_text, block_body),
+    st.builds(lambda p, b, k: f"{p} <memory>{b}"[: len(p) + 9 + k], prefix_text, block_body,
+              st.integers(0, 40)),  # a block cut off by max_tokens
+)
+
+
 @settings(FAST, max_examples=60)  # each example is a whole multi-choice SSE stream
 @given(
-    texts=st.lists(st.one_of(any_text, prefix_text.map(lambda p: p + "\n<memory>{}</memory>")),
-                   min_size=1, max_size=3),
+    texts=st.lists(answers, min_size=1, max_size=3),
     finish=st.sampled_from(["stop", "length"]),
     crlf=st.booleans(),
     pieces=st.integers(1, 40),
@@ -478,3 +485,17 @@ def test_strip_completion_tolerates_odd_shapes() -> None:
     assert strip_completion({"error": {"message": "x"}}) == ({"error": {"message": "x"}}, {})
     out, blocks = strip_completion({"choices": ["junk", {"message": {"content": "a"}}]})
     assert out["choices"][1]["message"]["content"] == "a" and blocks == {}
+
+
+def test_several_choices_in_one_chunk() -> None:
+    wire = sse(chunk(choice(0, content="a <mem"), choice(1, content="b\n<memory>{}</memory>")))
+    wire += sse(chunk(choice(0, "stop"), choice(1, "stop")))
+    out, s = run(wire)
+    objs = list(parsed(out))
+    assert [[c["delta"].get("content") for c in o["choices"]] for o in objs] == [
+        ["a", "b"],
+        [" <mem"],
+        [None, None],
+    ]
+    assert objs[1]["choices"][0]["index"] == 0
+    assert s.rewriter.blocks == {1: Block(1, "{}", False)}

@@ -3,6 +3,9 @@ and `make_embedder(config)`, which picks one from a `MemoryConfig`."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 from memory.embedders.cached import CachedEmbedder
 from memory.embedders.local import LocalEmbedder, import_torch
 from memory.embedders.ollama import OllamaEmbedder
@@ -21,13 +24,26 @@ __all__ = [
     "OpenAIEmbedder",
     "import_torch",
     "make_embedder",
+    "resolve_runtime",
 ]
+
+log = logging.getLogger("headroom.embedders")
 
 LOCAL_RUNTIMES = ("torch", "onnx")
 # These answer `dimensions` with an error, so a different vector_dimension is a config mistake.
 _FIXED_SIZE_OPENAI = frozenset({"text-embedding-ada-002"})
 
 _Built = LocalEmbedder | OnnxEmbedder | OpenAIEmbedder | OllamaEmbedder
+
+
+def resolve_runtime(runtime: str) -> str:
+    """"auto" means ONNX Runtime when it (and onnx, for the one-time export) is installed."""
+    if runtime != "auto":
+        return runtime
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        return "onnx"
+    log.info("onnxruntime/onnx not installed: the local embedder runs on torch (slower queries)")
+    return "torch"
 
 
 def make_embedder(config: MemoryConfig) -> Embedder:
@@ -41,8 +57,7 @@ def make_embedder(config: MemoryConfig) -> Embedder:
         raise ConfigError("embedder_model must not be empty")
     embedder: _Built
     if config.embedder_backend is EmbedderBackend.LOCAL:
-        # TODO(lead): read config.embedder_runtime directly once MemoryConfig has the field.
-        runtime = getattr(config, "embedder_runtime", "torch")
+        runtime = resolve_runtime(config.embedder_runtime)
         if runtime == "torch":
             embedder = LocalEmbedder(
                 model, torch_threads=config.torch_threads, batch_size=config.embed_batch_size

@@ -69,7 +69,9 @@ class CachedEmbedder:
         if missing:
             computed = self.inner.embed(missing)
             with self._lock:
-                for text, vector in zip(missing, computed, strict=True):
+                for text, row in zip(missing, computed, strict=True):
+                    # A copy, so a cached row does not keep the whole batch's array alive.
+                    vector = np.array(row, dtype=np.float32)
                     found[text] = vector
                     if self.max_size:
                         self._entries[text] = vector

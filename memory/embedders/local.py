@@ -21,8 +21,10 @@ __all__ = [
     "ModelSource",
     "import_torch",
     "known_local_dimension",
+    "load_sentence_transformer",
     "local_model_id",
     "resolve_local_model",
+    "sentence_dimension",
 ]
 
 _MINILM_NAMES = frozenset({DEFAULT_LOCAL_MODEL, f"sentence-transformers/{DEFAULT_LOCAL_MODEL}"})
@@ -41,7 +43,7 @@ def import_torch(threads: int) -> ModuleType:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    # Process-wide: the last embedder constructed with a different value wins.
+    # Process-wide: the embedder loaded last decides for every torch user in the process.
     torch.set_num_threads(threads)
     return torch
 

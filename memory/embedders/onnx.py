@@ -117,8 +117,11 @@ def export_onnx(model: str, target: Path, *, threads: int = 1) -> None:
         "pad_token": str(tokenizer.pad_token or "[PAD]"),
         "dimension": sentence_dimension(st_model),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".export-"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".export-"))
+    except OSError as exc:
+        raise EmbedderError(f"cannot write the ONNX export to {target.parent}: {exc}") from exc
     try:
         # The legacy (TorchScript) exporter needs only `onnx`; the newer one also wants
         # onnxscript. Its tracer warnings are about Python branches that are constant for this
