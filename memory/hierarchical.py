@@ -838,10 +838,13 @@ def _build_defaults(config: MemoryConfig, embedder: Embedder | None) -> tuple[An
         dimension = (
             int(recorded_dim) if recorded_dim else (config.vector_dimension or embedder.dimension)
         )
-        with db.transaction():
+        if recorded_model is None or recorded_dim is None:
+            with db.transaction():  # first open of a new file: create the vector table
+                vectors = SqliteVecIndex(db, dimension)
+                store.set_setting("embedding_model", embedder.model_id)
+                store.set_setting("vector_dimension", str(dimension))
+        else:  # later opens only read, so they never wait on another process's writes
             vectors = SqliteVecIndex(db, dimension)
-            store.set_setting("embedding_model", embedder.model_id)
-            store.set_setting("vector_dimension", str(dimension))
         text = FTS5TextIndex(db)
         cache = LRUMemoryCache(config.cache_max_size) if config.cache_enabled else None
         return db, store, vectors, text, embedder, cache

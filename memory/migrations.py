@@ -107,7 +107,10 @@ def migrate(conn: Any) -> list[str]:
     names = [n for n, _ in MIGRATIONS]
     if len(set(names)) != len(names):  # pragma: no cover - a programming error
         raise RuntimeError("duplicate migration names")
+    done_before = {row[0] for row in conn.execute("SELECT name FROM schema_version")}
     for name, fn in MIGRATIONS:
+        if name in done_before:
+            continue  # no write lock when nothing is pending: opening must not wait on writers
         conn.execute("BEGIN IMMEDIATE")
         try:
             done = conn.execute("SELECT 1 FROM schema_version WHERE name = ?", (name,)).fetchone()
