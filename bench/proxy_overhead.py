@@ -459,8 +459,10 @@ def main() -> None:
     info = machine()
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores, "
-                   f"Python {info.get('python', '?')}",
+        "machine": f"{info['cpu']}, {info['nproc']} cores, {info['ram_gb']} GB RAM, "
+                   f"Python {info['python']}, SQLite {info['sqlite']}, sqlite-vec "
+                   f"{info['sqlite_vec']}, onnxruntime {info['onnxruntime']}, commit "
+                   f"{info['commit']}",
         "command": "python bench/proxy_overhead.py " + " ".join(sys.argv[1:]),
         "write_share": args.write_share,
         "verdicts": verdicts(rows, sizes),
