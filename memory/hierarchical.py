@@ -840,7 +840,7 @@ def _build_defaults(config: MemoryConfig, embedder: Embedder | None) -> tuple[An
         )
         if recorded_model is None or recorded_dim is None:
             with db.transaction():  # first open of a new file: create the vector table
-                vectors = SqliteVecIndex(db, dimension)
+                vectors = SqliteVecIndex(db, dimension, config.vector_chunk_size)
                 store.set_setting("embedding_model", embedder.model_id)
                 store.set_setting("vector_dimension", str(dimension))
         else:  # later opens only read, so they never wait on another process's writes

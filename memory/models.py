@@ -398,6 +398,9 @@ class MemoryConfig:
     bubble_importance_threshold: float | None = 0.85
     recall_preset: str = "default"
     reader_threads: int = 4
+    # Vectors per sqlite-vec storage chunk, allocated per user: small keeps many small users
+    # cheap on disk (see memory/adapters/sqlite_vec_index.py). Fixed when a database is created.
+    vector_chunk_size: int = 128
 
     def __post_init__(self) -> None:
         if isinstance(self.embedder_backend, str):
@@ -435,6 +438,8 @@ class MemoryConfig:
             raise ConfigError("bubble_importance_threshold must be between 0 and 1 (or None)")
         if self.embed_batch_size < 1:
             raise ConfigError("embed_batch_size must be at least 1")
+        if self.vector_chunk_size < 8 or self.vector_chunk_size % 8:
+            raise ConfigError("vector_chunk_size must be a positive multiple of 8")
         if self.reader_threads < 1:
             raise ConfigError("reader_threads must be at least 1")
 

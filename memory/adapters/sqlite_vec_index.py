@@ -3,6 +3,11 @@
 `user_id` is a partition key, so a KNN query reads one user's vectors (measured ~4.6 ms for k=10
 over 100k vectors vs ~97 ms unpartitioned); scope and category are vec0 metadata columns used as
 pre-filters inside the same KNN query.
+
+vec0 allocates storage a chunk at a time *per partition*: with its default chunk of 1,024 vectors
+(1.5 MB at 384 dimensions) a thousand users with a few memories each cost 1.6 GB. Chunks of 128
+measured 58 MB for the same data and a faster KNN for typical users; a user with 10k memories
+pays ~40% more per query (more chunks to walk).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ _TABLE = "memory_vectors"
 
 
 class SqliteVecIndex:
-    def __init__(self, db: Database, dimension: int) -> None:
+    def __init__(self, db: Database, dimension: int, chunk_size: int = 128) -> None:
         self.db = db
         self.dimension = dimension
         conn = db.conn
@@ -34,7 +39,8 @@ class SqliteVecIndex:
                 " user_id text partition key,"
                 f" embedding float[{dimension}] distance_metric=cosine,"
                 " scope_key text,"
-                " category text)"
+                " category text,"
+                f" chunk_size={int(chunk_size)})"
             )
         elif f"float[{dimension}]" not in row[0]:
             raise ConfigError(

@@ -1,0 +1,97 @@
+"""Each MemoryConfig knob changes what the engine does (a field nothing reads would fail here)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from memory.db import connect
+from memory.errors import ConfigError
+from memory.hierarchical import HierarchicalMemory, MemoryDraft
+from memory.models import MemoryConfig
+from tests.fakes import FakeEmbedder
+
+
+async def _fill_many_users(path: Path, chunk_size: int, users: int = 60) -> int:
+    mem = await HierarchicalMemory.create(
+        MemoryConfig(db_path=path, vector_chunk_size=chunk_size), embedder=FakeEmbedder()
+    )
+    await mem.add_many(
+        [MemoryDraft(f"fact number {i}", user_id=f"user-{i}", dedup=False) for i in range(users)]
+    )
+    await mem.close()
+    conn = connect(path)
+    try:
+        ddl = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_vectors'").fetchone()
+        assert f"chunk_size={chunk_size}" in ddl[0]
+        conn.execute("VACUUM")
+    finally:
+        conn.close()
+    return path.stat().st_size
+
+
+async def test_vector_chunk_size_bounds_per_user_storage(tmp_path: Path) -> None:
+    small = await _fill_many_users(tmp_path / "small.db", 8)
+    large = await _fill_many_users(tmp_path / "large.db", 1024)
+    # 60 users x one chunk each: 1024-vector chunks of 64 floats cost ~15 MB, 8-vector ones ~0.1 MB
+    assert large > 10 * small
+
+
+def test_vector_chunk_size_must_be_a_multiple_of_8() -> None:
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        MemoryConfig(db_path=":memory:", vector_chunk_size=12)
+
+
+async def test_cache_enabled_and_size(tmp_path: Path) -> None:
+    on = await HierarchicalMemory.create(
+        MemoryConfig(db_path=tmp_path / "a.db", cache_max_size=2), embedder=FakeEmbedder()
+    )
+    off = await HierarchicalMemory.create(
+        MemoryConfig(db_path=tmp_path / "b.db", cache_enabled=False), embedder=FakeEmbedder()
+    )
+    try:
+        for mem in (on, off):
+            ids = [(await mem.add(f"distinct fact {w}", "u")).id for w in ("one", "two", "six")]
+            for memory_id in ids:
+                await mem.get(memory_id)
+        assert on.cache is not None and len(on.cache) == 2  # bounded by cache_max_size
+        assert off.cache is None
+    finally:
+        await on.close()
+        await off.close()
+
+
+async def test_query_embedding_cache_size(tmp_path: Path) -> None:
+    for size, expected_calls in ((16, 1), (0, 3)):
+        embedder = FakeEmbedder()
+        mem = await HierarchicalMemory.create(
+            MemoryConfig(db_path=tmp_path / f"q{size}.db", query_embedding_cache_size=size),
+            embedder=embedder,
+        )
+        try:
+            for _ in range(3):
+                await mem.embed_query("what language do I like?")
+        finally:
+            await mem.close()
+        assert len(embedder.calls) == expected_calls
+
+
+async def test_reader_threads_sizes_the_read_pool(tmp_path: Path) -> None:
+    mem = await HierarchicalMemory.create(
+        MemoryConfig(db_path=tmp_path / "r.db", reader_threads=2), embedder=FakeEmbedder()
+    )
+    seen: set[str] = set()
+    barrier = threading.Barrier(2, timeout=10)
+
+    def read() -> None:
+        seen.add(threading.current_thread().name)
+        barrier.wait()  # two reads can only meet here if two reader threads exist
+
+    try:
+        await asyncio.gather(mem._read(read), mem._read(read))
+    finally:
+        await mem.close()
+    assert len(seen) == 2 and all(name.startswith("headroom-reader") for name in seen)
