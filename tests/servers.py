@@ -298,6 +298,7 @@ class Proxy:
     inflight: InFlight
     upstream: FakeUpstream
     upstream_root: str
+    clients: list[Any] = field(default_factory=list)  # closed when the proxy stops
 
     @property
     def upstream_url(self) -> str:
@@ -355,11 +356,14 @@ class Proxy:
                api_key: str = "sk-client", **extra: str) -> Any:
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30,
-                      default_headers=self.headers(user, session, **extra))
+        client = OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30,
+                        default_headers=self.headers(user, session, **extra))
+        self.clients.append(client)
+        return client
 
     def async_client(self, user: str | None = None, session: str | None = None, *,
                      api_key: str = "sk-client", **extra: str) -> Any:
+        """The caller closes it (`await client.close()`), on its own event loop."""
         from openai import AsyncOpenAI
 
         return AsyncOpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30,
@@ -391,7 +395,12 @@ def running_proxy(
         app = create_app(cfg, embedder=embedder, warm=warm)
         inflight = InFlight(app)
         server = stack.enter_context(running_server(inflight))
-        yield Proxy(server, app, inflight, fake, upstream_url)
+        proxy = Proxy(server, app, inflight, fake, upstream_url)
+        try:
+            yield proxy
+        finally:
+            for client in proxy.clients:  # unclosed pools warn (an error here) when collected
+                client.close()
 
 
 # --- reading what the upstream received ----------------------------------------------------------

@@ -147,7 +147,11 @@ def test_answer_text_is_forwarded_before_the_upstream_finishes(proxy: Proxy) -> 
 
 
 async def test_async_client_streaming_and_not(proxy: Proxy) -> None:
-    client = proxy.async_client("erin", "s1")
+    async with proxy.async_client("erin", "s1") as client:
+        await _async_story(proxy, client)
+
+
+async def _async_story(proxy: Proxy, client: Any) -> None:
     proxy.upstream.queue(Reply("Async hello. " + memory_block(["Prefers async Python"])))
     answer = await client.chat.completions.create(
         model="gpt-test", messages=[{"role": "user", "content": "I like asyncio"}]
@@ -167,7 +171,6 @@ async def test_async_client_streaming_and_not(proxy: Proxy) -> None:
     await asyncio.to_thread(proxy.settle)
     texts = sorted(m.content for m in proxy.memories("erin"))
     assert texts == ["Prefers async Python", "Uses uvloop in production"]
-    await client.close()
 
 
 def test_users_are_isolated(proxy: Proxy) -> None:
@@ -547,7 +550,14 @@ async def test_concurrent_users_no_errors_no_cross_user_leak(proxy: Proxy) -> No
 
     proxy.upstream.responder = respond
     clients = {u: proxy.async_client(u, f"{u}-session") for u in users}
+    try:
+        await _concurrent_story(proxy, users, clients)
+    finally:
+        for client in clients.values():
+            await client.close()
 
+
+async def _concurrent_story(proxy: Proxy, users: list[str], clients: dict[str, Any]) -> None:
     async def talk(user: str, text: str, stream: bool) -> str:
         messages = [{"role": "user", "content": f"{user} {text}"}]
         create = clients[user].chat.completions.create
@@ -578,5 +588,3 @@ async def test_concurrent_users_no_errors_no_cross_user_leak(proxy: Proxy) -> No
         assert [m.content for m in proxy.memories(user)] == [
             f"Secret code of {user} is K{user[-2:]}Q"
         ]
-    for client in clients.values():
-        await client.close()

@@ -20,11 +20,16 @@ from tests.servers import FakeUpstream, Reply, instructed, memory_block, recalle
 GO = "Prefers Go for performance-critical code"
 
 
+_sync_clients: list[OpenAI] = []
+
+
 @pytest.fixture
 def upstream() -> Iterator[tuple[str, FakeUpstream]]:
     with running_upstream() as (url, fake):
         yield url + "/v1", fake
     wrapper._close_all()  # drain and stop every runtime this test opened
+    while _sync_clients:  # unclosed pools warn (an error here) when collected
+        _sync_clients.pop().close()
 
 
 @pytest.fixture
@@ -33,10 +38,13 @@ def db(tmp_path: Path) -> Path:
 
 
 def sync_client(url: str) -> OpenAI:
-    return OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+    client = OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+    _sync_clients.append(client)
+    return client
 
 
 def async_client(url: str) -> AsyncOpenAI:
+    """The test closes it, on its own event loop."""
     return AsyncOpenAI(base_url=url, api_key="sk-test", max_retries=0)
 
 
@@ -90,7 +98,12 @@ def test_sync_streaming(upstream: tuple[str, FakeUpstream], db: Path, local_embe
 async def test_async_client(upstream: tuple[str, FakeUpstream], db: Path,
                             local_embedder: Any) -> None:
     url, fake = upstream
-    client = with_memory(async_client(url), user_id="dan", db_path=db, embedder=local_embedder)
+    async with async_client(url) as inner:
+        client = with_memory(inner, user_id="dan", db_path=db, embedder=local_embedder)
+        await _async_story(client, fake)
+
+
+async def _async_story(client: Any, fake: FakeUpstream) -> None:
     fake.queue(Reply("Sure. " + memory_block(["Uses asyncio at work"])))
     response = await client.chat.completions.create(model="gpt-test",
                                                     messages=user_says("I use asyncio"))
@@ -106,7 +119,6 @@ async def test_async_client(upstream: tuple[str, FakeUpstream], db: Path,
     results = await client.memory.search("asynchronous python", top_k=5)
     assert {m.content for m in results} == {"Uses asyncio at work",
                                             "Prefers trio for side projects"}
-    await client.close()
 
 
 async def test_sync_client_inside_a_running_event_loop(
