@@ -764,6 +764,13 @@ class HierarchicalMemory:
             self._worker.wake()
         return outbox_id
 
+    def writer_stats(self) -> dict[str, int]:
+        """Outbox worker counters: ops applied, ops dropped as invalid, failed batches retried."""
+        worker = self._worker
+        if worker is None:
+            return {"applied": 0, "dropped": 0, "retries": 0}
+        return {"applied": worker.applied, "dropped": worker.failed, "retries": worker.retries}
+
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every queued op is applied."""
         if self._worker is not None:

@@ -39,7 +39,8 @@ class OutboxWorker:
         # because the row that wake announced may have been committed after the pass looked.
         self._requested = 0
         self.applied = 0
-        self.failed = 0
+        self.failed = 0  # ops dropped as invalid
+        self.retries = 0  # batches that failed (e.g. embedder down) and stay queued
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="headroom-outbox")
@@ -84,6 +85,7 @@ class OutboxWorker:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self.retries += 1
                 log.exception("outbox batch failed; retrying in %.1fs", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)

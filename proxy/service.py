@@ -147,4 +147,5 @@ class MemoryService:
             "embedder": "ready" if self.model_ready.is_set()
             else (f"error: {self.model_error}" if self.model_error else "loading"),
             "counters": dict(self.counters),
+            "writer": self.engine.writer_stats() if self.engine is not None else {},
         }

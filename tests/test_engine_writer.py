@@ -166,11 +166,13 @@ async def test_failing_embedder_keeps_ops_queued_until_it_recovers(
         await memory.drain(timeout=0.3)
     assert await rows(memory) == []
     assert (await memory.stats())["outbox_pending"] == 1
+    assert memory.writer_stats()["retries"] >= 1  # visible to operators (/readyz)
 
     fake_embedder.fail_with = None
     await memory.drain(timeout=10)
     assert [m.content for m in await rows(memory)] == ["Applied after recovery"]
     assert (await memory.stats())["outbox_pending"] == 0
+    assert memory.writer_stats()["applied"] == 1
 
 
 async def test_update_and_forget_of_own_memories(memory: HierarchicalMemory) -> None:

@@ -1,0 +1,291 @@
+"""Unit tests of the pure ranking functions in memory.recall (no database, no model)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from memory.errors import ConfigError
+from memory.models import Memory, MemoryCategory, Scope
+from memory.recall import (
+    PRESETS,
+    RecallPreset,
+    Scored,
+    TimeWindow,
+    add_context,
+    adjacent,
+    apply_budget,
+    clean_query,
+    context_rowids,
+    estimate_tokens,
+    fuse,
+    get_preset,
+    minmax,
+    query_windows,
+    rescore,
+    strip_spans,
+)
+
+NOW = datetime(2024, 3, 15, 12, 0, tzinfo=UTC)
+PLAIN = RecallPreset("plain", w_importance=0.0, w_recency=0.0)
+
+
+def mem(content: str = "x", *, user: str = "u", days_ago: float = 0.0, **kw: object) -> Memory:
+    when = NOW - timedelta(days=days_ago)
+    return Memory(content=content, user_id=user, created_at=when, valid_from=when, **kw)  # type: ignore[arg-type]
+
+
+# --- minmax, fuse -------------------------------------------------------------------------------
+
+
+def test_minmax_scales_to_unit_interval() -> None:
+    assert minmax([2.0, 4.0, 3.0]) == [0.0, 1.0, 0.5]
+
+
+def test_minmax_of_equal_or_no_values() -> None:
+    assert minmax([]) == []
+    assert minmax([7.0]) == [1.0]
+    assert minmax([3.0, 3.0]) == [1.0, 1.0]
+
+
+def test_weighted_fusion_adds_raw_cosine_and_minmaxed_bm25() -> None:
+    preset = RecallPreset("p", w_vector=0.4, w_text=0.6)
+    out = fuse([(1, 0.8), (2, -0.3)], [(2, 10.0), (3, 4.0)], preset)
+    assert set(out) == {1, 2, 3}
+    assert out[1].score == pytest.approx(0.4 * 0.8)
+    assert out[2].score == pytest.approx(0.0 + 0.6 * 1.0)  # negative cosine counts as 0
+    assert out[3].score == pytest.approx(0.0)  # the weakest BM25 hit scales to 0
+    assert (out[2].similarity, out[2].bm25) == (-0.3, 10.0)
+    assert out[1].bm25 is None
+
+
+def test_weighted_fusion_can_minmax_the_cosines() -> None:
+    preset = RecallPreset("p", w_vector=1.0, w_text=0.0, vector_norm="minmax")
+    out = fuse([(1, 0.9), (2, 0.5), (3, 0.7)], [], preset)
+    assert [out[i].score for i in (1, 2, 3)] == pytest.approx([1.0, 0.0, 0.5])
+
+
+def test_rrf_scores_by_rank_not_value() -> None:
+    preset = RecallPreset("r", fusion="rrf", rrf_k=60)
+    out = fuse([(1, 0.99), (2, 0.1)], [(2, 50.0)], preset)
+    assert out[1].score == pytest.approx(0.5 / 61)
+    assert out[2].score == pytest.approx(0.5 / 62 + 0.5 / 61)
+    assert out[2].score > out[1].score
+
+
+# --- presets, query cleaning ---------------------------------------------------------------------
+
+
+def test_get_preset_by_name_or_object() -> None:
+    assert get_preset("default") is PRESETS["default"]
+    custom = RecallPreset("mine", w_vector=1.0)
+    assert get_preset(custom) is custom
+
+
+def test_get_preset_unknown_name_lists_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"unknown recall preset 'nope'.*default"):
+        get_preset("nope")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"fusion": "max"}, {"vector_norm": "zscore"}, {"context_span": -1},
+     {"recency_half_life_days": 0.0}],
+)
+def test_preset_rejects_bad_knobs(changes: dict) -> None:
+    with pytest.raises(ConfigError):
+        RecallPreset("bad", **changes)
+
+
+def test_clean_query_drops_stop_words() -> None:
+    assert clean_query("What did Caroline research?", PLAIN) == "Caroline research"
+
+
+def test_clean_query_keeps_everything_when_only_stop_words() -> None:
+    assert clean_query("what is it", PLAIN) == "what is it"
+
+
+def test_clean_query_without_stop_words_keeps_all_words() -> None:
+    preset = RecallPreset("raw", stop_words=frozenset())
+    assert clean_query("What did you do?", preset) == "What did you do"
+
+
+# --- rescore -----------------------------------------------------------------------------------
+
+
+def test_rescore_importance_raises_a_memory() -> None:
+    preset = RecallPreset("i", w_importance=0.5, w_recency=0.0)
+    scored = {1: Scored(1, 1.0), 2: Scored(2, 1.0)}
+    rows = {1: mem(importance=0.2), 2: mem(importance=0.9)}
+    ranked = rescore(scored, rows, NOW, preset)
+    assert [s.rowid for s, _ in ranked] == [2, 1]
+    assert ranked[0][0].score == pytest.approx(1.0 * (1 + 0.5 * 0.4))
+
+
+def test_rescore_recency_favours_newer_but_only_by_a_factor() -> None:
+    preset = RecallPreset("r", w_importance=0.0, w_recency=0.1, recency_half_life_days=30)
+    scored = {1: Scored(1, 1.0), 2: Scored(2, 1.0), 3: Scored(3, 2.0)}
+    rows = {1: mem(days_ago=300), 2: mem(days_ago=0), 3: mem(days_ago=3000)}
+    ranked = rescore(scored, rows, NOW, preset)
+    # The old but much more relevant memory stays first: recency scales by at most 1.1.
+    assert [s.rowid for s, _ in ranked] == [3, 2, 1]
+    assert ranked[1][0].score == pytest.approx(1.1)
+
+
+def test_rescore_breaks_ties_newer_first_and_skips_missing_rows() -> None:
+    scored = {1: Scored(1, 0.5), 2: Scored(2, 0.5), 3: Scored(3, 0.9)}
+    rows = {1: mem(days_ago=10), 2: mem(days_ago=1)}
+    ranked = rescore(scored, rows, NOW, PLAIN)
+    assert [s.rowid for s, _ in ranked] == [2, 1]
+
+
+def test_rescore_boosts_memories_inside_the_query_window() -> None:
+    preset = RecallPreset("t", w_importance=0.0, w_recency=0.0, w_time=0.5, time_slack_days=2)
+    window = TimeWindow(NOW - timedelta(days=10), NOW - timedelta(days=9), (0, 0))
+    scored = {1: Scored(1, 1.0), 2: Scored(2, 0.8), 3: Scored(3, 0.7)}
+    rows = {1: mem(days_ago=30), 2: mem(days_ago=9.5), 3: mem(days_ago=7.5)}  # 3: within slack
+    ranked = rescore(scored, rows, NOW, preset, [window])
+    assert [s.rowid for s, _ in ranked] == [2, 3, 1]
+    assert ranked[0][0].score == pytest.approx(1.2)
+
+
+# --- conversation context ----------------------------------------------------------------------
+
+
+CTX = RecallPreset("c", w_importance=0.0, w_recency=0.0, context_weight=0.5, context_span=2,
+                   context_seeds=2, context_gap_minutes=60)
+
+
+def test_context_rowids_are_the_seeds_neighbours_not_yet_scored() -> None:
+    scored = {10: Scored(10, 0.9), 11: Scored(11, 0.8), 30: Scored(30, 0.1)}
+    assert context_rowids(scored, CTX) == [8, 9, 12, 13]  # 30 is not among the 2 seeds
+
+
+def test_context_is_off_without_weight() -> None:
+    scored = {10: Scored(10, 0.9)}
+    off = RecallPreset("off", context_weight=0.0)
+    assert context_rowids(scored, off) == []
+    rows = {10: mem(), 11: mem()}
+    assert add_context(scored, rows, Scope("u"), None, off) is scored
+
+
+def test_add_context_lifts_the_turn_after_a_matching_one() -> None:
+    scored = {10: Scored(10, 0.8, similarity=0.7), 20: Scored(20, 0.3)}
+    rows = {10: mem("what did you do?"), 11: mem("I went to a pottery class"), 12: mem("nice"),
+            20: mem("unrelated", days_ago=40)}
+    out = add_context(scored, rows, Scope("u"), None, CTX)
+    assert out[11].score == pytest.approx(0.5 * 0.8)
+    assert out[12].score == pytest.approx(0.5 * 0.8 / 2)  # two rows away weighs half
+    assert out[10].score == pytest.approx(0.8)  # its neighbours had no score of their own
+    assert out[10].similarity == 0.7
+    assert out[20].score == pytest.approx(0.3)
+
+
+def test_add_context_ignores_rows_that_are_not_neighbours_or_not_visible() -> None:
+    scored = {10: Scored(10, 1.0)}
+    rows = {
+        9: mem(days_ago=1),  # written a day apart: another sitting
+        11: mem(user="other"),  # another user's row
+        12: mem(session_id="s2"),  # a session the user-level request cannot see
+    }
+    rows[10] = mem()
+    out = add_context(scored, rows, Scope("u"), None, CTX)
+    assert set(out) == {10}
+
+
+def test_add_context_respects_forgotten_and_category_filters() -> None:
+    scored = {10: Scored(10, 1.0)}
+    rows = {10: mem(), 11: mem(forgotten_at=NOW, valid_until=NOW),
+            9: mem(category=MemoryCategory.PREFERENCE)}
+    out = add_context(scored, rows, Scope("u"), [MemoryCategory.FACT], CTX)
+    assert set(out) == {10}
+    out = add_context(scored, {10: mem(), 9: mem(category=MemoryCategory.PREFERENCE)},
+                      Scope("u"), None, CTX)
+    assert set(out) == {9, 10}
+
+
+def test_adjacent_needs_same_user_same_session_and_a_small_gap() -> None:
+    a = mem(session_id="s1")
+    assert adjacent(a, mem(session_id="s1", days_ago=0.01), 60)
+    assert adjacent(a, mem(), 60)  # no session on one side: no conflict
+    assert not adjacent(a, mem(session_id="s2"), 60)
+    assert not adjacent(a, mem(user="v", session_id="s1"), 60)
+    assert not adjacent(a, mem(session_id="s1", days_ago=1), 60)
+
+
+# --- dates in the query ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "start", "end", "named"),
+    [
+        ("What did she share on 16 June, 2023?", "2023-06-16", "2023-06-17", "16 June, 2023"),
+        ("plans on 1st September 2023", "2023-09-01", "2023-09-02", "1st September 2023"),
+        ("How was it on October 25, 2022 then", "2022-10-25", "2022-10-26", "October 25, 2022"),
+        ("the note from 2023-05-04", "2023-05-04", "2023-05-05", "2023-05-04"),
+        ("What was he doing in June 2023?", "2023-06-01", "2023-07-01", "June 2023"),
+        ("news from Dec 2023", "2023-12-01", "2024-01-01", "Dec 2023"),
+        ("a trip in July", "2023-07-01", "2023-08-01", "in July"),  # the latest July
+        ("a trip in March", "2024-03-01", "2024-04-01", "in March"),
+        ("what happened in 2022", "2022-01-01", "2023-01-01", "in 2022"),
+        ("what did I say yesterday", "2024-03-14", "2024-03-15", "yesterday"),
+        ("anything from last month", "2024-02-01", "2024-03-01", "last month"),
+    ],
+)
+def test_query_windows(query: str, start: str, end: str, named: str) -> None:
+    (window,) = query_windows(query, NOW)
+    assert window.start.date().isoformat() == start
+    assert window.end.date().isoformat() == end
+    assert query[window.span[0] : window.span[1]] == named
+
+
+@pytest.mark.parametrize(
+    "query", ["it may rain", "We may go in may", "a march for peace", "page 2023 of the log",
+              "What is Caroline's identity?"],
+)
+def test_query_windows_ignores_words_that_are_not_dates(query: str) -> None:
+    assert query_windows(query, NOW) == []
+
+
+def test_impossible_day_falls_back_to_its_month() -> None:
+    (window,) = query_windows("on 31 February, 2023", NOW)
+    assert (window.start.month, window.end.month) == (2, 3)
+
+
+def test_strip_spans_removes_the_date_words() -> None:
+    query = "What did Maria share on 16 June, 2023 and in July?"
+    windows = query_windows(query, NOW)
+    assert len(windows) == 2
+    stripped = strip_spans(query, windows).split()
+    assert stripped == ["What", "did", "Maria", "share", "on", "and", "?"]
+
+
+def test_window_contains_with_slack() -> None:
+    w = TimeWindow(NOW, NOW + timedelta(days=1), (0, 0))
+    assert w.contains(NOW) and not w.contains(NOW + timedelta(days=1))
+    assert w.contains(NOW + timedelta(days=2), timedelta(days=3))
+    assert not w.contains(NOW - timedelta(seconds=1), timedelta(days=3))
+
+
+# --- budget ------------------------------------------------------------------------------------
+
+
+def test_apply_budget_none_keeps_everything() -> None:
+    memories = [mem("a" * 400), mem("b")]
+    assert apply_budget(memories, None) == memories
+
+
+def test_apply_budget_stops_at_the_first_memory_that_does_not_fit() -> None:
+    small, big, tiny = mem("a" * 40), mem("b" * 400), mem("c")
+    # costs: 10 + 12, 100 + 12, 1 + 12
+    assert apply_budget([small, big, tiny], 50) == [small]
+    assert apply_budget([small, big, tiny], 22) == [small]
+    assert apply_budget([small, big, tiny], 21) == []
+    assert apply_budget([small, big, tiny], 200) == [small, big, tiny]
+
+
+def test_estimate_tokens_is_about_four_characters() -> None:
+    assert estimate_tokens("") == 1
+    assert estimate_tokens("abcd") == 1
+    assert estimate_tokens("abcde") == 2
