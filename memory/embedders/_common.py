@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import httpx
 import numpy as np
 
-if TYPE_CHECKING:
-    import httpx
-
-__all__ = ["empty", "l2_normalise", "text_list", "upstream_message"]
+__all__ = ["HTTPEmbedder", "empty", "l2_normalise", "text_list", "upstream_message"]
 
 
 def text_list(texts: Sequence[str]) -> list[str]:
@@ -48,3 +46,49 @@ def upstream_message(response: httpx.Response) -> str:
         if isinstance(error, str) and error:
             return error
     return str(body)[:300]
+
+
+class HTTPEmbedder:
+    """What the HTTP embedders share: one pooled client, batching, a dimension learned from the
+    first answer when the model's size is not known up front. Subclasses send one batch."""
+
+    model_id: str
+    batch_size: int
+    _dimension: int | None
+
+    def __init__(self, client: httpx.Client) -> None:
+        self._client = client
+
+    def __enter__(self) -> HTTPEmbedder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    @property
+    def known_dimension(self) -> int | None:
+        return self._dimension
+
+    @property
+    def dimension(self) -> int:
+        if self._dimension is None:
+            # An unknown model says its size only by answering: ask once with a short probe.
+            self.embed(["dimension probe"])
+        assert self._dimension is not None
+        return self._dimension
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        items = text_list(texts)
+        if not items:
+            return empty(self.dimension)
+        parts = [
+            self._request(items[start : start + self.batch_size])
+            for start in range(0, len(items), self.batch_size)
+        ]
+        return l2_normalise(np.concatenate(parts))
+
+    def _request(self, batch: list[str]) -> np.ndarray:
+        raise NotImplementedError

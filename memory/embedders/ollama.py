@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 
 import httpx
 import numpy as np
 
-from memory.embedders._common import empty, l2_normalise, text_list, upstream_message
+from memory.embedders._common import HTTPEmbedder, upstream_message
 from memory.errors import EmbedderError
 
 __all__ = ["OLLAMA_DIMENSIONS", "OllamaEmbedder"]
@@ -27,7 +26,7 @@ def _untagged(model: str) -> str:
     return model.removesuffix(":latest")
 
 
-class OllamaEmbedder:
+class OllamaEmbedder(HTTPEmbedder):
     """Implements `memory.ports.Embedder` over Ollama's HTTP API (one pooled `httpx.Client`)."""
 
     def __init__(
@@ -47,40 +46,10 @@ class OllamaEmbedder:
         self.model_id = f"ollama:{_untagged(model)}"
         self._dimension = OLLAMA_DIMENSIONS.get(_untagged(model))
         self._lock = threading.Lock()
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout))
+        super().__init__(httpx.Client(timeout=httpx.Timeout(timeout)))
 
     def __repr__(self) -> str:
         return f"OllamaEmbedder({self.model!r}, base_url={self.base_url!r})"
-
-    def __enter__(self) -> OllamaEmbedder:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
-
-    @property
-    def known_dimension(self) -> int | None:
-        return self._dimension
-
-    @property
-    def dimension(self) -> int:
-        if self._dimension is None:
-            self.embed(["dimension probe"])
-        assert self._dimension is not None
-        return self._dimension
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        items = text_list(texts)
-        if not items:
-            return empty(self.dimension)
-        parts = [
-            self._request(items[start : start + self.batch_size])
-            for start in range(0, len(items), self.batch_size)
-        ]
-        return l2_normalise(np.concatenate(parts))
 
     def _request(self, batch: list[str]) -> np.ndarray:
         try:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import httpx
 import numpy as np
 
-from memory.embedders._common import empty, l2_normalise, text_list, upstream_message
+from memory.embedders._common import HTTPEmbedder, upstream_message
 from memory.errors import EmbedderError
 
 __all__ = ["OPENAI_DIMENSIONS", "OpenAIEmbedder"]
@@ -23,7 +22,7 @@ OPENAI_DIMENSIONS = {
 }
 
 
-class OpenAIEmbedder:
+class OpenAIEmbedder(HTTPEmbedder):
     """Implements `memory.ports.Embedder` over HTTP with one pooled, thread-safe `httpx.Client`.
 
     Inputs are sent in batches of `batch_size`. The dimension is known up front for OpenAI's own
@@ -59,43 +58,14 @@ class OpenAIEmbedder:
         self.model_id = f"openai:{model}" if dimension is None else f"openai:{model}@{dimension}"
         self._dimension = dimension or OPENAI_DIMENSIONS.get(model)
         self._lock = threading.Lock()
-        self._client = httpx.Client(
-            headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(timeout)
+        super().__init__(
+            httpx.Client(
+                headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(timeout)
+            )
         )
 
     def __repr__(self) -> str:
         return f"OpenAIEmbedder({self.model!r}, base_url={self.base_url!r})"
-
-    def __enter__(self) -> OpenAIEmbedder:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
-
-    @property
-    def known_dimension(self) -> int | None:
-        return self._dimension
-
-    @property
-    def dimension(self) -> int:
-        if self._dimension is None:
-            # An unknown model says its size only by answering: ask once with a short probe.
-            self.embed(["dimension probe"])
-        assert self._dimension is not None
-        return self._dimension
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        items = text_list(texts)
-        if not items:
-            return empty(self.dimension)
-        parts = [
-            self._request(items[start : start + self.batch_size])
-            for start in range(0, len(items), self.batch_size)
-        ]
-        return l2_normalise(np.concatenate(parts))
 
     def _request(self, batch: list[str]) -> np.ndarray:
         # OpenAI rejects an empty string as input; a lone space embeds as "nothing" just as well.
