@@ -4,14 +4,31 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
 import httpx
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from proxy.errors import PayloadTooLargeError
 from proxy.upstream import Upstream, request_headers, response_headers, target
 
-__all__ = ["forward", "read_body"]
+__all__ = ["ClosingStreamingResponse", "forward", "read_body"]
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Always closes its body iterator. When a client disconnects while the response is waiting
+    in `send`, starlette cancels it without closing the generator, whose `finally` (close the
+    upstream, store the memory block) would then wait for garbage collection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            closer = getattr(self.body_iterator, "aclose", None)
+            if closer is not None:
+                with anyio.CancelScope(shield=True):
+                    await closer()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -30,7 +47,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def forward(
     request: Request, upstream: Upstream, body: bytes | None = None
-) -> StreamingResponse:
+) -> ClosingStreamingResponse:
     """Send the request on unchanged (streaming its body unless already read) and stream the
     upstream's bytes back, content-encoding included."""
     headers = request_headers(request.headers, upstream.config, decode=False)
@@ -47,7 +64,7 @@ async def forward(
     response = await upstream.send(
         request.method, path, query=query, headers=headers, content=content
     )
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         _relay(response), status_code=response.status_code,
         headers=response_headers(response, keep_length=True),
     )

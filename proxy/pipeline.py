@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from proxy.block import parse_ops
 from proxy.config import ProxyConfig
 from proxy.errors import BadRequestError, error_body
 from proxy.inject import inject, query_text
-from proxy.passthrough import forward, read_body
+from proxy.passthrough import ClosingStreamingResponse, forward, read_body
 from proxy.scope import RequestScope, scope_from_request
 from proxy.service import MemoryService
 from proxy.stream import Block, StreamStripper, pick_block, strip_completion
@@ -141,7 +141,7 @@ async def chat_completions(
     json_answer = "json" in upstream_response.headers.get("content-type", "").lower()
     if body.get("stream") is True and not json_answer:
         # (An upstream that ignores `stream` and sends one JSON body takes the path below.)
-        return StreamingResponse(
+        return ClosingStreamingResponse(
             _stream(upstream_response, lambda b: store_block(b, prepared, rs, service), rs),
             status_code=upstream_response.status_code,
             headers=response_headers(upstream_response, keep_length=False, extra=receipt),

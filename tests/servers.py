@@ -101,6 +101,7 @@ class FakeUpstream:
     received: list[dict[str, Any]] = field(default_factory=list)
     received_headers: list[dict[str, str]] = field(default_factory=list)
     stream_closed: list[bool] = field(default_factory=list)
+    holding: threading.Event = field(default_factory=threading.Event)
     passthrough_bodies: list[dict[str, Any]] = field(default_factory=list)
     received_queries: list[str] = field(default_factory=list)
     # When set, builds the reply from the request body instead of taking the next queued one
@@ -254,6 +255,7 @@ class FakeUpstream:
         try:
             for n, event in enumerate(events):
                 if n in finish_at and reply.hold_before_finish_s:
+                    self.holding.set()  # all content is sent; the finish is held back
                     await asyncio.sleep(reply.hold_before_finish_s)
                 data = f"data: {json.dumps(event)}\n\n".encode()
                 if reply.fail_after_bytes is not None and sent + len(data) > reply.fail_after_bytes:

@@ -42,9 +42,11 @@ def test_sdk_closing_the_stream_closes_the_upstream_and_keeps_the_block(
             text += "".join(c.delta.content or "" for c in chunk.choices)
             if text == ANSWER:
                 break
+        upstream_holding = p.upstream.holding.wait(10)  # the whole block is on the wire
+        time.sleep(0.3)
         closed_at = time.monotonic()
         stream.close()
-        assert text == ANSWER
+        assert text == ANSWER and upstream_holding
         _wait_for(lambda: p.upstream.stream_closed == [True])
         assert time.monotonic() - closed_at < HOLD_S - 2  # not when the upstream finished
         assert [m.content for m in p.memories("ann")] == ["Likes to leave early"]
@@ -78,6 +80,10 @@ async def test_asgi_disconnect_stops_the_stream(tmp_path: Path, local_embedder: 
                 requested = True
                 return {"type": "http.request", "body": payload, "more_body": False}
             await visible.wait()
+            # Disconnect only once the whole block is on the wire (the upstream now holds its
+            # finish); an earlier disconnect would cut the block itself, storing less.
+            await asyncio.to_thread(upstream.holding.wait, 10)
+            await asyncio.sleep(0.3)
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
