@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -534,7 +535,8 @@ class HierarchicalMemory:
 
         def run() -> list[SearchResult]:
             hits = self.text.search(
-                query, user_id, scope_keys=scope.visible_keys(), categories=cats, k=top_k
+                clean_query(query, self.preset), user_id, scope_keys=scope.visible_keys(),
+                categories=cats, k=top_k,
             )
             rows = self.store.get_by_rowids([rid for rid, _ in hits])
             return [
@@ -721,6 +723,13 @@ class HierarchicalMemory:
             os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p)
         )
         return out
+
+    async def optimize(self) -> None:
+        """Maintenance after bulk writes: merge the full-text index's segments (the server runs
+        it in the background at start; import runs it when done)."""
+        started = time.perf_counter()
+        await self._write(self.text.optimize)
+        log.info("full-text index optimized in %.1fs", time.perf_counter() - started)
 
     # --- export / import ------------------------------------------------------------------------
 

@@ -145,6 +145,10 @@ class TextIndex(Protocol):
         """(rowid, BM25 relevance where higher is better), best first."""
         ...
 
+    def optimize(self) -> None:
+        """Maintenance after bulk writes (a no-op where there is nothing to do)."""
+        ...
+
     def count(self, user_id: str | None = None) -> int: ...
 
 

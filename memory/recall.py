@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, tzinfo
 
 from memory.errors import ConfigError
@@ -102,14 +102,26 @@ class RecallPreset:
             raise ConfigError("recency_half_life_days must be positive")
 
 
+_NO_BOOSTS = {"w_importance": 0.0, "w_recency": 0.0}
+# The first engine's default: equal weights, raw cosine + min-max BM25, no context, no dates.
+_V0 = RecallPreset("hybrid-v0")
+# Each step of bench/RESULTS.md "Recall quality (LoCoMo)" stays reproducible by name.
+_CONTEXT = replace(_V0, name="context", context_weight=0.5)
+_TUNED = replace(
+    _V0, name="context-tuned", w_vector=0.35, w_text=0.65, vector_norm="minmax",
+    context_weight=0.7, context_span=2, context_seeds=10,
+)
+_DATED = replace(_TUNED, name="default", w_time=0.5, time_slack_days=3.0, time_candidates=200)
+
 PRESETS: dict[str, RecallPreset] = {
-    "default": RecallPreset("default"),
+    "default": _DATED,
+    "context-tuned": _TUNED,
+    "context": _CONTEXT,
+    "hybrid-v0": _V0,
     "rrf": RecallPreset("rrf", fusion="rrf"),
-    "bm25": RecallPreset("bm25", w_vector=0.0, w_text=1.0, w_importance=0.0, w_recency=0.0),
-    "vector": RecallPreset("vector", w_vector=1.0, w_text=0.0, w_importance=0.0, w_recency=0.0),
-    "baseline": RecallPreset(
-        "baseline", w_importance=0.0, w_recency=0.0, stop_words=frozenset()
-    ),
+    "bm25": RecallPreset("bm25", w_vector=0.0, w_text=1.0, **_NO_BOOSTS),
+    "vector": RecallPreset("vector", w_vector=1.0, w_text=0.0, **_NO_BOOSTS),
+    "baseline": RecallPreset("baseline", stop_words=frozenset(), **_NO_BOOSTS),
 }
 
 

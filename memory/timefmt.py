@@ -21,4 +21,6 @@ def to_db_opt(value: datetime | None) -> str | None:
 def from_db(value: str | None) -> datetime | None:
     if value is None:
         return None
-    return datetime.strptime(value, _FORMAT).replace(tzinfo=UTC)
+    # fromisoformat reads the trailing Z as UTC and is ~20x faster than strptime, which matters:
+    # recall turns ~50 candidate rows into memories per query.
+    return datetime.fromisoformat(value).astimezone(UTC)

@@ -124,4 +124,6 @@ async def import_jsonl(
         counts["skipped"] += skipped
         if on_progress:
             on_progress(len(batch))
+    if counts["imported"]:
+        await mem.optimize()
     return counts

@@ -41,6 +41,7 @@ class MemoryService:
         self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warm_task: asyncio.Task[None] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -56,10 +57,18 @@ class MemoryService:
             self.open_error = f"{type(exc).__name__}: {exc}"
             log.error("memory disabled, requests pass through untouched: %s", self.open_error)
             return
+        self._maintenance = asyncio.create_task(self._optimize(), name="headroom-optimize")
         if warm:
             self._warm_task = asyncio.create_task(self._warm(), name="headroom-warm-up")
         else:
             self.model_ready.set()
+
+    async def _optimize(self) -> None:
+        assert self.engine is not None
+        try:
+            await self.engine.optimize()
+        except Exception:
+            log.warning("full-text index maintenance failed; search still works", exc_info=True)
 
     async def _warm(self) -> None:
         assert self.engine is not None
@@ -133,6 +142,8 @@ class MemoryService:
     async def stop(self, timeout: float = 25.0) -> None:
         if self._warm_task is not None and not self._warm_task.done():
             self._warm_task.cancel()
+        if self._maintenance is not None:
+            await asyncio.wait([self._maintenance], timeout=timeout)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
         if self.engine is not None:

@@ -95,3 +95,37 @@ async def test_reader_threads_sizes_the_read_pool(tmp_path: Path) -> None:
     finally:
         await mem.close()
     assert len(seen) == 2 and all(name.startswith("headroom-reader") for name in seen)
+
+
+async def test_optimize_merges_full_text_segments(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    mem = await HierarchicalMemory.create(MemoryConfig(db_path=path), embedder=FakeEmbedder())
+    try:
+        for i in range(40):  # one transaction each: one small FTS5 segment each
+            await mem.add(f"fact {i} about topic{i}", "u", dedup=False)
+        conn = connect(path)
+        before = conn.execute("SELECT count(*) FROM memories_fts_data").fetchone()[0]
+        await mem.optimize()
+        after = conn.execute("SELECT count(*) FROM memories_fts_data").fetchone()[0]
+        conn.close()
+        assert after < before
+        assert [r.memory.content for r in await mem.text_search("topic7", "u")] == [
+            "fact 7 about topic7"
+        ]
+    finally:
+        await mem.close()
+
+
+async def test_vector_partitions_are_indexed(tmp_path: Path) -> None:
+    path = tmp_path / "i.db"
+    mem = await HierarchicalMemory.create(MemoryConfig(db_path=path), embedder=FakeEmbedder())
+    await mem.close()
+    conn = connect(path)
+    try:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT chunk_id FROM memory_vectors_chunks WHERE partition00 = ?",
+            ("u",),
+        ).fetchall()
+    finally:
+        conn.close()
+    assert "memory_vectors_chunks_by_user" in " ".join(str(tuple(r)) for r in plan)

@@ -83,6 +83,11 @@ class FTS5TextIndex:
         params.append(k)
         return [(int(r[0]), float(r[1])) for r in self.db.conn.execute(sql, params).fetchall()]
 
+    def optimize(self) -> None:
+        """Merge the index's segments into one. Many small segments (from many small writes)
+        made each query walk them all: measured ~2 ms of a 100k-memory hybrid search."""
+        self.db.conn.execute("INSERT INTO memories_fts(memories_fts) VALUES ('optimize')")
+
     def count(self, user_id: str | None = None) -> int:
         if user_id is None:
             return int(self.db.conn.execute("SELECT count(*) FROM memories_fts").fetchone()[0])

