@@ -81,7 +81,11 @@ class Upstream:
             timeout=httpx.Timeout(
                 config.upstream_timeout_s, connect=config.upstream_connect_timeout_s
             ),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            # Idle connections expire before common servers' keep-alive (uvicorn: 5 s), so we
+            # rarely reuse one the upstream is closing at that very moment.
+            limits=httpx.Limits(
+                max_connections=512, max_keepalive_connections=64, keepalive_expiry=4.0
+            ),
             transport=transport,
             follow_redirects=False,
         )
@@ -95,7 +99,17 @@ class Upstream:
         url = httpx.URL(path=path, query=query)
         request = self.client.build_request(method, url, headers=dict(headers), content=content)
         try:
-            return await self.client.send(request, stream=True)
+            try:
+                return await self.client.send(request, stream=True)
+            except httpx.RemoteProtocolError:
+                # A kept-alive connection the upstream closed as we reused it: nothing was
+                # answered, so a request whose body we hold is sent once more on a new one.
+                if not isinstance(content, bytes | None):
+                    raise
+                request = self.client.build_request(
+                    method, url, headers=dict(headers), content=content
+                )
+                return await self.client.send(request, stream=True)
         except httpx.ConnectTimeout as exc:
             raise UpstreamUnreachableError(
                 f"could not connect to the upstream at {self.config.upstream_base}: timed out"
