@@ -265,6 +265,30 @@ async def evaluate(
     return rows, latency
 
 
+def markdown(out: dict) -> str:
+    """One Markdown row per preset, for bench/RESULTS.md."""
+    cats = [f"{c} {n}" for c, n in CATEGORIES.items()]
+    head = (
+        "| preset | R@5 | R@10 | R@25 | nDCG@10 | hit@10 | dev R@5 / R@10 | test R@5 / R@10 "
+        "| w/o cat5 R@5 / R@10 / R@25 | R@10 cat 1 / 2 / 3 / 4 / 5 | hybrid p50 / p99 ms |"
+    )
+    lines = [head, "|" + " --- |" * 11]
+    for name, res in out["presets"].items():
+        s, lat = res["summary"], res["latency"]
+        o, nc = s["overall"], s["w/o cat5"]
+        per_cat = " / ".join(f"{s[c]['R@10']:.1f}" if c in s else "–" for c in cats)
+        lines.append(
+            f"| `{name}` | {o['R@5']:.1f} | {o['R@10']:.1f} | {o['R@25']:.1f} "
+            f"| {o['nDCG@10']:.1f} | {o['hit@10']:.1f} "
+            f"| {s['dev']['R@5']:.1f} / {s['dev']['R@10']:.1f} "
+            f"| {s['test']['R@5']:.1f} / {s['test']['R@10']:.1f} "
+            f"| {nc['R@5']:.1f} / {nc['R@10']:.1f} / {nc['R@25']:.1f} "
+            f"| {per_cat} "
+            f"| {lat.get('hybrid_p50_ms', 0):.1f} / {lat.get('hybrid_p99_ms', 0):.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def print_table(preset: str, mode: str, summary: dict, latency: dict) -> None:
     print(f"\n== mode={mode} preset={preset} ==")
     print(f"{'group':<16}{'n':>6}" + "".join(f"{m:>9}" for m in METRICS))
@@ -333,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--db", help="keep the database here and reuse it if it exists")
     args = parser.parse_args(argv)
     out = asyncio.run(run(args))
+    print("\n" + markdown(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
 

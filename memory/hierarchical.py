@@ -618,7 +618,7 @@ class HierarchicalMemory:
                 turn_id=scope.turn_id, categories=categories, created_after=w.start,
                 created_before=w.end + slack, limit=None,
             )
-            if self.store.count(flt) <= preset.time_candidates:  # type: ignore[attr-defined]
+            if self.store.count(flt) <= preset.time_candidates:
                 extra += self.store.embeddings_as_of(flt)
         if not extra:
             return hits

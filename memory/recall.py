@@ -69,18 +69,19 @@ class RecallPreset:
     # Weighted fusion: cosine as it is ("raw") or min-max scaled over the hits ("minmax").
     vector_norm: str = "raw"
     rrf_k: int = 60
-    # Conversation context: a memory gains this share of the best score among its neighbours,
-    # the memories written just before and after it (same user, same session if any, at most
-    # `context_gap_minutes` apart, `context_span` rows either side, the farther ones weighing
-    # 1/distance). Neighbours of the `context_seeds` best hits join the candidates.
+    # Conversation context: the neighbours of the `context_seeds` best hits (the memories
+    # written just before and after one: same user, no conflicting session, at most
+    # `context_gap_minutes` apart, `context_span` rows either side) gain this share of the
+    # hit's score (1/distance for farther rows), and join the candidates if they were not.
     context_weight: float = 0.0
     context_span: int = 1
     context_seeds: int = 20
     context_gap_minutes: float = 120.0
-    # Time: a query naming a date ("on 16 June, 2023", "in August 2023", "yesterday") scales
-    # memories written in that window (or up to `time_slack_days` after it, when it was talked
-    # about) by 1 + w_time; the date's words leave the BM25 query; and when the window holds at
-    # most `time_candidates` memories they are all scored by cosine and join the candidates.
+    # Time: a query naming a date ("on 16 June, 2023", "in August 2023", "yesterday") adds
+    # w_time to the rescore factor of memories written in that window (or up to
+    # `time_slack_days` after it, when it was talked about); the date's words leave the BM25
+    # query; and a window holding at most `time_candidates` memories has them all scored by
+    # exact cosine as extra candidates.
     w_time: float = 0.0
     time_slack_days: float = 7.0
     time_candidates: int = 0
@@ -108,8 +109,8 @@ _V0 = RecallPreset("hybrid-v0")
 # Each step of bench/RESULTS.md "Recall quality (LoCoMo)" stays reproducible by name.
 _CONTEXT = replace(_V0, name="context", context_weight=0.5)
 _TUNED = replace(
-    _V0, name="context-tuned", w_vector=0.35, w_text=0.65, vector_norm="minmax",
-    context_weight=0.7, context_span=2, context_seeds=10,
+    _V0, name="context-tuned", vector_depth=30, text_depth=40, w_vector=0.35, w_text=0.65,
+    vector_norm="minmax", context_weight=0.6, context_span=2, context_seeds=10,
 )
 _DATED = replace(_TUNED, name="default", w_time=0.5, time_slack_days=3.0, time_candidates=200)
 
@@ -191,13 +192,16 @@ def fuse(
 # --- conversation context ----------------------------------------------------------------------
 
 
+def _seeds(scored: dict[int, Scored], preset: RecallPreset) -> list[Scored]:
+    return sorted(scored.values(), key=lambda s: s.score, reverse=True)[: preset.context_seeds]
+
+
 def context_rowids(scored: dict[int, Scored], preset: RecallPreset) -> list[int]:
     """Rows to fetch as possible neighbours of the best `context_seeds` hits (rowid ± span)."""
     if preset.context_weight <= 0 or preset.context_span <= 0:
         return []
-    seeds = sorted(scored.values(), key=lambda s: s.score, reverse=True)[: preset.context_seeds]
     wanted: set[int] = set()
-    for s in seeds:
+    for s in _seeds(scored, preset):
         for d in range(1, preset.context_span + 1):
             wanted.update((s.rowid - d, s.rowid + d))
     return sorted(wanted.difference(scored))
@@ -216,39 +220,41 @@ def add_context(
     scored: dict[int, Scored], rows: dict[int, Memory], scope: Scope,
     categories: Collection[MemoryCategory] | None, preset: RecallPreset,
 ) -> dict[int, Scored]:
-    """Each memory gains `context_weight` × the best (distance-discounted) score among its
-    neighbours. Rows fetched only as neighbours join when current, visible from `scope` and of
-    one of `categories` (if given). A turn that answers a matching question, or the question
-    before a matching answer, rises with it."""
+    """The neighbours of the best `context_seeds` hits gain `context_weight` × the best
+    (1/distance-discounted) seed score next to them. A neighbour fetched only for this joins
+    the candidates when current, visible from `scope` and of one of `categories` (if given).
+    So the turn that answers a matching question, or the question before a matching answer,
+    rises with it."""
     if preset.context_weight <= 0 or preset.context_span <= 0:
         return scored
-    base = {rid: s.score for rid, s in scored.items() if rid in rows}
-    pool = dict(scored)
     visible = set(scope.visible_keys())
-    for rid, memory in rows.items():
-        if (
-            rid not in pool
-            and memory.user_id == scope.user_id
-            and memory.is_current
-            and memory.forgotten_at is None
-            and memory.scope.key in visible
-            and (not categories or memory.category in categories)
-        ):
-            pool[rid] = Scored(rid, 0.0)
-    out: dict[int, Scored] = {}
-    for rid, s in pool.items():
-        memory = rows.get(rid)
-        if memory is None:
+    gains: dict[int, float] = {}
+    for seed in _seeds(scored, preset):
+        origin = rows.get(seed.rowid)
+        if origin is None:
             continue
-        best = 0.0
         for d in range(1, preset.context_span + 1):
-            for other in (rid - d, rid + d):
-                value = base.get(other, 0.0) / d
-                if value > best and adjacent(memory, rows[other], preset.context_gap_minutes):
-                    best = value
-        gained = base.get(rid, 0.0) + preset.context_weight * best
-        if gained > 0.0:
-            out[rid] = Scored(rid, gained, s.similarity, s.bm25)
+            for rid in (seed.rowid - d, seed.rowid + d):
+                memory = rows.get(rid)
+                gain = preset.context_weight * seed.score / d
+                if memory is None or gain <= gains.get(rid, 0.0):
+                    continue
+                if rid not in scored and not (
+                    memory.user_id == scope.user_id
+                    and memory.is_current
+                    and memory.forgotten_at is None
+                    and memory.scope.key in visible
+                    and (not categories or memory.category in categories)
+                ):
+                    continue
+                if adjacent(origin, memory, preset.context_gap_minutes):
+                    gains[rid] = gain
+    out = dict(scored)
+    for rid, gain in gains.items():
+        old = scored.get(rid)
+        out[rid] = (
+            Scored(rid, old.score + gain, old.similarity, old.bm25) if old else Scored(rid, gain)
+        )
     return out
 
 

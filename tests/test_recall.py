@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from memory.errors import ConfigError
+from memory.hierarchical import HierarchicalMemory, MemoryDraft
 from memory.models import Memory, MemoryCategory, Scope
 from memory.recall import (
     PRESETS,
@@ -289,3 +291,67 @@ def test_estimate_tokens_is_about_four_characters() -> None:
     assert estimate_tokens("") == 1
     assert estimate_tokens("abcd") == 1
     assert estimate_tokens("abcde") == 2
+
+
+# --- through the engine (real SQLite, fake embedder) -------------------------------------------
+
+
+async def test_recall_brings_the_answer_after_a_matching_question(
+    memory: HierarchicalMemory,
+) -> None:
+    sitting = NOW - timedelta(days=3)
+    turns = ["Any plans for the long weekend?", "Hiking the ridge trail with my sister.",
+             "Sounds lovely."]
+    filler = [f"note {i}: groceries {i}, laundry {i}, bills {i}" for i in range(40)]
+    drafts = [MemoryDraft(t, "alice", created_at=sitting, valid_from=sitting, dedup=False)
+              for t in turns]
+    drafts += [MemoryDraft(t, "alice", created_at=NOW - timedelta(days=30 + i), dedup=False)
+               for i, t in enumerate(filler)]
+    await memory.add_many(drafts)
+    plain = await memory.hybrid_search(
+        "long weekend plans", "alice", top_k=3, now=NOW, preset=replace_ctx(0.0)
+    )
+    assert "Hiking the ridge trail with my sister." not in [r.memory.content for r in plain]
+    got = await memory.recall("long weekend plans", "alice", top_k=3, now=NOW)
+    assert [m.content for m in got[:2]] == turns[:2]
+
+
+async def test_recall_finds_what_was_said_on_the_date_the_question_names(
+    memory: HierarchicalMemory,
+) -> None:
+    said = {
+        "Joined a gym last week.": datetime(2023, 6, 16, 13, 0, tzinfo=UTC),
+        "Bought a second-hand bike.": datetime(2023, 3, 2, 9, 0, tzinfo=UTC),
+        "Started a pottery class.": datetime(2023, 9, 9, 18, 0, tzinfo=UTC),
+    }
+    await memory.add_many(
+        [MemoryDraft(text, "bob", created_at=when, valid_from=when, dedup=False)
+         for text, when in said.items()]
+    )
+    question = "What news did I share on 16 June, 2023?"  # no word in common with any of them
+    got = await memory.recall(question, "bob", now=NOW)
+    assert got[0].content == "Joined a gym last week."
+    undated = await memory.hybrid_search(
+        question, "bob", now=NOW, preset=replace(PRESETS["default"], name="undated", w_time=0.0)
+    )
+    assert undated[0].memory.content == "Started a pottery class."  # ties: newest first
+
+
+async def test_context_never_crosses_users_or_sessions(memory: HierarchicalMemory) -> None:
+    await memory.add_many([
+        MemoryDraft("carol secret one", "carol", created_at=NOW, dedup=False),
+        MemoryDraft("dave likes sailing boats", "dave", created_at=NOW, dedup=False),
+        MemoryDraft("dave private session note", "dave", session_id="s2", created_at=NOW,
+                    dedup=False),
+        MemoryDraft("carol secret two", "carol", created_at=NOW, dedup=False),
+    ])
+    got = await memory.recall("sailing boats", "dave", top_k=10, now=NOW)
+    assert [m.content for m in got] == ["dave likes sailing boats"]
+    in_session = await memory.recall("sailing boats", "dave", "s2", top_k=10, now=NOW)
+    assert [m.content for m in in_session] == [
+        "dave likes sailing boats", "dave private session note",
+    ]
+
+
+def replace_ctx(weight: float) -> RecallPreset:
+    return replace(PRESETS["default"], name="no-context", context_weight=weight)
