@@ -32,6 +32,15 @@ def normalize_content(text: str) -> str:
     return _WS.sub(" ", text).strip().rstrip(".!").strip().casefold()
 
 
+def _json_list(text: str) -> list[Any]:
+    # Most rows hold the empty default; recall turns ~85 rows into memories per query.
+    return [] if text == "[]" else json.loads(text)
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    return {} if text == "{}" else json.loads(text)
+
+
 def _row_to_memory(row: Any) -> Memory:
     return Memory(
         id=row["id"],
@@ -42,8 +51,8 @@ def _row_to_memory(row: Any) -> Memory:
         turn_id=row["turn_id"],
         category=MemoryCategory(row["category"]),
         importance=row["importance"],
-        entity_refs=json.loads(row["entity_refs"]),
-        metadata=json.loads(row["metadata"]),
+        entity_refs=_json_list(row["entity_refs"]),
+        metadata=_json_dict(row["metadata"]),
         created_at=from_db(row["created_at"]),  # type: ignore[arg-type]
         valid_from=from_db(row["valid_from"]),  # type: ignore[arg-type]
         valid_until=from_db(row["valid_until"]),
