@@ -48,6 +48,7 @@ sys.path[:0] = [str(ROOT), str(HERE)]
 
 from store_bench import (  # noqa: E402
     CACHE,
+    PoolEmbedder,
     drafts_for,
     embed_cached,
     machine,
@@ -186,20 +187,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 # --- the store --------------------------------------------------------------------------------
 
 
-class TaggedPoolEmbedder:
+class TaggedPoolEmbedder(PoolEmbedder):
     """Real vectors of pool sentences, looked up with the `[user-NNNN]` tag stripped."""
 
-    def __init__(self, model_id: str, vectors: dict[str, np.ndarray]) -> None:
-        self.model_id = model_id
-        self._vectors = vectors
-        self._dimension = len(next(iter(vectors.values())))
-
-    @property
-    def dimension(self) -> int:
-        return self._dimension
-
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return np.stack([self._vectors[_TAG.sub("", t).rstrip()] for t in texts])
+        return super().embed([_TAG.sub("", t).rstrip() for t in texts])
 
 
 def build_store(size: int, users: int, pool_size: int) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,9 +131,8 @@ def _load(body: str, *, truncated: bool, warnings: list[str]) -> Any:
     return value
 
 
-def _drop_trailing_commas(text: str) -> str:
-    """Remove commas followed (after whitespace) by a closing bracket, outside strings."""
-    out: list[str] = []
+def _scan(text: str) -> Iterator[tuple[int, str, bool]]:
+    """Each character of JSON-ish text, with True where it is structure (outside strings)."""
     in_str = escaped = False
     for i, ch in enumerate(text):
         if in_str:
@@ -143,9 +142,19 @@ def _drop_trailing_commas(text: str) -> str:
                 escaped = True
             elif ch == '"':
                 in_str = False
+            yield i, ch, False
         elif ch == '"':
             in_str = True
-        elif ch == ",":
+            yield i, ch, False
+        else:
+            yield i, ch, True
+
+
+def _drop_trailing_commas(text: str) -> str:
+    """Remove commas followed (after whitespace) by a closing bracket, outside strings."""
+    out: list[str] = []
+    for i, ch, structural in _scan(text):
+        if structural and ch == ",":
             rest = text[i + 1 :].lstrip()
             if not rest or rest[0] in "}]":
                 continue
@@ -159,18 +168,10 @@ def _repair(text: str) -> Any:
     close what is open, and take the longest such prefix that parses."""
     cuts: list[tuple[int, str]] = []
     stack: list[str] = []
-    in_str = escaped = False
-    for i, ch in enumerate(text):
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "{[":
+    for i, ch, structural in _scan(text):
+        if not structural:
+            continue
+        if ch in "{[":
             stack.append("}" if ch == "{" else "]")
         elif ch in "}]":
             if not stack or stack[-1] != ch:
