@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,6 +22,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 
 from memory import temporal
+from memory.common_words import CommonWords
 from memory.embedders.cached import CachedEmbedder
 from memory.errors import (
     ConfigError,
@@ -47,8 +48,10 @@ from memory.recall import (
     apply_budget,
     clean_query,
     context_rowids,
+    drop_words,
     fuse,
     get_preset,
+    query_terms,
     query_windows,
     rescore,
     strip_spans,
@@ -126,6 +129,7 @@ class HierarchicalMemory:
         self._query_embedder = CachedEmbedder(embedder, self.config.query_embedding_cache_size)
         self.cache = cache
         self.preset: RecallPreset = get_preset(self.config.recall_preset)
+        self._common_words = CommonWords()
         # One writer thread: SQLite allows one writer, and ordering writes avoids lock waits.
         self._writer = writer or ThreadPoolExecutor(1, thread_name_prefix="headroom-writer")
         self._readers = ThreadPoolExecutor(
@@ -233,12 +237,14 @@ class HierarchicalMemory:
         if not memories:
             return []
         vectors = await self._embed([m.content for m in memories])
-        return await self._write(
+        added = await self._write(
             lambda: [
                 self._insert_or_reinforce(m, v, dedup=d.dedup, request_id=request_id)
                 for m, v, d in zip(memories, vectors, drafts, strict=True)
             ]
         )
+        self._refresh_common_words(m.user_id for m in added)
+        return added
 
     async def remember(
         self, content: str, user_id: str, importance: float = 0.5, **kwargs: Any
@@ -562,24 +568,63 @@ class HierarchicalMemory:
         query_vector: np.ndarray | None = None,
     ) -> list[SearchResult]:
         """Vector KNN and BM25, both pre-filtered to this scope, fused, then importance and
-        recency. This is the recall path the proxy uses."""
+        recency. This is the recall path the proxy uses. Without `query_vector`, the query is
+        embedded without the words that are common in this user's memories."""
         chosen = get_preset(preset) if preset is not None else self.preset
+        common: frozenset[str] | None = None
         if query_vector is None and chosen.w_vector > 0:
-            query_vector = await self.embed_query(query)
+            common = await self._read(lambda: self._common_terms(query, user_id, chosen))
+            query_vector = await self.embed_query(drop_words(query, common))
         return await self._read(
             lambda: self._hybrid_sync(
                 query, Scope(user_id, session_id, agent_id, turn_id), top_k,
                 [MemoryCategory.parse(c) for c in categories] if categories else None,
-                as_utc(now) if now else utcnow(), chosen, query_vector,
+                as_utc(now) if now else utcnow(), chosen, query_vector, common,
             )
         )
+
+    def _common_terms(self, query: str, user_id: str, preset: RecallPreset) -> frozenset[str]:
+        """The query's words that are common in this user's memories (see `common_words`)."""
+        terms = query_terms(query, preset) if preset.common_share > 0 else []
+        if not terms:
+            return frozenset()
+        words = self._user_common_words(user_id, preset)
+        return frozenset(t for t in terms if t in words)
+
+    def _user_common_words(self, user_id: str, preset: RecallPreset) -> frozenset[str]:
+        total = self.text.count(user_id)
+        if total < max(preset.common_min_memories, 1):
+            return frozenset()
+        return self._common_words.get(
+            user_id, total, preset.common_share, lambda n: self.store.recent_contents(user_id, n)
+        )
+
+    def _refresh_common_words(self, user_ids: Iterable[str]) -> None:
+        """Bring the common-words entries of users just written to up to date, on the writer
+        thread after the write, so the next recall finds them counted."""
+        if self.preset.common_share <= 0:
+            return
+        try:
+            self._writer.submit(self._refresh_common_words_sync, sorted(set(user_ids)))
+        except RuntimeError:  # closing: the next process counts them when asked
+            pass
+
+    def _refresh_common_words_sync(self, user_ids: list[str]) -> None:
+        for user_id in user_ids:
+            try:
+                self._user_common_words(user_id, self.preset)
+            except Exception:
+                log.debug("could not count the common words of a user", exc_info=True)
 
     def _hybrid_sync(
         self, query: str, scope: Scope, top_k: int, categories: list[MemoryCategory] | None,
         now: datetime, preset: RecallPreset, vector: np.ndarray | None,
+        common: frozenset[str] | None = None,
     ) -> list[SearchResult]:
         keys = scope.visible_keys()
         windows = query_windows(query, now) if preset.w_time > 0 else []
+        if common is None:
+            common = self._common_terms(query, scope.user_id, preset)
         vector_hits = (
             self.vectors.search(
                 vector, scope.user_id, scope_keys=keys, categories=categories,
@@ -592,7 +637,7 @@ class HierarchicalMemory:
             vector_hits = self._window_hits(vector_hits, vector, scope, categories, windows, preset)
         text_hits = (
             self.text.search(
-                clean_query(strip_spans(query, windows), preset), scope.user_id,
+                clean_query(strip_spans(query, windows), preset, common), scope.user_id,
                 scope_keys=keys, categories=categories, k=max(preset.text_depth, top_k),
             )
             if preset.w_text > 0
@@ -690,6 +735,7 @@ class HierarchicalMemory:
 
         counts = await self._write(run)
         await asyncio.get_running_loop().run_in_executor(self._writer, self.store.checkpoint)
+        self._common_words.forget(user_id)  # they are words of the purged memories
         if self.cache is not None:
             counts["cache"] = len(self.cache)
             self.cache.clear()

@@ -59,6 +59,10 @@ class MemoryStore(Protocol):
 
     def get_embedding(self, memory_id: str) -> np.ndarray | None: ...
 
+    def recent_contents(self, user_id: str, limit: int) -> list[str]:
+        """The text of the user's `limit` newest current memories (any scope)."""
+        ...
+
     def find_current_by_content(self, user_id: str, content: str) -> Memory | None: ...
 
     def chain(self, memory_id: str) -> list[Memory]:

@@ -28,10 +28,12 @@ __all__ = [
     "apply_budget",
     "clean_query",
     "context_rowids",
+    "drop_words",
     "estimate_tokens",
     "fuse",
     "get_preset",
     "minmax",
+    "query_terms",
     "query_windows",
     "recency",
     "rescore",
@@ -87,6 +89,13 @@ class RecallPreset:
     time_candidates: int = 0
     # Multipliers: score × (1 + w_importance·(importance − 0.5) + w_recency·recency), so they
     # act at any score scale and an old, relevant memory loses at most w_recency of its score.
+    # Words the user's memories are full of (their own name, in a log of their chats) match
+    # everything and so point at nothing; a common one pulls the query's embedding towards them
+    # and lets BM25 rank any short memory that holds it first. A query word found in at least
+    # `common_share` of the user's current memories (once they have `common_min_memories`)
+    # leaves both the BM25 query and the text embedded for the vector search. 0 turns it off.
+    common_share: float = 0.0
+    common_min_memories: int = 20
     w_importance: float = 0.05
     w_recency: float = 0.05
     recency_half_life_days: float = 90.0
@@ -101,6 +110,8 @@ class RecallPreset:
             raise ConfigError("depths, context_span and context_seeds must not be negative")
         if self.recency_half_life_days <= 0:
             raise ConfigError("recency_half_life_days must be positive")
+        if not 0.0 <= self.common_share <= 1.0:
+            raise ConfigError("common_share must be between 0 and 1")
 
 
 _NO_BOOSTS = {"w_importance": 0.0, "w_recency": 0.0}
@@ -112,10 +123,12 @@ _TUNED = replace(
     _V0, name="context-tuned", vector_depth=30, text_depth=40, w_vector=0.35, w_text=0.65,
     vector_norm="minmax", context_weight=0.6, context_span=2, context_seeds=10,
 )
-_DATED = replace(_TUNED, name="default", w_time=0.5, time_slack_days=3.0, time_candidates=200)
+_DATED = replace(_TUNED, name="dated", w_time=0.5, time_slack_days=3.0, time_candidates=200)
+_COMMON = replace(_DATED, name="default", common_share=0.3)
 
 PRESETS: dict[str, RecallPreset] = {
-    "default": _DATED,
+    "default": _COMMON,
+    "dated": _DATED,
     "context-tuned": _TUNED,
     "context": _CONTEXT,
     "hybrid-v0": _V0,
@@ -137,11 +150,35 @@ def get_preset(name: str | RecallPreset) -> RecallPreset:
         ) from None
 
 
-def clean_query(query: str, preset: RecallPreset) -> str:
-    """The query's words minus stop words (all of them if nothing else is left)."""
+def clean_query(query: str, preset: RecallPreset, common: Collection[str] = ()) -> str:
+    """The query's words minus stop words and `common` ones (all of them if nothing else is
+    left)."""
     words = _WORD.findall(query)
-    kept = [w for w in words if w.casefold() not in preset.stop_words]
+    kept = [w for w in words if (f := w.casefold()) not in preset.stop_words and f not in common]
     return " ".join(kept or words)
+
+
+def query_terms(query: str, preset: RecallPreset) -> list[str]:
+    """The distinct casefolded words of `query` that are not stop words: the ones that may be
+    common in the user's memories."""
+    return list(dict.fromkeys(
+        f for w in _WORD.findall(query) if (f := w.casefold()) not in preset.stop_words
+    ))
+
+
+def drop_words(query: str, words: Collection[str]) -> str:
+    """`query` without the occurrences of `words` (casefolded; with a possessive "'s"), the rest
+    as written, so the embedder still reads a sentence. The query itself when nothing is left."""
+    if not words:
+        return query
+    pattern = re.compile(r"\b\w+(?:['’]s)?\b", re.UNICODE)
+
+    def keep(m: re.Match[str]) -> str:
+        word = re.sub(r"['’]s$", "", m.group(0))
+        return "" if word.casefold() in words else m.group(0)
+
+    left = re.sub(r"\s+([,.;:!?])", r"\1", " ".join(pattern.sub(keep, query).split()))
+    return left if _WORD.search(left) else query
 
 
 @dataclass

@@ -111,6 +111,7 @@ class OutboxWorker:
             await mem._write(lambda p=payload, o=ops, v=batch_vectors, i=outbox_id: self._apply(
                 i, p, o, v
             ))
+        mem._refresh_common_words(payload["scope"]["user_id"] for _, payload in rows)
         return True
 
     def _apply(

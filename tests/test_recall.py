@@ -20,14 +20,17 @@ from memory.recall import (
     apply_budget,
     clean_query,
     context_rowids,
+    drop_words,
     estimate_tokens,
     fuse,
     get_preset,
     minmax,
+    query_terms,
     query_windows,
     rescore,
     strip_spans,
 )
+from tests.fakes import FakeEmbedder
 
 NOW = datetime(2024, 3, 15, 12, 0, tzinfo=UTC)
 PLAIN = RecallPreset("plain", w_importance=0.0, w_recency=0.0)
@@ -293,7 +296,66 @@ def test_estimate_tokens_is_about_four_characters() -> None:
     assert estimate_tokens("abcde") == 2
 
 
+# --- words common in the user's memories -------------------------------------------------------
+
+COMMON = replace(PLAIN, common_share=0.3, common_min_memories=20)
+
+
+def test_query_terms_are_distinct_casefolded_non_stop_words() -> None:
+    assert query_terms("What did Nate tell nate about the Turtles?", COMMON) == [
+        "nate", "tell", "turtles",
+    ]
+
+
+def test_drop_words_keeps_the_sentence_and_never_empties_it() -> None:
+    assert drop_words("What did Nate tell Joanna about Nate's turtles?", {"nate"}) == (
+        "What did tell Joanna about turtles?"
+    )
+    assert drop_words("Nate?", {"nate"}) == "Nate?"
+    assert drop_words("as is", frozenset()) == "as is"
+
+
+def test_clean_query_drops_common_words_too() -> None:
+    assert clean_query("What did Nate adopt?", COMMON, {"nate"}) == "adopt"
+    assert clean_query("Nate?", COMMON, {"nate"}) == "Nate"
+
+
 # --- through the engine (real SQLite, fake embedder) -------------------------------------------
+
+
+async def _chat_log(memory: HierarchicalMemory, lines: list[str]) -> None:
+    """One memory a day, so conversation context joins none of them."""
+    await memory.add_many([
+        MemoryDraft(text, "nate", created_at=NOW - timedelta(days=len(lines) - i), dedup=False)
+        for i, text in enumerate(lines)
+    ])
+
+
+async def test_recall_leaves_out_words_common_in_the_users_memories(
+    memory: HierarchicalMemory, fake_embedder: FakeEmbedder,
+) -> None:
+    lines = [f"Nate: ok {i}" for i in range(24)] + ["Nate: I adopted a turtle named Shelly"]
+    await _chat_log(memory, lines)
+    question = "What did Nate say about Shelly?"
+    got = await memory.hybrid_search(question, "nate", top_k=25, now=NOW)
+    assert fake_embedder.calls[-1] == ["What did say about Shelly?"]
+    assert got[0].memory.content == lines[-1]
+    assert all(r.bm25 is None for r in got[1:])  # "Nate" no longer matches the filler
+
+    keep_all = replace(PRESETS["default"], name="keep-all", common_share=0.0)
+    plain = await memory.hybrid_search(question, "nate", top_k=25, now=NOW, preset=keep_all)
+    assert fake_embedder.calls[-1] == [question]
+    assert sum(r.bm25 is not None for r in plain) == 25
+
+
+async def test_a_new_users_query_is_kept_whole(
+    memory: HierarchicalMemory, fake_embedder: FakeEmbedder,
+) -> None:
+    await _chat_log(memory, [f"Nate: ok {i}" for i in range(5)])
+    await memory.recall("What did Nate say?", "nate", now=NOW)
+    assert fake_embedder.calls[-1] == ["What did Nate say?"]
+
+
 
 
 async def test_recall_brings_the_answer_after_a_matching_question(

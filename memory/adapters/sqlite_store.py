@@ -218,6 +218,14 @@ class SQLiteMemoryStore:
             ]
         )
 
+    def recent_contents(self, user_id: str, limit: int) -> list[str]:
+        rows = self.db.conn.execute(
+            "SELECT content FROM memories WHERE user_id = ? AND valid_until IS NULL"
+            " ORDER BY created_at DESC LIMIT ?",
+            (user_id, limit),
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def find_current_by_content(self, user_id: str, content: str) -> Memory | None:
         row = self.db.conn.execute(
             f"SELECT {_COLUMNS} FROM memories WHERE user_id = ? AND content_norm = ?"

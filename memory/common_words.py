@@ -1,0 +1,77 @@
+"""The words a user's memories are full of, per user, cached.
+
+A word found in a large share of one user's memories (their own name, in a log of their chats)
+says nothing about which memory a query means, so recall leaves it out of the query
+(`recall.common_terms`). Counting it per query in the full-text index costs a posting-list walk
+per query word, which grows with every user's data (0.1 ms a word at 100k memories); counting it
+here, over a sample of the user's newest memories, costs one pass per user and then a lookup.
+The entry is refreshed when the user's memory count has moved by more than `refresh` of itself,
+so writes from other processes are picked up too; a stale entry only makes ranking a little worse.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+__all__ = ["CommonWords", "frequent_words"]
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def frequent_words(texts: Iterable[str], share: float) -> frozenset[str]:
+    """The casefolded words found in at least `share` of `texts` (each text counts a word once)."""
+    counts: Counter[str] = Counter()
+    n = 0
+    for text in texts:
+        n += 1
+        counts.update({w.casefold() for w in _WORD.findall(text)})
+    if n == 0:
+        return frozenset()
+    floor = share * n
+    return frozenset(w for w, c in counts.items() if c >= floor)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    total: int
+    words: frozenset[str]
+
+
+class CommonWords:
+    """An LRU of `frequent_words` per (user, share); thread-safe (recall runs on reader threads)."""
+
+    def __init__(self, max_users: int = 1024, sample: int = 500, refresh: float = 0.1) -> None:
+        self.max_users = max_users
+        self.sample = sample
+        self.refresh = refresh
+        self._entries: OrderedDict[tuple[str, float], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self, user_id: str, total: int, share: float, newest: Callable[[int], list[str]]
+    ) -> frozenset[str]:
+        """The user's common words, given how many memories they have now (`total`);
+        `newest(n)` reads the contents of their newest `n` memories when a count is due."""
+        key = (user_id, share)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and abs(total - entry.total) <= self.refresh * entry.total:
+                self._entries.move_to_end(key)
+                return entry.words
+        words = frequent_words(newest(self.sample), share)
+        with self._lock:
+            self._entries[key] = _Entry(total, words)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_users:
+                self._entries.popitem(last=False)
+        return words
+
+    def forget(self, user_id: str | None = None) -> None:
+        """Drop one user's entries (after a purge), or every entry."""
+        with self._lock:
+            for key in [k for k in self._entries if user_id is None or k[0] == user_id]:
+                del self._entries[key]

@@ -1,0 +1,87 @@
+"""The per-user cache of common words (memory.common_words) and how recall uses it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from memory.common_words import CommonWords, frequent_words
+from memory.hierarchical import HierarchicalMemory, MemoryDraft
+from memory.models import MemoryFilter
+
+NOW = datetime(2024, 3, 15, 12, 0, tzinfo=UTC)
+
+
+def test_frequent_words_counts_each_text_once_and_casefolds() -> None:
+    texts = ["Nate: nate nate!", "NATE likes turtles", "Jo: turtles", "Jo: hi"]
+    assert frequent_words(texts, 0.5) == {"nate", "turtles", "jo"}
+    assert frequent_words(texts, 0.75) == set()
+    assert frequent_words([], 0.3) == set()
+
+
+class Loader:
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.calls = 0
+
+    def __call__(self, n: int) -> list[str]:
+        self.calls += 1
+        return self.texts[:n]
+
+
+def test_cache_counts_again_only_when_the_user_has_changed_enough() -> None:
+    cache = CommonWords(refresh=0.1)
+    load = Loader(["Nate: a", "Nate: b", "Jo: c"])
+    assert cache.get("u", 100, 0.5, load) == {"nate"}
+    assert cache.get("u", 110, 0.5, load) == {"nate"}  # within 10 %: the cached answer
+    assert load.calls == 1
+    load.texts = ["Jo: a", "Jo: b", "Nate: c"]
+    assert cache.get("u", 111, 0.5, load) == {"jo"}  # moved by more than 10 %: counted again
+    assert cache.get("u", 111, 0.9, load) == set()  # another share is another entry
+    assert load.calls == 3
+
+
+def test_cache_reads_a_bounded_sample_and_evicts_old_users() -> None:
+    cache = CommonWords(max_users=2, sample=2)
+    load = Loader(["x y", "x", "y", "y"])
+    assert cache.get("a", 4, 1.0, load) == {"x"}  # only the newest two were read
+    cache.get("b", 4, 1.0, load)
+    cache.get("c", 4, 1.0, load)
+    cache.get("a", 4, 1.0, load)  # "a" was evicted: read again
+    assert load.calls == 4
+    cache.forget("a")
+    cache.get("a", 4, 1.0, load)
+    assert load.calls == 5
+
+
+async def test_purge_forgets_the_users_common_words(memory: HierarchicalMemory) -> None:
+    drafts = [MemoryDraft(f"Nate: ok {i}", "nate", created_at=NOW - timedelta(days=i),
+                          dedup=False) for i in range(25)]
+    await memory.add_many(drafts)
+    await memory.recall("What did Nate say?", "nate", now=NOW)
+    assert memory._common_words._entries
+    await memory.purge("nate")
+    assert not memory._common_words._entries
+
+
+async def test_store_reads_the_newest_current_contents_of_one_user(
+    memory: HierarchicalMemory,
+) -> None:
+    await memory.add_many([
+        MemoryDraft(f"fact {i}", "nate", created_at=NOW - timedelta(days=10 - i), dedup=False)
+        for i in range(5)
+    ])
+    await memory.add("not his", "jo")
+    old = (await memory.query(MemoryFilter(user_id="nate", limit=1)))[0]
+    await memory.supersede(old.id, "fact 4, corrected")
+    assert memory.store.recent_contents("nate", 3) == ["fact 4, corrected", "fact 3", "fact 2"]
+
+
+async def test_writes_count_the_users_common_words_off_the_recall_path(
+    memory: HierarchicalMemory,
+) -> None:
+    await memory.add_many([
+        MemoryDraft(f"Nate: ok {i}", "nate", created_at=NOW - timedelta(days=i), dedup=False)
+        for i in range(25)
+    ])
+    await memory._write(lambda: None)  # the writer thread is FIFO: the refresh has run
+    assert memory._common_words.get("nate", 25, 0.3, lambda n: []) == {"nate", "ok"}
