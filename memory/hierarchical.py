@@ -21,7 +21,7 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from memory import temporal
+from memory import ranker, temporal
 from memory.common_words import CommonWords
 from memory.embedders.cached import CachedEmbedder
 from memory.errors import (
@@ -43,6 +43,7 @@ from memory.models import (
 from memory.ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
 from memory.recall import (
     RecallPreset,
+    Scored,
     TimeWindow,
     add_context,
     apply_budget,
@@ -622,7 +623,7 @@ class HierarchicalMemory:
         common: frozenset[str] | None = None,
     ) -> list[SearchResult]:
         keys = scope.visible_keys()
-        windows = query_windows(query, now) if preset.w_time > 0 else []
+        windows = query_windows(query, now) if preset.reads_dates else []
         if common is None:
             common = self._common_terms(query, scope.user_id, preset)
         vector_hits = (
@@ -645,9 +646,35 @@ class HierarchicalMemory:
         )
         fused = fuse(vector_hits, text_hits, preset)
         rows = self.store.get_by_rowids([*fused, *context_rowids(fused, preset)])
-        fused = add_context(fused, rows, scope, categories, preset)
-        ranked = rescore(fused, rows, now, preset, windows)[:top_k]
-        return [SearchResult(m, s.similarity, s.score, s.bm25) for s, m in ranked]
+        with_context = add_context(fused, rows, scope, categories, preset)
+        if preset.ranker == "learned" and vector is not None:
+            ranked = self._rank_learned(
+                with_context, fused, rows, vector_hits, text_hits, vector, windows, common,
+                preset, now,
+            )
+        else:
+            ranked = rescore(with_context, rows, now, preset, windows)
+        return [SearchResult(m, s.similarity, s.score, s.bm25) for s, m in ranked[:top_k]]
+
+    def _rank_learned(
+        self, pool: dict[int, Scored], fused: dict[int, Scored], rows: dict[int, Memory],
+        vector_hits: list[tuple[int, float]], text_hits: list[tuple[int, float]],
+        vector: np.ndarray, windows: list[TimeWindow], common: frozenset[str],
+        preset: RecallPreset, now: datetime,
+    ) -> list[tuple[Scored, Memory]]:
+        """`ranker.rank` over the hits and their context rows, with exact cosines for the
+        candidates the vector search did not return."""
+        ids = [rid for rid in pool if rid in rows]
+        cosines = dict(vector_hits)
+        missing = [rid for rid in ids if rid not in cosines]
+        if missing:
+            query = np.asarray(vector, dtype=np.float32)
+            for rid, emb in self.store.embeddings_by_rowids(missing).items():
+                cosines[rid] = float(emb @ query)
+        ids = [rid for rid in ids if rid in cosines]
+        return ranker.rank(
+            ids, vector_hits, text_hits, fused, rows, cosines, windows, common, preset, now
+        )
 
     def _window_hits(
         self, hits: list[tuple[int, float]], vector: Any, scope: Scope,

@@ -59,6 +59,10 @@ class MemoryStore(Protocol):
 
     def get_embedding(self, memory_id: str) -> np.ndarray | None: ...
 
+    def embeddings_by_rowids(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Stored embeddings of these rows (the ranker's exact cosines for non-vector hits)."""
+        ...
+
     def recent_contents(self, user_id: str, limit: int) -> list[str]:
         """The text of the user's `limit` newest current memories (any scope)."""
         ...

@@ -26,6 +26,8 @@ __all__ = [
     "add_context",
     "adjacent",
     "apply_budget",
+    "best_first",
+    "boost",
     "clean_query",
     "context_rowids",
     "drop_words",
@@ -63,6 +65,10 @@ class RecallPreset:
     (`add_context`), then importance and recency scale the result (`rescore`)."""
 
     name: str
+    # "fused": the fused score plus context, scaled by `rescore`. "learned": `memory.ranker`
+    # scores every candidate (hits and their context rows) from its features; importance and
+    # recency then scale its odds, and the time windows are one of its features (w_time unused).
+    ranker: str = "fused"
     fusion: str = "weighted"  # "weighted" | "rrf"
     vector_depth: int = 50
     text_depth: int = 50
@@ -101,7 +107,14 @@ class RecallPreset:
     recency_half_life_days: float = 90.0
     stop_words: frozenset[str] = field(default=STOP_WORDS, repr=False)
 
+    @property
+    def reads_dates(self) -> bool:
+        """Whether ranking looks at the time windows the query names."""
+        return self.w_time > 0 or self.ranker == "learned"
+
     def __post_init__(self) -> None:
+        if self.ranker not in ("fused", "learned"):
+            raise ConfigError(f"unknown ranker {self.ranker!r}; expected fused or learned")
         if self.fusion not in ("weighted", "rrf"):
             raise ConfigError(f"unknown fusion {self.fusion!r}; expected weighted or rrf")
         if self.vector_norm not in ("raw", "minmax"):
@@ -124,10 +137,12 @@ _TUNED = replace(
     vector_norm="minmax", context_weight=0.6, context_span=2, context_seeds=10,
 )
 _DATED = replace(_TUNED, name="dated", w_time=0.5, time_slack_days=3.0, time_candidates=200)
-_COMMON = replace(_DATED, name="default", common_share=0.3)
+_COMMON = replace(_DATED, name="common", common_share=0.3)
+_LEARNED = replace(_COMMON, name="default", ranker="learned", w_time=0.0)
 
 PRESETS: dict[str, RecallPreset] = {
-    "default": _COMMON,
+    "default": _LEARNED,
+    "common": _COMMON,
     "dated": _DATED,
     "context-tuned": _TUNED,
     "context": _CONTEXT,
@@ -411,18 +426,32 @@ def rescore(
     """Scale by importance, recency and the query's time windows; best first, ties broken by
     newer first."""
     ranked: list[tuple[Scored, Memory]] = []
-    slack = timedelta(days=preset.time_slack_days)
     for rid, s in scored.items():
         memory = memories.get(rid)
         if memory is None:
             continue
-        factor = 1.0 + preset.w_importance * (memory.importance - 0.5)
-        if preset.w_recency:
-            factor += preset.w_recency * recency(memory, now, preset.recency_half_life_days)
-        if preset.w_time and any(w.contains(memory.created_at, slack) for w in windows):
-            factor += preset.w_time
-        s.score *= factor
+        s.score *= boost(memory, now, preset, windows)
         ranked.append((s, memory))
+    return best_first(ranked)
+
+
+def boost(
+    memory: Memory, now: datetime, preset: RecallPreset, windows: Sequence[TimeWindow] = ()
+) -> float:
+    """The rescore factor: 1 + w_importance·(importance − 0.5) + w_recency·recency, plus w_time
+    when the memory was written in one of `windows`."""
+    factor = 1.0 + preset.w_importance * (memory.importance - 0.5)
+    if preset.w_recency:
+        factor += preset.w_recency * recency(memory, now, preset.recency_half_life_days)
+    if preset.w_time and windows:
+        slack = timedelta(days=preset.time_slack_days)
+        if any(w.contains(memory.created_at, slack) for w in windows):
+            factor += preset.w_time
+    return factor
+
+
+def best_first(ranked: list[tuple[Scored, Memory]]) -> list[tuple[Scored, Memory]]:
+    """Highest score first; ties go to the newer memory."""
     ranked.sort(key=lambda pair: (pair[0].score, pair[1].valid_from), reverse=True)
     return ranked
 

@@ -394,7 +394,7 @@ async def test_recall_finds_what_was_said_on_the_date_the_question_names(
     got = await memory.recall(question, "bob", now=NOW)
     assert got[0].content == "Joined a gym last week."
     undated = await memory.hybrid_search(
-        question, "bob", now=NOW, preset=replace(PRESETS["default"], name="undated", w_time=0.0)
+        question, "bob", now=NOW, preset=replace(PRESETS["common"], name="undated", w_time=0.0)
     )
     assert undated[0].memory.content == "Started a pottery class."  # ties: newest first
 
@@ -416,4 +416,5 @@ async def test_context_never_crosses_users_or_sessions(memory: HierarchicalMemor
 
 
 def replace_ctx(weight: float) -> RecallPreset:
-    return replace(PRESETS["default"], name="no-context", context_weight=weight)
+    """The fused ranker (no learned features) with this much conversation context."""
+    return replace(PRESETS["common"], name="no-context", context_weight=weight)

@@ -182,6 +182,20 @@ class SQLiteMemoryStore:
             return None
         return np.frombuffer(row[0], dtype=np.float32)
 
+    def embeddings_by_rowids(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        ids = [int(r) for r in rowids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = self.db.conn.execute(
+                f"SELECT rid, embedding FROM memories WHERE rid IN ({','.join('?' * len(chunk))})"
+                " AND embedding IS NOT NULL",
+                chunk,
+            ).fetchall()
+            for rid, blob in rows:
+                out[int(rid)] = np.frombuffer(blob, dtype=np.float32)
+        return out
+
     def rowid_of(self, memory_id: str) -> int | None:
         row = self.db.conn.execute("SELECT rid FROM memories WHERE id = ?", (memory_id,)).fetchone()
         return None if row is None else int(row[0])

@@ -1,0 +1,172 @@
+"""The learned ranker: a linear score over features of each recall candidate.
+
+Fusion (`recall.fuse`) looks at one memory at a time. Which memory answers a question also
+depends on its surroundings: the turn before it matched (it answers that question), the sitting it
+was written in matched (the topic was discussed then), it names the person the question names,
+it was written on the date the question names. The weights below combine such signals; they were
+fitted once, offline, by `bench/locomo_fit_ranker.py` (pairwise logistic regression on the
+benchmark's dev conversations only, checked on held-out ones), and are plain data, so recall
+stays a few dot products, with no model call at query time.
+
+Every feature is computed from the candidate lists the engine already has (the vector hits, the
+BM25 hits, their rows and embeddings, the query's time windows, the words common in this
+user's memories), and is scaled per query, so no weight depends on a corpus's score range.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime, timedelta
+
+import numpy as np
+
+from memory.models import Memory
+from memory.recall import RecallPreset, Scored, TimeWindow, best_first, boost
+
+__all__ = ["FEATURES", "WEIGHTS", "candidate_features", "learned_scores", "rank"]
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+# name: what it measures (per candidate), and its weight. Neighbour and sitting features read the
+# fused score (`recall.fuse`) of other candidates: 0 for a memory that was no hit.
+_TABLE: tuple[tuple[str, str, float], ...] = (
+    ("cos_scaled", "cosine, min-max scaled over the vector hits, clipped to [0, 1]", -1.58),
+    ("bm25_share", "BM25 / the best BM25 of the query (0 when not a text hit)", 0.25),
+    ("fused", "the fused score (0.35 scaled cosine + 0.65 scaled BM25)", 0.51),
+    ("prev_fused", "fused score of the memory written just before, same sitting", 2.79),
+    ("next_fused", "fused score of the memory written just after, same sitting", 1.01),
+    ("near_fused", "best fused score two rows away, same sitting", 1.80),
+    ("sitting_best", "best fused score among hits written within the context gap", 2.61),
+    ("in_window", "written in a time window the query names (or just after)", 3.81),
+    ("common_share", "share of the query's user-common words (e.g. a name) it contains", 2.36),
+    ("length", "log(1 + characters) / 6: a bare 'Thanks!' rarely answers anything", 7.80),
+    ("vector_rank", "1 / (1 + rank / 5) in the vector hits (0 when not a hit)", 1.60),
+    ("bm25_rank", "1 / (1 + rank / 5) in the BM25 hits (0 when not a hit)", 2.01),
+    ("cosine", "raw cosine with the query", 8.93),
+)
+FEATURES: tuple[str, ...] = tuple(name for name, _, _ in _TABLE)
+WEIGHTS = np.array([w for _, _, w in _TABLE], dtype=np.float64)
+
+
+def _rank_feature(hits: Sequence[tuple[int, float]]) -> dict[int, float]:
+    return {rid: 1.0 / (1.0 + rank / 5.0) for rank, (rid, _) in enumerate(hits)}
+
+
+def candidate_features(
+    pool: Sequence[int],
+    vector_hits: Sequence[tuple[int, float]],
+    text_hits: Sequence[tuple[int, float]],
+    fused: Mapping[int, Scored],
+    rows: Mapping[int, Memory],
+    cosines: Mapping[int, float],
+    windows: Sequence[TimeWindow],
+    common: Collection[str],
+    preset: RecallPreset,
+) -> np.ndarray:
+    """One row of `FEATURES` per rowid of `pool` (each must be in `rows` and `cosines`).
+
+    `vector_hits` (best first, with cosines) and `text_hits` (best first, with BM25) are the
+    index answers; `fused` their `recall.fuse` scores, before context is added."""
+    n = len(pool)
+    out = np.zeros((n, len(FEATURES)), dtype=np.float64)
+    if n == 0:
+        return out
+    sims = [s for _, s in vector_hits]
+    lo, hi = (min(sims), max(sims)) if sims else (0.0, 1.0)
+    best_bm = max((b for _, b in text_hits), default=0.0)
+    bm25 = dict(text_hits)
+    v_rank, t_rank = _rank_feature(vector_hits), _rank_feature(text_hits)
+    gap = preset.context_gap_minutes * 60.0
+    slack = timedelta(days=preset.time_slack_days)
+
+    # Every row involved: the pool and the hits (whose fused scores neighbours read).
+    ids = list(dict.fromkeys([*pool, *(r for r in fused if r in rows)]))
+    at = {rid: i for i, rid in enumerate(ids)}
+    ts = np.array([rows[r].created_at.timestamp() for r in ids])
+    users = {u: i for i, u in enumerate({rows[r].user_id for r in ids})}
+    user = np.array([users[rows[r].user_id] for r in ids])
+    sessions = {s: i + 1 for i, s in enumerate({rows[r].session_id for r in ids} - {None})}
+    session = np.array([sessions.get(rows[r].session_id, 0) for r in ids])  # 0: no session
+    score = np.array([fused[r].score if r in fused else 0.0 for r in ids])
+    p = np.array([at[r] for r in pool])
+
+    def together(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Pairs written in one sitting: same user, no conflicting session, within the gap."""
+        return (
+            (user[a] == user[b])
+            & ((session[a] == 0) | (session[b] == 0) | (session[a] == session[b]))
+            & (np.abs(ts[a] - ts[b]) <= gap)
+        )
+
+    def neighbour(offset: int) -> np.ndarray:
+        other = np.array([at.get(r + offset, -1) for r in pool])
+        ok = other >= 0
+        vals = np.zeros(n)
+        if ok.any():
+            o = other[ok]
+            vals[ok] = np.where(together(p[ok], o), score[o], 0.0)
+        return vals
+
+    cos = np.array([cosines[r] for r in pool])
+    out[:, 0] = np.clip((cos - lo) / (hi - lo), 0.0, 1.0) if hi - lo > 1e-12 else 1.0
+    if best_bm > 0:
+        out[:, 1] = [bm25.get(r, 0.0) / best_bm for r in pool]
+    out[:, 2] = score[p]
+    out[:, 3] = neighbour(-1)
+    out[:, 4] = neighbour(1)
+    out[:, 5] = np.maximum(neighbour(-2), neighbour(2))
+    hits = np.array([at[r] for r in fused if r in rows])
+    if len(hits):
+        same = together(p[:, None], hits[None, :])
+        out[:, 6] = np.where(same, score[hits][None, :], 0.0).max(axis=1)
+    if windows:
+        out[:, 7] = [
+            any(w.contains(rows[r].created_at, slack) for w in windows) for r in pool
+        ]
+    if common:
+        patterns = [re.compile(rf"(?<!\w){re.escape(w)}(?!\w)") for w in common]
+        for i, r in enumerate(pool):
+            text = rows[r].content.casefold()
+            out[i, 8] = sum(1 for pat in patterns if pat.search(text)) / len(patterns)
+    out[:, 9] = [math.log1p(len(rows[r].content)) / 6.0 for r in pool]
+    out[:, 10] = [v_rank.get(r, 0.0) for r in pool]
+    out[:, 11] = [t_rank.get(r, 0.0) for r in pool]
+    out[:, 12] = cos
+    return out
+
+
+def learned_scores(features: np.ndarray, weights: np.ndarray = WEIGHTS) -> np.ndarray:
+    """The linear score of each row (higher is better; a log-odds scale, not a probability)."""
+    return features @ weights
+
+
+def rank(
+    pool: Sequence[int],
+    vector_hits: Sequence[tuple[int, float]],
+    text_hits: Sequence[tuple[int, float]],
+    fused: Mapping[int, Scored],
+    rows: Mapping[int, Memory],
+    cosines: Mapping[int, float],
+    windows: Sequence[TimeWindow],
+    common: Collection[str],
+    preset: RecallPreset,
+    now: datetime,
+) -> list[tuple[Scored, Memory]]:
+    """`pool` best first by the learned score; importance and recency scale its odds
+    (score + ln(factor)), so they stay tie-breakers at the weights' scale."""
+    features = candidate_features(
+        pool, vector_hits, text_hits, fused, rows, cosines, windows, common, preset
+    )
+    scores = learned_scores(features)
+    bm25 = dict(text_hits)
+    ranked: list[tuple[Scored, Memory]] = []
+    for rid, score in zip(pool, scores, strict=True):
+        memory = rows[rid]
+        factor = boost(memory, now, preset)
+        ranked.append(
+            (Scored(rid, float(score) + math.log(max(factor, 1e-6)), cosines[rid],
+                    bm25.get(rid)), memory)
+        )
+    return best_first(ranked)
