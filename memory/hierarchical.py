@@ -617,11 +617,51 @@ class HierarchicalMemory:
             except Exception:
                 log.debug("could not count the common words of a user", exc_info=True)
 
+    async def explain_ranking(
+        self,
+        query: str,
+        user_id: str,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        turn_id: str | None = None,
+        top_k: int = 10,
+        *,
+        now: datetime | None = None,
+        preset: str | RecallPreset | None = None,
+    ) -> list[dict[str, Any]]:
+        """Why recall ranks as it does: every candidate `recall(top_k=top_k)` weighs, best
+        first (the first `top_k` are what it returns), with its score and, under the learned
+        ranker, the value of each of its features (`memory.ranker.FEATURES`)."""
+        chosen = get_preset(preset) if preset is not None else self.preset
+        common = await self._read(lambda: self._common_terms(query, user_id, chosen))
+        vector = await self.embed_query(drop_words(query, common))
+        ranked = await self._read(
+            lambda: self._ranked_sync(
+                query, Scope(user_id, session_id, agent_id, turn_id), top_k, None,
+                as_utc(now) if now else utcnow(), chosen, vector, common,
+            )
+        )
+        return [
+            {"memory": m, "score": s.score, "similarity": s.similarity, "bm25": s.bm25,
+             "features": dict(zip(ranker.FEATURES, map(float, s.features), strict=True))
+             if s.features is not None else {}}
+            for s, m in ranked
+        ]
+
     def _hybrid_sync(
         self, query: str, scope: Scope, top_k: int, categories: list[MemoryCategory] | None,
         now: datetime, preset: RecallPreset, vector: np.ndarray | None,
         common: frozenset[str] | None = None,
     ) -> list[SearchResult]:
+        ranked = self._ranked_sync(query, scope, top_k, categories, now, preset, vector, common)
+        return [SearchResult(m, s.similarity, s.score, s.bm25) for s, m in ranked[:top_k]]
+
+    def _ranked_sync(
+        self, query: str, scope: Scope, top_k: int, categories: list[MemoryCategory] | None,
+        now: datetime, preset: RecallPreset, vector: np.ndarray | None,
+        common: frozenset[str] | None = None,
+    ) -> list[tuple[Scored, Memory]]:
+        """Every candidate, best first: index hits, date-window rows, conversation context."""
         keys = scope.visible_keys()
         windows = query_windows(query, now) if preset.reads_dates else []
         if common is None:
@@ -648,13 +688,11 @@ class HierarchicalMemory:
         rows = self.store.get_by_rowids([*fused, *context_rowids(fused, preset)])
         with_context = add_context(fused, rows, scope, categories, preset)
         if preset.ranker == "learned" and vector is not None:
-            ranked = self._rank_learned(
+            return self._rank_learned(
                 with_context, fused, rows, vector_hits, text_hits, vector, windows, common,
                 preset, now,
             )
-        else:
-            ranked = rescore(with_context, rows, now, preset, windows)
-        return [SearchResult(m, s.similarity, s.score, s.bm25) for s, m in ranked[:top_k]]
+        return rescore(with_context, rows, now, preset, windows)
 
     def _rank_learned(
         self, pool: dict[int, Scored], fused: dict[int, Scored], rows: dict[int, Memory],

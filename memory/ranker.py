@@ -32,19 +32,19 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 # name: what it measures (per candidate), and its weight. Neighbour and sitting features read the
 # fused score (`recall.fuse`) of other candidates: 0 for a memory that was no hit.
 _TABLE: tuple[tuple[str, str, float], ...] = (
-    ("cos_scaled", "cosine, min-max scaled over the vector hits, clipped to [0, 1]", -1.58),
-    ("bm25_share", "BM25 / the best BM25 of the query (0 when not a text hit)", 0.25),
-    ("fused", "the fused score (0.35 scaled cosine + 0.65 scaled BM25)", 0.51),
-    ("prev_fused", "fused score of the memory written just before, same sitting", 2.79),
-    ("next_fused", "fused score of the memory written just after, same sitting", 1.01),
-    ("near_fused", "best fused score two rows away, same sitting", 1.80),
-    ("sitting_best", "best fused score among hits written within the context gap", 2.61),
-    ("in_window", "written in a time window the query names (or just after)", 3.81),
-    ("common_share", "share of the query's user-common words (e.g. a name) it contains", 2.36),
-    ("length", "log(1 + characters) / 6: a bare 'Thanks!' rarely answers anything", 7.80),
-    ("vector_rank", "1 / (1 + rank / 5) in the vector hits (0 when not a hit)", 1.60),
-    ("bm25_rank", "1 / (1 + rank / 5) in the BM25 hits (0 when not a hit)", 2.01),
-    ("cosine", "raw cosine with the query", 8.93),
+    ("cos_scaled", "cosine, min-max scaled over the vector hits, clipped to [0, 1]", -1.31),
+    ("bm25_share", "BM25 / the best BM25 of the query (0 when not a text hit)", -0.06),
+    ("fused", "the fused score (0.35 scaled cosine + 0.65 scaled BM25)", 1.11),
+    ("prev_fused", "fused score of the memory written just before, same sitting", 2.11),
+    ("next_fused", "fused score of the memory written just after, same sitting", 0.71),
+    ("near_fused", "best fused score two rows away, same sitting", 1.42),
+    ("sitting_best", "best fused score among hits written within the context gap", 1.88),
+    ("in_window", "written in a time window the query names (or just after)", 2.87),
+    ("common_share", "share of the query's user-common words (e.g. a name) it contains", 1.58),
+    ("length", "log(1 + characters) / 6: a bare 'Thanks!' rarely answers anything", 5.71),
+    ("vector_rank", "1 / (1 + rank / 5) in the vector hits (0 when not a hit)", 1.21),
+    ("bm25_rank", "1 / (1 + rank / 5) in the BM25 hits (0 when not a hit)", 1.48),
+    ("cosine", "raw cosine with the query", 6.04),
 )
 FEATURES: tuple[str, ...] = tuple(name for name, _, _ in _TABLE)
 WEIGHTS = np.array([w for _, _, w in _TABLE], dtype=np.float64)
@@ -162,11 +162,11 @@ def rank(
     scores = learned_scores(features)
     bm25 = dict(text_hits)
     ranked: list[tuple[Scored, Memory]] = []
-    for rid, score in zip(pool, scores, strict=True):
+    for i, (rid, score) in enumerate(zip(pool, scores, strict=True)):
         memory = rows[rid]
         factor = boost(memory, now, preset)
         ranked.append(
             (Scored(rid, float(score) + math.log(max(factor, 1e-6)), cosines[rid],
-                    bm25.get(rid)), memory)
+                    bm25.get(rid), features[i]), memory)
         )
     return best_first(ranked)

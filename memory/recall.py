@@ -15,6 +15,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, tzinfo
 
+import numpy as np
+
 from memory.errors import ConfigError
 from memory.models import Memory, MemoryCategory, Scope
 
@@ -202,6 +204,8 @@ class Scored:
     score: float
     similarity: float = 0.0
     bm25: float | None = None
+    # The learned ranker's feature values for this candidate (see `memory.ranker`).
+    features: np.ndarray | None = field(default=None, repr=False)
 
 
 def minmax(values: Sequence[float]) -> list[float]:

@@ -173,3 +173,26 @@ async def test_the_learned_ranker_without_a_query_vector_falls_back_to_fusion(
     bm25_only = replace(LEARNED, name="bm25-learned", w_vector=0.0, w_text=1.0)
     got = await memory.hybrid_search("lemon", "erin", now=NOW, preset=bm25_only)
     assert [r.memory.content for r in got] == ["tea with lemon"]
+
+
+async def test_explain_ranking_lists_every_candidate_with_its_features(
+    memory: HierarchicalMemory,
+) -> None:
+    await memory.add_many([
+        MemoryDraft("Any plans for the long weekend?", "fay", created_at=NOW, dedup=False),
+        MemoryDraft("Hiking the ridge trail.", "fay", created_at=NOW, dedup=False),
+        MemoryDraft("Bought new boots for the weekend", "fay",
+                    created_at=NOW - timedelta(days=9), dedup=False),
+    ])
+    explained = await memory.explain_ranking("long weekend plans", "fay", top_k=2, now=NOW)
+    recalled = await memory.recall("long weekend plans", "fay", top_k=2, now=NOW, touch=False)
+    assert [e["memory"].id for e in explained[:2]] == [m.id for m in recalled]
+    assert len(explained) == 3  # every candidate, not only the top 2
+    assert [e["score"] for e in explained] == sorted((e["score"] for e in explained), reverse=True)
+    assert set(explained[0]["features"]) == set(FEATURES)
+    hiking = next(e for e in explained if e["memory"].content.startswith("Hiking"))
+    assert hiking["features"]["prev_fused"] > 0
+    fused = await memory.explain_ranking(
+        "long weekend plans", "fay", now=NOW, preset=PRESETS["common"]
+    )
+    assert all(e["features"] == {} for e in fused)

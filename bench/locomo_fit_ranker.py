@@ -1,0 +1,112 @@
+"""Fit the learned ranker's weights (`memory/ranker.py`) on LoCoMo's dev conversations.
+
+    python bench/locomo_fit_ranker.py [--db PATH] [--data PATH] [--negatives 60] [--c 1.0]
+
+For every dev question (conv-26 … conv-44 only; the test conversations are never read), the
+engine's own candidates and feature values come from `HierarchicalMemory.explain_ranking`, so
+what is fitted is exactly what recall computes. A candidate is positive when it is one of the
+question's evidence turns. The fit is a pairwise logistic regression (RankNet with a linear
+scorer): for each question, each positive against up to `--negatives` sampled negatives, each
+question weighing the same, L2-regularised, solved by Newton's method (13 weights, a few
+seconds). It prints the weights as the rows of `ranker._TABLE`; paste them there, then run
+`bench/locomo_recall.py` to see dev and test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from locomo_recall import DEV, TOP_K, default_data_path, ingest, load  # noqa: E402
+
+from memory import HierarchicalMemory, MemoryConfig  # noqa: E402
+from memory.ranker import FEATURES  # noqa: E402
+
+
+def fit_pairwise(diffs: np.ndarray, weights: np.ndarray, c: float, steps: int = 50) -> np.ndarray:
+    """argmin_w Σ weight·log(1 + exp(−w·d)) + ‖w‖² / (2c), by Newton's method."""
+    w = np.zeros(diffs.shape[1])
+    for _ in range(steps):
+        margin = diffs @ w
+        p = 1.0 / (1.0 + np.exp(margin))  # σ(−margin): the pair's loss gradient share
+        grad = -(diffs * (weights * p)[:, None]).sum(axis=0) + w / c
+        hess = (diffs * (weights * p * (1 - p))[:, None]).T @ diffs + np.eye(len(w)) / c
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+async def collect(mem: HierarchicalMemory, convs: list, negatives: int, seed: int):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    diffs: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    questions = 0
+    for conv in convs:
+        now = conv.last + timedelta(days=1)
+        for q in conv.questions:
+            cands = await mem.explain_ranking(q.text, conv.id, top_k=TOP_K, now=now)
+            if not cands:
+                continue
+            x = np.array([[c["features"][f] for f in FEATURES] for c in cands])
+            evidence = set(q.evidence)
+            y = np.array([bool(evidence & set(c["memory"].metadata.get("dia_ids", [])))
+                          for c in cands])
+            pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+            if not len(pos) or not len(neg):
+                continue
+            if len(neg) > negatives:
+                neg = rng.choice(neg, negatives, replace=False)
+            d = (x[pos][:, None, :] - x[neg][None, :, :]).reshape(-1, x.shape[1])
+            diffs.append(d)
+            weights.append(np.full(len(d), 1.0 / len(d)))
+            questions += 1
+    return np.concatenate(diffs), np.concatenate(weights), questions
+
+
+async def run(args: argparse.Namespace) -> None:
+    convs = load(Path(args.data), "turns", DEV)
+    with tempfile.TemporaryDirectory() as tmp:
+        db = args.db or str(Path(tmp) / "locomo.db")
+        fresh = not Path(db).exists()
+        mem = await HierarchicalMemory.create(MemoryConfig(db_path=db))
+        try:
+            if fresh:
+                print("ingesting the dev conversations…", flush=True)
+                await ingest(mem, convs)
+            diffs, weights, n = await collect(mem, convs, args.negatives, args.seed)
+        finally:
+            await mem.close()
+    # Each question weighs 1 in all; scale so that c means what it does for per-pair losses.
+    weights *= len(diffs) / weights.sum()
+    w = fit_pairwise(diffs, weights, args.c * 1.0)
+    agree = float((weights * (diffs @ w > 0)).sum() / weights.sum())
+    print(f"{n} dev questions, {len(diffs)} pairs; pairs ordered right: {100 * agree:.1f} %")
+    for name, value in zip(FEATURES, w, strict=True):
+        print(f"    {name:<14} {value:6.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db", help="a turn-mode database from locomo_recall.py --db")
+    parser.add_argument("--data", default=str(default_data_path()))
+    parser.add_argument("--negatives", type=int, default=60)
+    parser.add_argument("--c", type=float, default=1.0, help="inverse L2 strength")
+    parser.add_argument("--seed", type=int, default=0)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
