@@ -7,8 +7,9 @@ engine's own candidates and feature values come from `HierarchicalMemory.explain
 what is fitted is exactly what recall computes. A candidate is positive when it is one of the
 question's evidence turns. The fit is a pairwise logistic regression (RankNet with a linear
 scorer): for each question, each positive against up to `--negatives` sampled negatives, each
-question weighing the same, L2-regularised, solved by Newton's method (13 weights, a few
-seconds). It prints the weights as the rows of `ranker._TABLE`; paste them there, then run
+question weighing the same, L2-regularised, solved by Newton's method (12 weights, a few
+seconds), with every weight but the answered-question penalty kept ≥ 0 (`fit_monotone`).
+It prints the weights as the rows of `ranker._TABLE`; paste them there, then run
 `bench/locomo_recall.py` to see dev and test.
 """
 
@@ -47,6 +48,26 @@ def fit_pairwise(diffs: np.ndarray, weights: np.ndarray, c: float, steps: int = 
         if np.abs(step).max() < 1e-8:
             break
     return w
+
+
+# Evidence of relevance must never lower a score: more cosine, more BM25, a better rank, a
+# matching neighbour or date or name only helps. Unconstrained, correlated features (raw and
+# scaled cosine) get weights of opposite signs that fit LoCoMo's score ranges and rank a
+# better-matching memory lower elsewhere. Only a question whose answer matched may lose.
+MAY_BE_NEGATIVE = frozenset({"question_answered"})
+
+
+def fit_monotone(diffs: np.ndarray, weights: np.ndarray, c: float) -> np.ndarray:
+    """`fit_pairwise` with the weights outside `MAY_BE_NEGATIVE` kept ≥ 0: the most negative
+    one is fixed at 0 and the rest refitted, until none is negative (an active-set method)."""
+    active = list(range(diffs.shape[1]))
+    while True:
+        w = np.zeros(diffs.shape[1])
+        w[active] = fit_pairwise(diffs[:, active], weights, c)
+        bad = [i for i in active if w[i] < 0 and FEATURES[i] not in MAY_BE_NEGATIVE]
+        if not bad:
+            return w
+        active.remove(min(bad, key=lambda i: w[i]))
 
 
 async def collect(mem: HierarchicalMemory, convs: list, negatives: int, seed: int):  # type: ignore[no-untyped-def]
@@ -91,11 +112,11 @@ async def run(args: argparse.Namespace) -> None:
             await mem.close()
     # Each question weighs 1 in all; scale so that c means what it does for per-pair losses.
     weights *= len(diffs) / weights.sum()
-    w = fit_pairwise(diffs, weights, args.c * 1.0)
+    w = fit_monotone(diffs, weights, args.c)
     agree = float((weights * (diffs @ w > 0)).sum() / weights.sum())
     print(f"{n} dev questions, {len(diffs)} pairs; pairs ordered right: {100 * agree:.1f} %")
     for name, value in zip(FEATURES, w, strict=True):
-        print(f"    {name:<14} {value:6.2f}")
+        print(f"    {name:<18} {value:6.2f}")
 
 
 def main() -> None:

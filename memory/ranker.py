@@ -1,12 +1,14 @@
 """The learned ranker: a linear score over features of each recall candidate.
 
 Fusion (`recall.fuse`) looks at one memory at a time. Which memory answers a question also
-depends on its surroundings: the turn before it matched (it answers that question), the sitting it
-was written in matched (the topic was discussed then), it names the person the question names,
-it was written on the date the question names. The weights below combine such signals; they were
-fitted once, offline, by `bench/locomo_fit_ranker.py` (pairwise logistic regression on the
-benchmark's dev conversations only, checked on held-out ones), and are plain data, so recall
-stays a few dot products, with no model call at query time.
+depends on its surroundings: the question written just before it matched (it answers that
+question), the sitting it was written in matched (the topic was discussed then), it names the
+person the question names, it was written on the date the question names. The weights below
+combine such signals; they were fitted once, offline, by `bench/locomo_fit_ranker.py`
+(pairwise logistic regression on the benchmark's dev conversations only, checked on held-out
+ones; every weight but the answered-question penalty is kept ≥ 0, so more evidence of relevance
+never lowers a score), and are plain data, so recall stays a few dot products, with no model
+call at query time.
 
 Every feature is computed from the candidate lists the engine already has (the vector hits, the
 BM25 hits, their rows and embeddings, the query's time windows, the words common in this
@@ -29,22 +31,21 @@ __all__ = ["FEATURES", "WEIGHTS", "candidate_features", "learned_scores", "rank"
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
-# name: what it measures (per candidate), and its weight. Neighbour and sitting features read the
+# name: what it measures (per candidate), and its weight. Question and sitting features read the
 # fused score (`recall.fuse`) of other candidates: 0 for a memory that was no hit.
 _TABLE: tuple[tuple[str, str, float], ...] = (
-    ("cos_scaled", "cosine, min-max scaled over the vector hits, clipped to [0, 1]", -1.31),
-    ("bm25_share", "BM25 / the best BM25 of the query (0 when not a text hit)", -0.06),
-    ("fused", "the fused score (0.35 scaled cosine + 0.65 scaled BM25)", 1.11),
-    ("prev_fused", "fused score of the memory written just before, same sitting", 2.11),
-    ("next_fused", "fused score of the memory written just after, same sitting", 0.71),
-    ("near_fused", "best fused score two rows away, same sitting", 1.42),
-    ("sitting_best", "best fused score among hits written within the context gap", 1.88),
-    ("in_window", "written in a time window the query names (or just after)", 2.87),
-    ("common_share", "share of the query's user-common words (e.g. a name) it contains", 1.58),
-    ("length", "log(1 + characters) / 6: a bare 'Thanks!' rarely answers anything", 5.71),
-    ("vector_rank", "1 / (1 + rank / 5) in the vector hits (0 when not a hit)", 1.21),
-    ("bm25_rank", "1 / (1 + rank / 5) in the BM25 hits (0 when not a hit)", 1.48),
-    ("cosine", "raw cosine with the query", 6.04),
+    ("cos_scaled", "cosine, min-max scaled over the vector hits, clipped to [0, 1]", 0.00),
+    ("bm25_share", "BM25 / the best BM25 of the query (0 when not a text hit)", 0.00),
+    ("fused", "the fused score (0.35 scaled cosine + 0.65 scaled BM25)", 0.00),
+    ("after_question", "fused score of the memory just before, same sitting, if it asks", 3.22),
+    ("question_answered", "for a memory that asks: fused score of the one just after", -0.76),
+    ("sitting_best", "best fused score among hits written within the context gap", 2.78),
+    ("in_window", "written in a time window the query names (or just after)", 3.14),
+    ("common_share", "share of the query's user-common words (e.g. a name) it contains", 1.64),
+    ("length", "log(1 + characters) / 6: a bare 'Thanks!' rarely answers anything", 4.78),
+    ("vector_rank", "1 / (1 + rank / 5) in the vector hits (0 when not a hit)", 0.25),
+    ("bm25_rank", "1 / (1 + rank / 5) in the BM25 hits (0 when not a hit)", 1.86),
+    ("cosine", "raw cosine with the query", 5.90),
 )
 FEATURES: tuple[str, ...] = tuple(name for name, _, _ in _TABLE)
 WEIGHTS = np.array([w for _, _, w in _TABLE], dtype=np.float64)
@@ -100,40 +101,48 @@ def candidate_features(
             & (np.abs(ts[a] - ts[b]) <= gap)
         )
 
-    def neighbour(offset: int) -> np.ndarray:
+    def neighbour(offset: int, asks: np.ndarray) -> np.ndarray:
+        """The fused score of the row `offset` away, written in the same sitting, where `asks`
+        (one flag per pool row, for that pair) holds; else 0."""
         other = np.array([at.get(r + offset, -1) for r in pool])
-        ok = other >= 0
+        ok = (other >= 0) & asks
         vals = np.zeros(n)
         if ok.any():
             o = other[ok]
             vals[ok] = np.where(together(p[ok], o), score[o], 0.0)
         return vals
 
+    # A question and its answer are written one after the other: the memory after a matching
+    # question is likely its answer, and the question itself is not. Facts written together
+    # in one block ask nothing, so their order in it never matters.
+    def asks(rid: int) -> bool:
+        row = rows.get(rid)
+        return row is not None and "?" in row.content
+
     cos = np.array([cosines[r] for r in pool])
     out[:, 0] = np.clip((cos - lo) / (hi - lo), 0.0, 1.0) if hi - lo > 1e-12 else 1.0
     if best_bm > 0:
         out[:, 1] = [bm25.get(r, 0.0) / best_bm for r in pool]
     out[:, 2] = score[p]
-    out[:, 3] = neighbour(-1)
-    out[:, 4] = neighbour(1)
-    out[:, 5] = np.maximum(neighbour(-2), neighbour(2))
+    out[:, 3] = neighbour(-1, np.array([asks(r - 1) for r in pool]))
+    out[:, 4] = neighbour(1, np.array([asks(r) for r in pool]))
     hits = np.array([at[r] for r in fused if r in rows])
     if len(hits):
         same = together(p[:, None], hits[None, :])
-        out[:, 6] = np.where(same, score[hits][None, :], 0.0).max(axis=1)
+        out[:, 5] = np.where(same, score[hits][None, :], 0.0).max(axis=1)
     if windows:
-        out[:, 7] = [
+        out[:, 6] = [
             any(w.contains(rows[r].created_at, slack) for w in windows) for r in pool
         ]
     if common:
         patterns = [re.compile(rf"(?<!\w){re.escape(w)}(?!\w)") for w in common]
         for i, r in enumerate(pool):
             text = rows[r].content.casefold()
-            out[i, 8] = sum(1 for pat in patterns if pat.search(text)) / len(patterns)
-    out[:, 9] = [math.log1p(len(rows[r].content)) / 6.0 for r in pool]
-    out[:, 10] = [v_rank.get(r, 0.0) for r in pool]
-    out[:, 11] = [t_rank.get(r, 0.0) for r in pool]
-    out[:, 12] = cos
+            out[i, 7] = sum(1 for pat in patterns if pat.search(text)) / len(patterns)
+    out[:, 8] = [math.log1p(len(rows[r].content)) / 6.0 for r in pool]
+    out[:, 9] = [v_rank.get(r, 0.0) for r in pool]
+    out[:, 10] = [t_rank.get(r, 0.0) for r in pool]
+    out[:, 11] = cos
     return out
 
 

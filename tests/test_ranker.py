@@ -49,32 +49,43 @@ def _features(rows: dict[int, Memory], vector_hits, text_hits, **kw):  # type: i
     )
 
 
-def test_neighbour_features_read_the_fused_score_of_the_same_sitting_only() -> None:
+def test_question_features_read_the_fused_score_of_the_same_sitting_only() -> None:
     earlier = NOW - timedelta(days=2)
     rows = {
-        1: mem("question about hiking"),
+        1: mem("any plans for hiking?"),
         2: mem("the answer"),
-        3: mem("someone else's row", user="v"),
+        3: mem("someone else's row?", user="v"),
         4: mem("a row from another day", when=earlier),
+        5: mem("a plain fact"),
+        6: mem("another plain fact"),
     }
-    vector_hits = [(1, 0.9), (3, 0.8), (4, 0.7), (2, 0.1)]
+    vector_hits = [(1, 0.9), (3, 0.8), (4, 0.7), (5, 0.6), (6, 0.5), (2, 0.1)]
     pool, fused, f = _features(rows, vector_hits, [])
     answer = f[pool.index(2)]
-    assert answer[col("prev_fused")] == pytest.approx(fused[1].score)
-    assert answer[col("next_fused")] == 0.0  # row 3 belongs to another user
-    assert f[pool.index(1)][col("next_fused")] == pytest.approx(fused[2].score)
-    assert f[pool.index(3)][col("next_fused")] == 0.0  # 3 → 4: another user
-    assert f[pool.index(4)][col("prev_fused")] == 0.0  # two days apart
+    assert answer[col("after_question")] == pytest.approx(fused[1].score)
+    assert f[pool.index(1)][col("question_answered")] == pytest.approx(fused[2].score)
+    assert answer[col("question_answered")] == 0.0  # "the answer" asks nothing
+    assert f[pool.index(4)][col("after_question")] == 0.0  # 3 asks, but is another user's
+    assert f[pool.index(3)][col("question_answered")] == 0.0  # 4: another user
+    assert f[pool.index(6)][col("after_question")] == 0.0  # facts in one block: order is moot
     assert answer[col("sitting_best")] == pytest.approx(fused[1].score)
     assert f[pool.index(4)][col("sitting_best")] == pytest.approx(fused[4].score)  # itself
 
 
 def test_sessions_split_sittings() -> None:
-    rows = {1: mem("a", session_id="s1"), 2: mem("b", session_id="s2"), 3: mem("c")}
+    rows = {1: mem("a?", session_id="s1"), 2: mem("b", session_id="s2"), 3: mem("c")}
     pool, fused, f = _features(rows, [(1, 0.9), (2, 0.5), (3, 0.4)], [])
-    assert f[pool.index(2)][col("prev_fused")] == 0.0
+    assert f[pool.index(2)][col("after_question")] == 0.0
     assert f[pool.index(2)][col("sitting_best")] == pytest.approx(fused[2].score)
-    assert f[pool.index(3)][col("near_fused")] == pytest.approx(fused[1].score)  # no session
+    assert f[pool.index(3)][col("sitting_best")] == pytest.approx(fused[1].score)  # no session
+
+
+def test_no_weight_lowers_a_score_for_more_evidence() -> None:
+    """Only the answered-question penalty may be negative: a higher cosine, BM25 rank, ...
+    never ranks a memory lower (see bench/locomo_fit_ranker.py)."""
+    for name, weight in zip(FEATURES, WEIGHTS, strict=True):
+        if name != "question_answered":
+            assert weight >= 0, name
 
 
 def test_score_features_are_scaled_per_query() -> None:
@@ -191,7 +202,7 @@ async def test_explain_ranking_lists_every_candidate_with_its_features(
     assert [e["score"] for e in explained] == sorted((e["score"] for e in explained), reverse=True)
     assert set(explained[0]["features"]) == set(FEATURES)
     hiking = next(e for e in explained if e["memory"].content.startswith("Hiking"))
-    assert hiking["features"]["prev_fused"] > 0
+    assert hiking["features"]["after_question"] > 0
     fused = await memory.explain_ranking(
         "long weekend plans", "fay", now=NOW, preset=PRESETS["common"]
     )
