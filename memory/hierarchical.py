@@ -573,9 +573,8 @@ class HierarchicalMemory:
         embedded without the words that are common in this user's memories."""
         chosen = get_preset(preset) if preset is not None else self.preset
         common: frozenset[str] | None = None
-        if query_vector is None and chosen.w_vector > 0:
-            common = await self._read(lambda: self._common_terms(query, user_id, chosen))
-            query_vector = await self.embed_query(drop_words(query, common))
+        if query_vector is None:
+            common, query_vector = await self._query_vector(query, user_id, chosen)
         return await self._read(
             lambda: self._hybrid_sync(
                 query, Scope(user_id, session_id, agent_id, turn_id), top_k,
@@ -583,6 +582,16 @@ class HierarchicalMemory:
                 as_utc(now) if now else utcnow(), chosen, query_vector, common,
             )
         )
+
+    async def _query_vector(
+        self, query: str, user_id: str, preset: RecallPreset
+    ) -> tuple[frozenset[str] | None, np.ndarray | None]:
+        """The query's user-common words and its embedding without them; neither when the
+        preset does not search vectors."""
+        if preset.w_vector <= 0:
+            return None, None
+        common = await self._read(lambda: self._common_terms(query, user_id, preset))
+        return common, await self.embed_query(drop_words(query, common))
 
     def _common_terms(self, query: str, user_id: str, preset: RecallPreset) -> frozenset[str]:
         """The query's words that are common in this user's memories (see `common_words`)."""
@@ -633,8 +642,7 @@ class HierarchicalMemory:
         first (the first `top_k` are what it returns), with its score and, under the learned
         ranker, the value of each of its features (`memory.ranker.FEATURES`)."""
         chosen = get_preset(preset) if preset is not None else self.preset
-        common = await self._read(lambda: self._common_terms(query, user_id, chosen))
-        vector = await self.embed_query(drop_words(query, common))
+        common, vector = await self._query_vector(query, user_id, chosen)
         ranked = await self._read(
             lambda: self._ranked_sync(
                 query, Scope(user_id, session_id, agent_id, turn_id), top_k, None,
@@ -688,31 +696,26 @@ class HierarchicalMemory:
         rows = self.store.get_by_rowids([*fused, *context_rowids(fused, preset)])
         with_context = add_context(fused, rows, scope, categories, preset)
         if preset.ranker == "learned" and vector is not None:
-            return self._rank_learned(
-                with_context, fused, rows, vector_hits, text_hits, vector, windows, common,
-                preset, now,
-            )
+            # add_context decides which neighbours join (visible, same sitting); the ranker
+            # then scores every candidate from its features, not from the context gains.
+            pool = [rid for rid in with_context if rid in rows]
+            cosines = self._cosines(pool, vector_hits, vector)
+            found = ranker.Candidates(vector_hits, text_hits, fused, rows, cosines, windows, common)
+            return ranker.rank([rid for rid in pool if rid in cosines], found, preset, now)
         return rescore(with_context, rows, now, preset, windows)
 
-    def _rank_learned(
-        self, pool: dict[int, Scored], fused: dict[int, Scored], rows: dict[int, Memory],
-        vector_hits: list[tuple[int, float]], text_hits: list[tuple[int, float]],
-        vector: np.ndarray, windows: list[TimeWindow], common: frozenset[str],
-        preset: RecallPreset, now: datetime,
-    ) -> list[tuple[Scored, Memory]]:
-        """`ranker.rank` over the hits and their context rows, with exact cosines for the
-        candidates the vector search did not return."""
-        ids = [rid for rid in pool if rid in rows]
+    def _cosines(
+        self, rowids: list[int], vector_hits: list[tuple[int, float]], vector: np.ndarray
+    ) -> dict[int, float]:
+        """The query's cosine with each of `rowids`: from the vector hits, else exact from the
+        stored embeddings (rows without one are left out)."""
         cosines = dict(vector_hits)
-        missing = [rid for rid in ids if rid not in cosines]
+        missing = [rid for rid in rowids if rid not in cosines]
         if missing:
             query = np.asarray(vector, dtype=np.float32)
             for rid, emb in self.store.embeddings_by_rowids(missing).items():
                 cosines[rid] = float(emb @ query)
-        ids = [rid for rid in ids if rid in cosines]
-        return ranker.rank(
-            ids, vector_hits, text_hits, fused, rows, cosines, windows, common, preset, now
-        )
+        return cosines
 
     def _window_hits(
         self, hits: list[tuple[int, float]], vector: Any, scope: Scope,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -27,9 +28,7 @@ import numpy as np
 from memory.models import Memory
 from memory.recall import RecallPreset, Scored, TimeWindow, best_first, boost
 
-__all__ = ["FEATURES", "WEIGHTS", "candidate_features", "learned_scores", "rank"]
-
-_WORD = re.compile(r"\w+", re.UNICODE)
+__all__ = ["FEATURES", "WEIGHTS", "Candidates", "candidate_features", "learned_scores", "rank"]
 
 # name: what it measures (per candidate), and its weight. Question and sitting features read the
 # fused score (`recall.fuse`) of other candidates: 0 for a memory that was no hit.
@@ -55,21 +54,30 @@ def _rank_feature(hits: Sequence[tuple[int, float]]) -> dict[int, float]:
     return {rid: 1.0 / (1.0 + rank / 5.0) for rank, (rid, _) in enumerate(hits)}
 
 
-def candidate_features(
-    pool: Sequence[int],
-    vector_hits: Sequence[tuple[int, float]],
-    text_hits: Sequence[tuple[int, float]],
-    fused: Mapping[int, Scored],
-    rows: Mapping[int, Memory],
-    cosines: Mapping[int, float],
-    windows: Sequence[TimeWindow],
-    common: Collection[str],
-    preset: RecallPreset,
-) -> np.ndarray:
-    """One row of `FEATURES` per rowid of `pool` (each must be in `rows` and `cosines`).
+@dataclass(frozen=True)
+class Candidates:
+    """What the engine fetched for one query; every feature reads only this.
 
     `vector_hits` (best first, with cosines) and `text_hits` (best first, with BM25) are the
-    index answers; `fused` their `recall.fuse` scores, before context is added."""
+    index answers; `fused` their `recall.fuse` scores, before context is added; `rows` and
+    `cosines` cover every candidate; `common` is the query's user-common words."""
+
+    vector_hits: Sequence[tuple[int, float]]
+    text_hits: Sequence[tuple[int, float]]
+    fused: Mapping[int, Scored]
+    rows: Mapping[int, Memory]
+    cosines: Mapping[int, float]
+    windows: Sequence[TimeWindow] = ()
+    common: Collection[str] | None = None
+
+
+def candidate_features(
+    pool: Sequence[int], found: Candidates, preset: RecallPreset
+) -> np.ndarray:
+    """One row of `FEATURES` per rowid of `pool` (each must be in `found.rows` and
+    `found.cosines`)."""
+    vector_hits, text_hits, fused = found.vector_hits, found.text_hits, found.fused
+    rows, cosines, windows, common = found.rows, found.cosines, found.windows, found.common
     n = len(pool)
     out = np.zeros((n, len(FEATURES)), dtype=np.float64)
     if n == 0:
@@ -152,30 +160,19 @@ def learned_scores(features: np.ndarray, weights: np.ndarray = WEIGHTS) -> np.nd
 
 
 def rank(
-    pool: Sequence[int],
-    vector_hits: Sequence[tuple[int, float]],
-    text_hits: Sequence[tuple[int, float]],
-    fused: Mapping[int, Scored],
-    rows: Mapping[int, Memory],
-    cosines: Mapping[int, float],
-    windows: Sequence[TimeWindow],
-    common: Collection[str],
-    preset: RecallPreset,
-    now: datetime,
+    pool: Sequence[int], found: Candidates, preset: RecallPreset, now: datetime
 ) -> list[tuple[Scored, Memory]]:
     """`pool` best first by the learned score; importance and recency scale its odds
     (score + ln(factor)), so they stay tie-breakers at the weights' scale."""
-    features = candidate_features(
-        pool, vector_hits, text_hits, fused, rows, cosines, windows, common, preset
-    )
+    features = candidate_features(pool, found, preset)
     scores = learned_scores(features)
-    bm25 = dict(text_hits)
+    bm25 = dict(found.text_hits)
     ranked: list[tuple[Scored, Memory]] = []
     for i, (rid, score) in enumerate(zip(pool, scores, strict=True)):
-        memory = rows[rid]
+        memory = found.rows[rid]
         factor = boost(memory, now, preset)
         ranked.append(
-            (Scored(rid, float(score) + math.log(max(factor, 1e-6)), cosines[rid],
+            (Scored(rid, float(score) + math.log(max(factor, 1e-6)), found.cosines[rid],
                     bm25.get(rid), features[i]), memory)
         )
     return best_first(ranked)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -376,6 +377,9 @@ async def test_recall_brings_the_answer_after_a_matching_question(
     assert "Hiking the ridge trail with my sister." not in [r.memory.content for r in plain]
     got = await memory.recall("long weekend plans", "alice", top_k=3, now=NOW)
     assert [m.content for m in got[:2]] == turns[:2]
+    results = await memory.hybrid_search("long weekend plans", "alice", top_k=3, now=NOW)
+    assert results[0].score > results[-1].score
+    assert all(math.isfinite(r.score) for r in results)
 
 
 async def test_recall_finds_what_was_said_on_the_date_the_question_names(
@@ -408,6 +412,9 @@ async def test_context_never_crosses_users_or_sessions(memory: HierarchicalMemor
         MemoryDraft("carol secret two", "carol", created_at=NOW, dedup=False),
     ])
     got = await memory.recall("sailing boats", "dave", top_k=10, now=NOW)
+    assert [m.content for m in got] == ["dave likes sailing boats"]
+    # A word only other users' rows hold still finds nothing of theirs.
+    got = await memory.recall("sailing boats secret", "dave", top_k=10, now=NOW)
     assert [m.content for m in got] == ["dave likes sailing boats"]
     in_session = await memory.recall("sailing boats", "dave", "s2", top_k=10, now=NOW)
     assert [m.content for m in in_session] == [

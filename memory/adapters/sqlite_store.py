@@ -182,36 +182,30 @@ class SQLiteMemoryStore:
             return None
         return np.frombuffer(row[0], dtype=np.float32)
 
-    def embeddings_by_rowids(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
-        out: dict[int, np.ndarray] = {}
+    def _rows_by_rowids(self, columns: str, rowids: Sequence[int], where: str = "") -> list[Any]:
+        """`SELECT columns` of these rows, in chunks that stay under SQLite's variable limit."""
         ids = [int(r) for r in rowids]
+        out: list[Any] = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            rows = self.db.conn.execute(
-                f"SELECT rid, embedding FROM memories WHERE rid IN ({','.join('?' * len(chunk))})"
-                " AND embedding IS NOT NULL",
+            out += self.db.conn.execute(
+                f"SELECT {columns} FROM memories"
+                f" WHERE rid IN ({','.join('?' * len(chunk))}){where}",
                 chunk,
             ).fetchall()
-            for rid, blob in rows:
-                out[int(rid)] = np.frombuffer(blob, dtype=np.float32)
         return out
+
+    def embeddings_by_rowids(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
+        rows = self._rows_by_rowids("rid, embedding", rowids, " AND embedding IS NOT NULL")
+        return {int(rid): np.frombuffer(blob, dtype=np.float32) for rid, blob in rows}
 
     def rowid_of(self, memory_id: str) -> int | None:
         row = self.db.conn.execute("SELECT rid FROM memories WHERE id = ?", (memory_id,)).fetchone()
         return None if row is None else int(row[0])
 
     def get_by_rowids(self, rowids: Sequence[int]) -> dict[int, Memory]:
-        out: dict[int, Memory] = {}
-        ids = list(rowids)
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            rows = self.db.conn.execute(
-                f"SELECT {_COLUMNS} FROM memories WHERE rid IN ({','.join('?' * len(chunk))})",
-                chunk,
-            ).fetchall()
-            for row in rows:
-                out[int(row["rid"])] = _row_to_memory(row)
-        return out
+        rows = self._rows_by_rowids(_COLUMNS, rowids)
+        return {int(row["rid"]): _row_to_memory(row) for row in rows}
 
     def query(self, flt: MemoryFilter) -> list[Memory]:
         where, params = where_clause(flt)
