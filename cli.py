@@ -38,15 +38,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from memory import transfer
-from memory.errors import (
+from .memory import transfer
+from .memory.errors import (
     EmbedderError,
     HeadroomMemoryError,
     ImportFormatError,
     MemoryNotFoundError,
 )
-from memory.hierarchical import HierarchicalMemory
-from memory.models import (
+from .memory.hierarchical import HierarchicalMemory
+from .memory.models import (
     EmbedderBackend,
     Memory,
     MemoryCategory,
@@ -56,7 +56,7 @@ from memory.models import (
     as_utc,
     default_db_path,
 )
-from proxy.config import ProxyConfig
+from .proxy.config import ProxyConfig
 
 __all__ = ["app", "main", "startup_summary"]
 
@@ -77,7 +77,7 @@ def _expected(exc: BaseException) -> bool:
     """Errors a user can cause (bad id, bad file, unreadable database) rather than bugs."""
     import sqlite3
 
-    from memory.db import sqlite_module
+    from .memory.db import sqlite_module
 
     try:
         sqlite_errors: tuple[type[BaseException], ...] = (sqlite3.Error, sqlite_module().Error)
@@ -321,8 +321,8 @@ class _RecordedModel:
 
 
 def _recorded_model(db: Path) -> _RecordedModel | None:
-    from memory.adapters import SQLiteMemoryStore
-    from memory.db import Database
+    from .memory.adapters import SQLiteMemoryStore
+    from .memory.db import Database
 
     database = Database(db)
     try:
@@ -489,7 +489,7 @@ async def _counts(db: Path) -> dict[str, Any]:
 
 def _model_id(config: MemoryConfig) -> str:
     """The id of the embedder `config` names, without loading it (nothing heavy is built)."""
-    from memory import embedders
+    from .memory import embedders
 
     embedder = embedders.make_embedder(config)
     closer = getattr(embedder, "close", None)
@@ -618,7 +618,7 @@ def serve(
         log_level=log_level.value,
     )
     _print_summary(startup_summary(config))
-    from proxy.server import serve as run_server
+    from .proxy.server import serve as run_server
 
     run_server(config)
 
@@ -1230,7 +1230,7 @@ class Check:
 
 
 def _check_sqlite() -> list[Check]:
-    from memory.db import sqlite_versions
+    from .memory.db import sqlite_versions
 
     fix = "pip install sqlite-vec sqlean-py (sqlean's SQLite loads extensions and has FTS5)"
     try:
@@ -1278,7 +1278,7 @@ def _check_database(db: Path, configured: str | None) -> Check:
 def _check_embedder(config: MemoryConfig) -> tuple[Check, str | None]:
     """Builds the configured embedder and embeds one text; returns the check and the model id
     (None when the embedder cannot even be built)."""
-    from memory import embedders
+    from .memory import embedders
 
     backend = config.embedder_backend
     fixes = {

@@ -51,7 +51,7 @@ def _int8_cache(fp32_dir: Path, target_cache: Path) -> None:
 def run_variant(variant: str, runs: int, cache_dir: Path) -> dict[str, object]:
     runtime, threads_text = variant.rsplit("-", 1)
     threads = int(threads_text)
-    from memory.embedders import LocalEmbedder, OnnxEmbedder
+    from headroom.memory.embedders import LocalEmbedder, OnnxEmbedder
 
     started = time.perf_counter()
     embedder: LocalEmbedder | OnnxEmbedder

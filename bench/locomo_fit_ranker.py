@@ -31,8 +31,8 @@ for path in (ROOT, ROOT / "bench"):
 
 from locomo_recall import DEV, TOP_K, default_data_path, ingest, load  # noqa: E402
 
-from memory import HierarchicalMemory, MemoryConfig  # noqa: E402
-from memory.ranker import FEATURES  # noqa: E402
+from headroom.memory import HierarchicalMemory, MemoryConfig  # noqa: E402
+from headroom.memory.ranker import FEATURES  # noqa: E402
 
 
 def fit_pairwise(diffs: np.ndarray, weights: np.ndarray, c: float, steps: int = 50) -> np.ndarray:

@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from memory import HierarchicalMemory, MemoryConfig  # noqa: E402
-from memory.hierarchical import MemoryDraft  # noqa: E402
-from memory.recall import PRESETS  # noqa: E402
+from headroom.memory import HierarchicalMemory, MemoryConfig  # noqa: E402
+from headroom.memory.hierarchical import MemoryDraft  # noqa: E402
+from headroom.memory.recall import PRESETS  # noqa: E402
 
 DEV = ("conv-26", "conv-30", "conv-41", "conv-42", "conv-43", "conv-44")
 TEST = ("conv-47", "conv-48", "conv-49", "conv-50")

@@ -165,7 +165,7 @@ def start_upstream() -> tuple[subprocess.Popen[bytes], str]:
 def start_proxy(upstream: str, db: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     code = (
-        "from proxy.server import serve; from proxy.config import ProxyConfig; "
+        "from headroom.proxy.server import serve; from headroom.proxy.config import ProxyConfig; "
         f"serve(ProxyConfig(port={port}, upstream_url={upstream!r}, db_path={str(db)!r}, "
         "log_level='warning'))"
     )
@@ -199,8 +199,8 @@ def build_store(size: int, users: int, pool_size: int) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     cached = CACHE / f"proxy-store-{size}-{users}-{pool_size}.db"
     if size and not cached.exists():
-        from memory.hierarchical import HierarchicalMemory
-        from memory.models import MemoryConfig
+        from headroom.memory.hierarchical import HierarchicalMemory
+        from headroom.memory.models import MemoryConfig
 
         embedder = real_embedder("default", 1, cached=False)
         pool = make_memory_pool(pool_size)

@@ -51,10 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from memory import HierarchicalMemory, MemoryConfig, MemoryDraft  # noqa: E402
-from memory.db import sqlite_versions  # noqa: E402
-from memory.models import Scope, utcnow  # noqa: E402
-from memory.recall import clean_query, fuse, rescore  # noqa: E402
+from headroom.memory import HierarchicalMemory, MemoryConfig, MemoryDraft  # noqa: E402
+from headroom.memory.db import sqlite_versions  # noqa: E402
+from headroom.memory.models import Scope, utcnow  # noqa: E402
+from headroom.memory.recall import clean_query, fuse, rescore  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 
@@ -334,7 +334,7 @@ class TimingEmbedder:
 def real_embedder(runtime: str, threads: int, *, cached: bool) -> Any:
     """The production wiring (`make_embedder`, optionally behind `CachedEmbedder`) for a local
     runtime ("torch" or "onnx") pinned to `threads` threads."""
-    from memory.embedders import CachedEmbedder, OnnxEmbedder, make_embedder
+    from headroom.memory.embedders import CachedEmbedder, OnnxEmbedder, make_embedder
 
     config = MemoryConfig(db_path=":memory:", torch_threads=threads)
     if runtime == "default":
@@ -415,7 +415,7 @@ def db_file(name: str) -> Path:
 
 def table_bytes(db_path: Path) -> dict[str, int]:
     """Bytes per table/index (dbstat), biggest first, for the few that matter."""
-    from memory.db import connect
+    from headroom.memory.db import connect
 
     conn = connect(db_path)
     try:

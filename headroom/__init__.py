@@ -1,10 +1,10 @@
 """Headroom Memory's public API: `from headroom import with_memory`.
 
-A thin re-export package; the code lives in `memory/` (the engine) and `proxy/` (the proxy and
-the in-process wrapper).
+Installed, everything lives under this one name: `headroom.memory` (the engine, the repository's
+`memory/`), `headroom.proxy` (the HTTP proxy, `proxy/`) and `headroom.cli` (`cli.py`).
 """
 
-from memory import (
+from .memory import (
     EmbedderBackend,
     HierarchicalMemory,
     Memory,
@@ -27,7 +27,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # with_memory pulls in the proxy pipeline; import it only when asked for.
     if name == "with_memory":
-        from proxy.wrapper import with_memory
+        from .proxy.wrapper import with_memory
 
         return with_memory
     raise AttributeError(name)

@@ -1,6 +1,6 @@
 """The Headroom memory engine: hierarchical, temporal memory on SQLite + sqlite-vec + FTS5."""
 
-from memory.errors import (
+from .errors import (
     ConfigError,
     EmbedderError,
     HeadroomMemoryError,
@@ -10,8 +10,8 @@ from memory.errors import (
     SupersededError,
     ValidationError,
 )
-from memory.hierarchical import HierarchicalMemory, MemoryDraft
-from memory.models import (
+from .hierarchical import HierarchicalMemory, MemoryDraft
+from .models import (
     EmbedderBackend,
     Memory,
     MemoryCategory,

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from memory.errors import StorageError
+from .errors import StorageError
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,15 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from memory import ranker, temporal
-from memory.common_words import CommonWords
-from memory.embedders.cached import CachedEmbedder
-from memory.errors import (
+from . import ranker, temporal
+from .common_words import CommonWords
+from .embedders.cached import CachedEmbedder
+from .errors import (
     ConfigError,
     MemoryNotFoundError,
     ValidationError,
 )
-from memory.models import (
+from .models import (
     Memory,
     MemoryCategory,
     MemoryConfig,
@@ -40,8 +40,8 @@ from memory.models import (
     as_utc,
     utcnow,
 )
-from memory.ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
-from memory.recall import (
+from .ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
+from .recall import (
     RecallPreset,
     Scored,
     TimeWindow,
@@ -848,7 +848,7 @@ class HierarchicalMemory:
     # --- export / import ------------------------------------------------------------------------
 
     async def export_jsonl(self, dest: str | Path | IO[str], user_id: str | None = None) -> int:
-        from memory.transfer import export_jsonl
+        from .transfer import export_jsonl
 
         return await self._read(lambda: export_jsonl(self, dest, user_id))
 
@@ -856,7 +856,7 @@ class HierarchicalMemory:
         self, source: str | Path | IO[str],
         on_progress: Callable[[int], None] | None = None,
     ) -> dict[str, int]:
-        from memory.transfer import import_jsonl
+        from .transfer import import_jsonl
 
         return await import_jsonl(self, source, on_progress)
 
@@ -864,7 +864,7 @@ class HierarchicalMemory:
 
     async def start(self) -> None:
         """Start the outbox worker; it first replays whatever a previous process left."""
-        from memory.writer import OutboxWorker
+        from .writer import OutboxWorker
 
         if self._worker is None:
             self._worker = OutboxWorker(self)
@@ -947,14 +947,14 @@ def _exact_knn(
 
 def _build_defaults(config: MemoryConfig, embedder: Embedder | None) -> tuple[Any, ...]:
     """Open the file and build the default adapters (runs on the writer thread)."""
-    from memory.adapters import FTS5TextIndex, LRUMemoryCache, SQLiteMemoryStore, SqliteVecIndex
-    from memory.db import Database
+    from .adapters import FTS5TextIndex, LRUMemoryCache, SQLiteMemoryStore, SqliteVecIndex
+    from .db import Database
 
     db = Database(config.db_path)  # type: ignore[arg-type]
     try:
         store = SQLiteMemoryStore(db)
         if embedder is None:
-            from memory.embedders import make_embedder
+            from .embedders import make_embedder
 
             embedder = make_embedder(config)
         recorded_model = store.get_setting("embedding_model")

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from memory.timefmt import to_db
+from .timefmt import to_db
 
 log = logging.getLogger(__name__)
 

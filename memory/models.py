@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from memory.errors import ConfigError, ValidationError
+from .errors import ConfigError, ValidationError
 
 __all__ = [
     "AddOp",

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from memory.models import Memory, MemoryCategory, MemoryFilter, VectorFilter
+from .models import Memory, MemoryCategory, MemoryFilter, VectorFilter
 
 __all__ = [
     "Embedder",

@@ -25,8 +25,8 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from memory.models import Memory
-from memory.recall import RecallPreset, Scored, TimeWindow, best_first, boost
+from .models import Memory
+from .recall import RecallPreset, Scored, TimeWindow, best_first, boost
 
 __all__ = ["FEATURES", "WEIGHTS", "Candidates", "candidate_features", "learned_scores", "rank"]
 

@@ -17,8 +17,8 @@ from datetime import datetime, timedelta, tzinfo
 
 import numpy as np
 
-from memory.errors import ConfigError
-from memory.models import Memory, MemoryCategory, Scope
+from .errors import ConfigError
+from .models import Memory, MemoryCategory, Scope
 
 __all__ = [
     "PRESETS",

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime
 
-from memory.errors import SupersededError, ValidationError
-from memory.models import Memory, MemoryCategory, Scope, new_id
+from .errors import SupersededError, ValidationError
+from .models import Memory, MemoryCategory, Scope, new_id
 
 __all__ = ["common_scope", "forget", "promote", "should_bubble", "supersede"]
 

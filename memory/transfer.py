@@ -13,11 +13,11 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from memory.errors import HeadroomMemoryError, ImportFormatError
-from memory.models import Memory, utcnow
+from .errors import HeadroomMemoryError, ImportFormatError
+from .models import Memory, utcnow
 
 if TYPE_CHECKING:
-    from memory.hierarchical import HierarchicalMemory
+    from .hierarchical import HierarchicalMemory
 
 __all__ = ["export_jsonl", "import_jsonl"]
 

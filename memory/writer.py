@@ -14,11 +14,11 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from memory.errors import HeadroomMemoryError
-from memory.models import MemoryOps, Scope, utcnow
+from .errors import HeadroomMemoryError
+from .models import MemoryOps, Scope, utcnow
 
 if TYPE_CHECKING:
-    from memory.hierarchical import HierarchicalMemory
+    from .hierarchical import HierarchicalMemory
 
 log = logging.getLogger("headroom.writer")
 
@@ -154,7 +154,7 @@ class OutboxWorker:
 
 
 def _draft_memory(mem: HierarchicalMemory, add: Any, scope: Scope) -> Any:
-    from memory.hierarchical import MemoryDraft
+    from .hierarchical import MemoryDraft
 
     return MemoryDraft(
         add.text, scope.user_id, scope.session_id, scope.agent_id, scope.turn_id,

@@ -14,13 +14,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from memory.ports import Embedder
-from proxy.config import ProxyConfig
-from proxy.errors import ProxyError, error_body, error_response
-from proxy.passthrough import forward
-from proxy.pipeline import chat_completions
-from proxy.service import MemoryService
-from proxy.upstream import Upstream
+from ..memory.ports import Embedder
+from .config import ProxyConfig
+from .errors import ProxyError, error_body, error_response
+from .passthrough import forward
+from .pipeline import chat_completions
+from .service import MemoryService
+from .upstream import Upstream
 
 log = logging.getLogger("headroom.proxy")
 

@@ -21,8 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from memory.models import AddOp, ForgetOp, MemoryCategory, MemoryOps, ScopeLevel, UpdateOp
-from proxy.stream import BlockStripper
+from ..memory.models import AddOp, ForgetOp, MemoryCategory, MemoryOps, ScopeLevel, UpdateOp
+from .stream import BlockStripper
 
 __all__ = ["MAX_ITEMS", "MAX_TEXT_CHARS", "ParsedBlock", "parse_ops", "split_block"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memory.models import EmbedderBackend, MemoryConfig, default_db_path
+from ..memory.models import EmbedderBackend, MemoryConfig, default_db_path
 
 __all__ = ["ProxyConfig"]
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from memory.models import Memory
+from ..memory.models import Memory
 
 __all__ = [
     "EXTRACTION_INSTRUCTION",

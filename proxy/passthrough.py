@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from proxy.errors import PayloadTooLargeError
-from proxy.upstream import Upstream, request_headers, response_headers, target
+from .errors import PayloadTooLargeError
+from .upstream import Upstream, request_headers, response_headers, target
 
 __all__ = ["ClosingStreamingResponse", "forward", "read_body"]
 

@@ -17,15 +17,15 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.block import parse_ops
-from proxy.config import ProxyConfig
-from proxy.errors import BadRequestError, error_body
-from proxy.inject import inject, query_text
-from proxy.passthrough import ClosingStreamingResponse, forward, read_body
-from proxy.scope import RequestScope, scope_from_request
-from proxy.service import MemoryService
-from proxy.stream import Block, StreamStripper, pick_block, strip_completion
-from proxy.upstream import Upstream, request_headers, response_headers, target
+from .block import parse_ops
+from .config import ProxyConfig
+from .errors import BadRequestError, error_body
+from .inject import inject, query_text
+from .passthrough import ClosingStreamingResponse, forward, read_body
+from .scope import RequestScope, scope_from_request
+from .service import MemoryService
+from .stream import Block, StreamStripper, pick_block, strip_completion
+from .upstream import Upstream, request_headers, response_headers, target
 
 log = logging.getLogger("headroom.proxy")
 

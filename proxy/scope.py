@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from memory.models import Scope
-from proxy.errors import BadRequestError
+from ..memory.models import Scope
+from .errors import BadRequestError
 
 __all__ = ["HEADROOM_HEADER_PREFIX", "MemoryMode", "RequestScope", "scope_from_request"]
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import uvicorn
 
-from proxy.app import create_app
-from proxy.config import ProxyConfig
+from .app import create_app
+from .config import ProxyConfig
 
 __all__ = ["serve"]
 

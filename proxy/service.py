@@ -13,9 +13,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from memory.hierarchical import HierarchicalMemory
-from memory.models import Memory, MemoryConfig, MemoryOps, Scope
-from memory.ports import Embedder
+from ..memory.hierarchical import HierarchicalMemory
+from ..memory.models import Memory, MemoryConfig, MemoryOps, Scope
+from ..memory.ports import Embedder
 
 log = logging.getLogger("headroom.proxy")
 

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.sse import SSEDecoder, SSEEvent
+from .sse import SSEDecoder, SSEEvent
 
 __all__ = [
     "CLOSE_TAG",

@@ -10,9 +10,9 @@ import anyio
 import httpx
 from starlette.datastructures import MutableHeaders
 
-from proxy.config import ProxyConfig
-from proxy.errors import UpstreamTimeoutError, UpstreamUnreachableError
-from proxy.scope import HEADROOM_HEADER_PREFIX
+from .config import ProxyConfig
+from .errors import UpstreamTimeoutError, UpstreamUnreachableError
+from .scope import HEADROOM_HEADER_PREFIX
 
 __all__ = ["HOP_BY_HOP", "Upstream", "request_headers", "response_headers", "target"]
 

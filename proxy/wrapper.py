@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from memory.models import (
+from ..memory.models import (
     EmbedderBackend,
     Memory,
     MemoryCategory,
@@ -29,11 +29,11 @@ from memory.models import (
     Scope,
     ScopeLevel,
 )
-from memory.ports import Embedder
-from proxy.pipeline import Prepared, prepare, store_block
-from proxy.scope import MemoryMode, RequestScope
-from proxy.service import MemoryService
-from proxy.stream import Block, ChunkRewriter, SSEEvent, pick_block, strip_completion
+from ..memory.ports import Embedder
+from .pipeline import Prepared, prepare, store_block
+from .scope import MemoryMode, RequestScope
+from .service import MemoryService
+from .stream import Block, ChunkRewriter, SSEEvent, pick_block, strip_completion
 
 log = logging.getLogger("headroom.wrapper")
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from memory.db import sqlite_versions
-from memory.embedders import LocalEmbedder
-from memory.hierarchical import HierarchicalMemory
-from memory.models import MemoryConfig
+from headroom.memory.db import sqlite_versions
+from headroom.memory.embedders import LocalEmbedder
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import MemoryConfig
 from tests.fakes import FakeEmbedder
 
 

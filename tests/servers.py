@@ -338,7 +338,7 @@ class Proxy:
 
     def memories(self, user_id: str, *, include_superseded: bool = False) -> list[Any]:
         """Every memory row of a user (all scopes), after `settle()`."""
-        from memory.models import MemoryFilter
+        from headroom.memory.models import MemoryFilter
 
         self.settle()
         return self.run(self.engine.query(MemoryFilter(
@@ -386,8 +386,8 @@ def running_proxy(
 ) -> Iterator[Proxy]:
     """A proxy on a fresh port with its database at `db_path`, in front of `upstream` (a new
     FakeUpstream by default; `upstream_url` points it somewhere else instead)."""
-    from proxy.app import create_app
-    from proxy.config import ProxyConfig
+    from headroom.proxy.app import create_app
+    from headroom.proxy.config import ProxyConfig
 
     with contextlib.ExitStack() as stack:
         fake = upstream or FakeUpstream()
@@ -423,7 +423,7 @@ def memory_block(add: list[Any] | None = None, update: list[Any] | None = None,
 
 def recalled(body: dict[str, Any]) -> str | None:
     """The content of the injected memory message in an upstream request body, if any."""
-    from proxy.inject import MEMORY_PREAMBLE
+    from headroom.proxy.inject import MEMORY_PREAMBLE
 
     for message in body.get("messages", []):
         content = message.get("content")
@@ -436,7 +436,7 @@ def recalled(body: dict[str, Any]) -> str | None:
 
 def instructed(body: dict[str, Any]) -> bool:
     """True when the upstream request carries the extraction instruction (anywhere)."""
-    from proxy.inject import EXTRACTION_INSTRUCTION
+    from headroom.proxy.inject import EXTRACTION_INSTRUCTION
 
     return any(m.get("content") == EXTRACTION_INSTRUCTION for m in body.get("messages", []))
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from memory.models import AddOp, ForgetOp, MemoryCategory, MemoryOps, ScopeLevel, UpdateOp
-from proxy.block import MAX_ITEMS, MAX_TEXT_CHARS, ParsedBlock, parse_ops, split_block
+from headroom.memory.models import AddOp, ForgetOp, MemoryCategory, MemoryOps, ScopeLevel, UpdateOp
+from headroom.proxy.block import MAX_ITEMS, MAX_TEXT_CHARS, ParsedBlock, parse_ops, split_block
 
 FAST = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

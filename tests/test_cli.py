@@ -23,9 +23,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
-import cli
-from memory.hierarchical import HierarchicalMemory
-from memory.models import EmbedderBackend, MemoryConfig
+from headroom import cli
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import EmbedderBackend, MemoryConfig
 from tests.fakes import FakeEmbedder
 from tests.servers import free_port, running_upstream
 
@@ -42,9 +42,8 @@ def db(tmp_path: Path) -> Path:
 @pytest.fixture
 def hr(monkeypatch: pytest.MonkeyPatch, local_embedder: Any, db: Path) -> Invoke:
     """Run `headroom ARGS --db <temp db>` in-process; `expect` is the exit code."""
-    import memory.embedders
-
-    monkeypatch.setattr(memory.embedders, "make_embedder", lambda config: local_embedder)
+    import headroom.memory.embedders
+    monkeypatch.setattr(headroom.memory.embedders, "make_embedder", lambda config: local_embedder)
     monkeypatch.setenv("COLUMNS", "200")  # rich tables wide enough not to wrap ids
     runner = CliRunner()
 
@@ -388,18 +387,18 @@ def test_embedder_trouble_is_one_line(
     result = hr("memories", "add", "Anything", "--user", "alice", db_path=other_model, expect=1)
     assert_one_line_error(result, "built with embedder fake:bow-64")
 
-    import memory.embedders
-    from memory.errors import EmbedderError
+    import headroom.memory.embedders
+    from headroom.memory.errors import EmbedderError
 
     broken = FakeEmbedder()
     broken.fail_with = EmbedderError("could not load the model\nCheck your internet connection")
-    monkeypatch.setattr(memory.embedders, "make_embedder", lambda config: broken)
+    monkeypatch.setattr(headroom.memory.embedders, "make_embedder", lambda config: broken)
     failed = hr("memories", "add", "Anything", "--user", "alice", expect=1)
     assert_one_line_error(failed, "could not load the model Check your internet connection")
 
 
 def test_debug_shows_the_traceback(hr: Invoke, db: Path) -> None:
-    from memory.errors import MemoryNotFoundError
+    from headroom.memory.errors import MemoryNotFoundError
 
     add(hr, "Works at Google")
     runner = CliRunner()
@@ -478,11 +477,10 @@ def test_doctor_reports_failures_with_fixes(hr: Invoke, tmp_path: Path) -> None:
 def test_serve_builds_its_config_from_flags_and_environment(
     hr: Invoke, db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import proxy.server
-
+    import headroom.proxy.server
     add(hr, "Works at Google")
     started: list[Any] = []
-    monkeypatch.setattr(proxy.server, "serve", lambda config, **kw: started.append(config))
+    monkeypatch.setattr(headroom.proxy.server, "serve", lambda config, **kw: started.append(config))
     env = {
         "HEADROOM_DB": str(db), "HEADROOM_TOP_K": "7", "HEADROOM_TOKEN_BUDGET": "300",
         "HEADROOM_UPSTREAM_KEY": "sk-server", "HEADROOM_LOG_LEVEL": "DEBUG",
@@ -504,7 +502,7 @@ def test_serve_builds_its_config_from_flags_and_environment(
 
 
 def test_startup_summary(hr: Invoke, db: Path, tmp_path: Path) -> None:
-    from proxy.config import ProxyConfig
+    from headroom.proxy.config import ProxyConfig
 
     fresh = cli.startup_summary(ProxyConfig(host="0.0.0.0", port=9000, db_path=tmp_path / "n.db"))
     assert fresh["client_base_url"] == "http://127.0.0.1:9000/v1"
@@ -527,7 +525,7 @@ def test_startup_summary(hr: Invoke, db: Path, tmp_path: Path) -> None:
 def test_startup_summary_warns_when_the_embedder_cannot_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from proxy.config import ProxyConfig
+    from headroom.proxy.config import ProxyConfig
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     config = ProxyConfig(db_path=tmp_path / "m.db", embedder_backend=EmbedderBackend.OPENAI)
@@ -544,7 +542,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def headroom(*args: Any, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, env=_env(),
+        [sys.executable, "-m", "headroom", *map(str, args)], cwd=ROOT, env=_env(),
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -556,7 +554,7 @@ def test_process_add_then_read_without_loading_the_model(db: Path) -> None:
     memory_id = json.loads(added.stdout)["id"]
 
     script = (
-        "import sys, cli\n"
+        "import sys\nfrom headroom import cli\n"
         "for argv in sys.argv[1:]:\n"
         "    try:\n"
         "        cli.main(argv.split('|'))\n"
@@ -605,7 +603,7 @@ def serve_process(db: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
     with running_upstream() as (upstream_url, _):
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", "--port", str(port), "--db", str(db),
+            [sys.executable, "-m", "headroom", "serve", "--port", str(port), "--db", str(db),
              "--upstream", upstream_url, "--log-level", "info"],
             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from memory.common_words import CommonWords, frequent_words
-from memory.hierarchical import HierarchicalMemory, MemoryDraft
-from memory.models import MemoryFilter
+from headroom.memory.common_words import CommonWords, frequent_words
+from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
+from headroom.memory.models import MemoryFilter
 
 NOW = datetime(2024, 3, 15, 12, 0, tzinfo=UTC)
 

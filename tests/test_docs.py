@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import typer
 
-import cli
+from headroom import cli
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

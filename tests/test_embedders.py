@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import respx
 
-import memory.embedders.local as local_module
-from memory.embedders import (
+import headroom.memory.embedders.local as local_module
+from headroom.memory.embedders import (
     CachedEmbedder,
     LocalEmbedder,
     OllamaEmbedder,
@@ -30,10 +30,10 @@ from memory.embedders import (
     import_torch,
     make_embedder,
 )
-from memory.embedders.local import resolve_local_model
-from memory.errors import ConfigError, EmbedderError
-from memory.models import EmbedderBackend, MemoryConfig
-from memory.ports import Embedder
+from headroom.memory.embedders.local import resolve_local_model
+from headroom.memory.errors import ConfigError, EmbedderError
+from headroom.memory.models import EmbedderBackend, MemoryConfig
+from headroom.memory.ports import Embedder
 from tests.fakes import FakeEmbedder
 
 QUERY = "what language should I use for my microservice?"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from memory.db import connect
-from memory.errors import ConfigError
-from memory.hierarchical import HierarchicalMemory, MemoryDraft
-from memory.models import MemoryConfig
+from headroom.memory.db import connect
+from headroom.memory.errors import ConfigError
+from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
+from headroom.memory.models import MemoryConfig
 from tests.fakes import FakeEmbedder
 
 

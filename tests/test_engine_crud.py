@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from memory.db import connect
-from memory.errors import (
+from headroom.memory.db import connect
+from headroom.memory.errors import (
     ConfigError,
     EmbedderError,
     HeadroomMemoryError,
     MemoryNotFoundError,
     ValidationError,
 )
-from memory.hierarchical import HierarchicalMemory, MemoryDraft
-from memory.models import MemoryCategory, MemoryConfig, MemoryFilter
+from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
+from headroom.memory.models import MemoryCategory, MemoryConfig, MemoryFilter
 from tests.fakes import FakeEmbedder
 
 TABLES = ("memories", "memory_events", "memory_vectors", "memories_fts", "outbox")

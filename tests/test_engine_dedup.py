@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from memory.hierarchical import HierarchicalMemory
-from memory.models import MemoryConfig, MemoryFilter, Scope, ScopeLevel
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import MemoryConfig, MemoryFilter, Scope, ScopeLevel
 from tests.fakes import FakeEmbedder
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory.errors import MemoryNotFoundError, SupersededError
-from memory.hierarchical import HierarchicalMemory
-from memory.models import Memory, MemoryConfig, MemoryFilter
+from headroom.memory.errors import MemoryNotFoundError, SupersededError
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import Memory, MemoryConfig, MemoryFilter
 from tests.fakes import FakeEmbedder
 
 USERS = ["u0", "u1", "u2", "u3"]

@@ -10,10 +10,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from memory.db import connect
-from memory.hierarchical import HierarchicalMemory
-from memory.migrations import MIGRATIONS
-from memory.models import MemoryConfig, MemoryFilter
+from headroom.memory.db import connect
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.migrations import MIGRATIONS
+from headroom.memory.models import MemoryConfig, MemoryFilter
 from tests.fakes import FakeEmbedder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +79,8 @@ async def test_another_process_reads_while_open(tmp_path: Path) -> None:
         await mem.add("Plays the cello", "bob")
         code = """
             import asyncio, json, sys
-            from memory.hierarchical import HierarchicalMemory
-            from memory.models import MemoryConfig, MemoryFilter
+            from headroom.memory.hierarchical import HierarchicalMemory
+            from headroom.memory.models import MemoryConfig, MemoryFilter
             from tests.fakes import FakeEmbedder
 
             async def main():
@@ -168,8 +168,8 @@ async def test_a_second_process_writing_at_the_same_time(tmp_path: Path) -> None
     mem = await open_memory(path)
     code = """
         import asyncio, sys
-        from memory.hierarchical import HierarchicalMemory, MemoryDraft
-        from memory.models import MemoryConfig
+        from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
+        from headroom.memory.models import MemoryConfig
         from tests.fakes import FakeEmbedder
 
         async def main():

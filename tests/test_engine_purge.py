@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from memory.adapters.fts5_index import user_token
-from memory.db import connect
-from memory.errors import MemoryNotFoundError
-from memory.hierarchical import HierarchicalMemory
-from memory.models import MemoryFilter, MemoryOps, Scope, UpdateOp
+from headroom.memory.adapters.fts5_index import user_token
+from headroom.memory.db import connect
+from headroom.memory.errors import MemoryNotFoundError
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import MemoryFilter, MemoryOps, Scope, UpdateOp
 
 SECRET = "xylophonist"  # a word only alice's memories contain
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from memory.hierarchical import HierarchicalMemory
-from memory.models import (
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import (
     AddOp,
     MemoryFilter,
     MemoryOps,

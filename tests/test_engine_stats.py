@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memory.hierarchical import HierarchicalMemory
+from headroom.memory.hierarchical import HierarchicalMemory
 
 
 async def populate(memory: HierarchicalMemory) -> None:

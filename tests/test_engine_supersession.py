@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from memory.errors import MemoryNotFoundError, SupersededError, ValidationError
-from memory.hierarchical import HierarchicalMemory
-from memory.models import MemoryCategory, MemoryFilter
+from headroom.memory.errors import MemoryNotFoundError, SupersededError, ValidationError
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import MemoryCategory, MemoryFilter
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 T1 = datetime(2024, 6, 1, tzinfo=UTC)

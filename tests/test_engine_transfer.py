@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memory.errors import ImportFormatError
-from memory.hierarchical import HierarchicalMemory
-from memory.models import MemoryConfig, MemoryFilter
+from headroom.memory.errors import ImportFormatError
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import MemoryConfig, MemoryFilter
 from tests.fakes import FakeEmbedder
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

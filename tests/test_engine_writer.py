@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from memory.errors import EmbedderError
-from memory.hierarchical import HierarchicalMemory
-from memory.models import (
+from headroom.memory.errors import EmbedderError
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import (
     AddOp,
     ForgetOp,
     MemoryCategory,
@@ -114,8 +114,8 @@ async def test_outbox_left_by_a_crashed_process_is_replayed(tmp_path: Path) -> N
     path = tmp_path / "m.db"
     code = """
         import asyncio, os, sys
-        from memory.hierarchical import HierarchicalMemory
-        from memory.models import AddOp, MemoryConfig, MemoryOps, Scope
+        from headroom.memory.hierarchical import HierarchicalMemory
+        from headroom.memory.models import AddOp, MemoryConfig, MemoryOps, Scope
         from tests.fakes import FakeEmbedder
 
         async def main():

@@ -10,9 +10,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory.models import Memory, MemoryCategory
-from proxy.block import parse_ops, split_block
-from proxy.inject import (
+from headroom.memory.models import Memory, MemoryCategory
+from headroom.proxy.block import parse_ops, split_block
+from headroom.proxy.inject import (
     EXTRACTION_INSTRUCTION,
     MEMORY_PREAMBLE,
     estimate_tokens,

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.app import create_app
-from proxy.config import ProxyConfig
+from headroom.proxy.app import create_app
+from headroom.proxy.config import ProxyConfig
 from tests.servers import Reply, memory_block, running_proxy, running_upstream
 
 ANSWER = "A visible answer that arrives before the finish."
@@ -107,7 +107,7 @@ async def test_asgi_disconnect_stops_the_stream(tmp_path: Path, local_embedder: 
             bodies = b"".join(m.get("body", b"") for m in messages)
             assert b"memory" not in bodies and b"[DONE]" not in bodies
             assert messages[0]["type"] == "http.response.start" and messages[0]["status"] == 200
-            from memory.models import MemoryFilter
+            from headroom.memory.models import MemoryFilter
 
             rows = await service.engine.query(
                 MemoryFilter(user_id="ben", all_scopes=True, include_superseded=True)

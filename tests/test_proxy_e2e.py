@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from memory.models import MemoryCategory
-from proxy.inject import EXTRACTION_INSTRUCTION
+from headroom.memory.models import MemoryCategory
+from headroom.proxy.inject import EXTRACTION_INSTRUCTION
 from tests.servers import Proxy, Reply, instructed, memory_block, recalled, running_proxy
 
 GO = "Prefers Go for performance-critical code"

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from memory.db import connect
+from headroom.memory.db import connect
 from tests.fakes import FakeEmbedder
 from tests.servers import (
     GatedEmbedder,

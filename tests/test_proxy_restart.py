@@ -14,9 +14,9 @@ from typing import Any
 
 import httpx
 
-from memory.db import connect
-from memory.hierarchical import HierarchicalMemory
-from memory.models import AddOp, MemoryConfig, MemoryFilter, MemoryOps, Scope
+from headroom.memory.db import connect
+from headroom.memory.hierarchical import HierarchicalMemory
+from headroom.memory.models import AddOp, MemoryConfig, MemoryFilter, MemoryOps, Scope
 from tests.servers import (
     FakeUpstream,
     GatedEmbedder,
@@ -122,7 +122,7 @@ def test_sigkill_after_answering_loses_nothing(tmp_path: Path, local_embedder: A
     upstream = FakeUpstream()
     with running_upstream(upstream) as (upstream_url, _):
         code = (
-            "from proxy.server import serve; from proxy.config import ProxyConfig; "
+            "from headroom.proxy.server import serve; from headroom.proxy.config import ProxyConfig; "
             f"serve(ProxyConfig(host='127.0.0.1', port={port}, upstream_url={upstream_url!r}, "
             f"db_path={str(db)!r}, log_level='warning'))"
         )

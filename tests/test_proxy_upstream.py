@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from proxy.config import ProxyConfig
-from proxy.errors import UpstreamUnreachableError
-from proxy.upstream import Upstream
+from headroom.proxy.config import ProxyConfig
+from headroom.proxy.errors import UpstreamUnreachableError
+from headroom.proxy.upstream import Upstream
 
 
 def _dropping(times: int) -> tuple[httpx.MockTransport, list[bytes]]:

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from memory.errors import ConfigError
-from memory.hierarchical import HierarchicalMemory, MemoryDraft
-from memory.models import Memory
-from memory.ranker import (
+from headroom.memory.errors import ConfigError
+from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
+from headroom.memory.models import Memory
+from headroom.memory.ranker import (
     FEATURES,
     WEIGHTS,
     Candidates,
@@ -19,7 +19,7 @@ from memory.ranker import (
     learned_scores,
     rank,
 )
-from memory.recall import PRESETS, RecallPreset, TimeWindow, fuse
+from headroom.memory.recall import PRESETS, RecallPreset, TimeWindow, fuse
 
 NOW = datetime(2024, 3, 15, 12, 0, tzinfo=UTC)
 LEARNED = PRESETS["default"]

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from memory.errors import ConfigError
-from memory.hierarchical import HierarchicalMemory, MemoryDraft
-from memory.models import Memory, MemoryCategory, Scope
-from memory.recall import (
+from headroom.memory.errors import ConfigError
+from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
+from headroom.memory.models import Memory, MemoryCategory, Scope
+from headroom.memory.recall import (
     PRESETS,
     RecallPreset,
     Scored,

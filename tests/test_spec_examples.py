@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-import memory.embedders
-from memory.models import EmbedderBackend as _Backend
-from memory.ports import Embedder
+import headroom.memory.embedders
+from headroom.memory.models import EmbedderBackend as _Backend
+from headroom.memory.ports import Embedder
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def built_configs(monkeypatch: pytest.MonkeyPatch, local_embedder: Embedder) -> 
         seen.append(config)
         return local_embedder
 
-    monkeypatch.setattr(memory.embedders, "make_embedder", make_embedder)
+    monkeypatch.setattr(headroom.memory.embedders, "make_embedder", make_embedder)
     return seen
 
 
@@ -187,7 +187,7 @@ def test_go_preference_with_the_real_model(built_configs: list[Any], tmp_path: P
     """The multi-session example's recall, with MiniLM: a question that shares no keyword
     with the stored preference still finds it from another session."""
     from headroom.memory import HierarchicalMemory, MemoryConfig, Scope, ScopeLevel
-    from memory.models import AddOp, MemoryOps
+    from headroom.memory.models import AddOp, MemoryOps
 
     async def example() -> list:
         memory = await HierarchicalMemory.create(MemoryConfig(db_path=tmp_path / "m.db"))

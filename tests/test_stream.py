@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proxy.block import split_block
-from proxy.stream import (
+from headroom.proxy.block import split_block
+from headroom.proxy.stream import (
     Block,
     BlockStripper,
     ChunkRewriter,

@@ -6,7 +6,7 @@ import copy
 import threading
 from collections import OrderedDict
 
-from memory.models import Memory
+from ..models import Memory
 
 __all__ = ["LRUMemoryCache"]
 

@@ -11,8 +11,8 @@ import hashlib
 import re
 from collections.abc import Sequence
 
-from memory.db import Database
-from memory.models import MemoryCategory
+from ..db import Database
+from ..models import MemoryCategory
 
 __all__ = ["FTS5TextIndex", "fts_terms", "user_token"]
 

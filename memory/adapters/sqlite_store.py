@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from memory.db import Database
-from memory.migrations import migrate
-from memory.models import Memory, MemoryCategory, MemoryFilter
-from memory.timefmt import from_db, to_db, to_db_opt
+from ..db import Database
+from ..migrations import migrate
+from ..models import Memory, MemoryCategory, MemoryFilter
+from ..timefmt import from_db, to_db, to_db_opt
 
 __all__ = ["SQLiteMemoryStore", "normalize_content"]
 

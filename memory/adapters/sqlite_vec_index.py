@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from memory.db import Database
-from memory.errors import ConfigError
-from memory.models import MemoryCategory
+from ..db import Database
+from ..errors import ConfigError
+from ..models import MemoryCategory
 
 log = logging.getLogger(__name__)
 

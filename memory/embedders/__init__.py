@@ -6,14 +6,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 
-from memory.embedders.cached import CachedEmbedder
-from memory.embedders.local import LocalEmbedder, import_torch
-from memory.embedders.ollama import OllamaEmbedder
-from memory.embedders.onnx import OnnxEmbedder
-from memory.embedders.openai import OPENAI_DIMENSIONS, OpenAIEmbedder
-from memory.errors import ConfigError
-from memory.models import EmbedderBackend, MemoryConfig
-from memory.ports import Embedder
+from ..errors import ConfigError
+from ..models import EmbedderBackend, MemoryConfig
+from ..ports import Embedder
+from .cached import CachedEmbedder
+from .local import LocalEmbedder, import_torch
+from .ollama import OllamaEmbedder
+from .onnx import OnnxEmbedder
+from .openai import OPENAI_DIMENSIONS, OpenAIEmbedder
 
 __all__ = [
     "LOCAL_RUNTIMES",

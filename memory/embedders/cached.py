@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from memory.embedders._common import empty, text_list
-from memory.ports import Embedder
+from ..ports import Embedder
+from ._common import empty, text_list
 
 __all__ = ["CachedEmbedder"]
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from memory.embedders._common import empty, l2_normalise, text_list
-from memory.errors import EmbedderError
-from memory.models import DEFAULT_LOCAL_MODEL
+from ..errors import EmbedderError
+from ..models import DEFAULT_LOCAL_MODEL
+from ._common import empty, l2_normalise, text_list
 
 __all__ = [
     "LocalEmbedder",

@@ -7,8 +7,8 @@ import threading
 import httpx
 import numpy as np
 
-from memory.embedders._common import HTTPEmbedder, upstream_message
-from memory.errors import EmbedderError
+from ..errors import EmbedderError
+from ._common import HTTPEmbedder, upstream_message
 
 __all__ = ["OLLAMA_DIMENSIONS", "OllamaEmbedder"]
 

@@ -18,16 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from memory.embedders._common import empty, l2_normalise, text_list
-from memory.embedders.local import (
+from ..errors import EmbedderError
+from ..models import DEFAULT_LOCAL_MODEL
+from ._common import empty, l2_normalise, text_list
+from .local import (
     known_local_dimension,
     load_sentence_transformer,
     local_model_id,
     resolve_local_model,
     sentence_dimension,
 )
-from memory.errors import EmbedderError
-from memory.models import DEFAULT_LOCAL_MODEL
 
 __all__ = ["OnnxEmbedder", "default_onnx_cache_dir", "export_onnx"]
 

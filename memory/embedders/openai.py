@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from memory.embedders._common import HTTPEmbedder, upstream_message
-from memory.errors import EmbedderError
+from ..errors import EmbedderError
+from ._common import HTTPEmbedder, upstream_message
 
 __all__ = ["OPENAI_DIMENSIONS", "OpenAIEmbedder"]
 
