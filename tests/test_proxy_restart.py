@@ -122,7 +122,8 @@ def test_sigkill_after_answering_loses_nothing(tmp_path: Path, local_embedder: A
     upstream = FakeUpstream()
     with running_upstream(upstream) as (upstream_url, _):
         code = (
-            "from headroom.proxy.server import serve; from headroom.proxy.config import ProxyConfig; "
+            "from headroom.proxy.server import serve\n"
+            "from headroom.proxy.config import ProxyConfig\n"
             f"serve(ProxyConfig(host='127.0.0.1', port={port}, upstream_url={upstream_url!r}, "
             f"db_path={str(db)!r}, log_level='warning'))"
         )
