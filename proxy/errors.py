@@ -32,9 +32,12 @@ class ProxyError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the body field at fault, as OpenAI names it
         if code is not None:
             self.code = code
 
@@ -66,11 +69,14 @@ class UpstreamTimeoutError(UpstreamError):
     code = "upstream_timeout"
 
 
-def error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+def error_body(
+    message: str, type_: str, code: str | None, param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
-        error_body(exc.message, exc.type, exc.code), status_code=exc.status, headers=headers
+        error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
+        headers=headers,
     )
