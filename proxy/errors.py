@@ -3,7 +3,11 @@ function that renders them in the OpenAI error shape.
 
     ProxyError
     ├── BadRequestError        400 invalid_request_error (malformed JSON, bad header value)
+    ├── AuthenticationError    401 authentication_error (no, unknown, revoked or expired key)
+    ├── PermissionDeniedError  403 permission_error (other user, route, Origin, not admin)
     ├── PayloadTooLargeError   413 invalid_request_error
+    ├── UnsupportedMediaTypeError 415 invalid_request_error (memory request not JSON)
+    ├── RateLimitError         429 rate_limit_error (a key over its limit, admin work)
     └── UpstreamError
         ├── UpstreamUnreachableError   502 upstream_error
         └── UpstreamTimeoutError       504 upstream_error
@@ -16,9 +20,13 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 __all__ = [
+    "AuthenticationError",
     "BadRequestError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "ProxyError",
+    "RateLimitError",
+    "UnsupportedMediaTypeError",
     "UpstreamError",
     "UpstreamTimeoutError",
     "UpstreamUnreachableError",
@@ -52,6 +60,30 @@ class PayloadTooLargeError(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class AuthenticationError(ProxyError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class UnsupportedMediaTypeError(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RateLimitError(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class UpstreamError(ProxyError):
