@@ -91,9 +91,48 @@ def m002_fts_secure_delete(conn: Any) -> None:
         log.warning("FTS5 secure-delete unavailable (%s): purged words stay until a merge", exc)
 
 
+def m003_outbox_leases(conn: Any) -> None:
+    """Outbox rows are claimed with a lease (owner, until) so two workers, threads or processes,
+    never apply one row twice; a row that keeps failing is parked in `outbox_dead` with its error
+    instead of holding back the rows behind it. AUTOINCREMENT so an id is never handed out twice
+    (a dead letter or a log line keeps naming one row)."""
+    conn.executescript(
+        """
+        CREATE TABLE outbox_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            created_at TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            owner TEXT,
+            lease_until REAL
+        );
+        INSERT INTO outbox_new(id, created_at, user_id, payload)
+            SELECT id, created_at, user_id, payload FROM outbox;
+        DROP TABLE outbox;
+        ALTER TABLE outbox_new RENAME TO outbox;
+        CREATE INDEX outbox_user ON outbox(user_id);
+
+        CREATE TABLE outbox_dead (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            outbox_id INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            error TEXT NOT NULL,
+            dead_at TEXT NOT NULL
+        );
+        CREATE INDEX outbox_dead_user ON outbox_dead(user_id);
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
     ("m002_fts_secure_delete", m002_fts_secure_delete),
+    ("m003_outbox_leases", m003_outbox_leases),
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,10 +20,13 @@ import numpy as np
 from .models import Memory, MemoryCategory, MemoryFilter, VectorFilter
 
 __all__ = [
+    "ClaimedRow",
+    "DeadLetter",
     "Embedder",
     "MemoryCache",
     "MemoryFilter",
     "MemoryStore",
+    "Outbox",
     "TextIndex",
     "VectorFilter",
     "VectorIndex",
@@ -183,3 +187,74 @@ class MemoryCache(Protocol):
     def clear(self) -> None: ...
 
     def __len__(self) -> int: ...
+
+
+ClaimedRow = tuple[int, dict[str, Any], int]
+"""(outbox id, payload, attempts so far) as `Outbox.claim` hands it out."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An outbox row parked after it kept failing, kept whole to be inspected or re-driven."""
+
+    id: int
+    outbox_id: int
+    user_id: str
+    payload: dict[str, Any]
+    attempts: int
+    error: str
+    created_at: datetime
+    dead_at: datetime
+
+
+@runtime_checkable
+class Outbox(Protocol):
+    """Durable queue of write ops between the request path and the writer.
+
+    A row is handed to one owner at a time: `claim` leases rows for `lease_s` seconds, and a row
+    comes back only once its lease has run out (its worker died or hung) or `fail` released it.
+    `owner` must be unique per worker (e.g. host, pid and a random suffix). `complete` and
+    `dead_letter` run inside the store's write transaction, on the store's thread, so applying a
+    row and removing it commit or roll back as one.
+    """
+
+    def put(self, payload: dict[str, Any]) -> int:
+        """Queue one payload (its `scope.user_id`, if any, is kept for purge); returns its id."""
+        ...
+
+    def claim(self, limit: int, owner: str, lease_s: float) -> list[ClaimedRow]:
+        """Lease up to `limit` free rows, oldest first, to `owner`. Atomic: no row is ever held
+        by two owners while its lease is valid."""
+        ...
+
+    def complete(self, outbox_id: int, owner: str) -> bool:
+        """Delete the row if `owner` still holds it. False means another worker re-claimed it
+        after our lease ran out (or it is gone): roll back whatever was applied for it."""
+        ...
+
+    def fail(
+        self, outbox_id: int, owner: str, error: str, *, retry_after_s: float = 0.0
+    ) -> bool:
+        """Record a failed attempt (attempts + 1, last_error) and release the lease; the row is
+        offered again after `retry_after_s`. False if `owner` no longer held it."""
+        ...
+
+    def dead_letter(self, outbox_id: int, error: str) -> bool:
+        """Move the row, with its payload, to the dead letters (counting this failure as an
+        attempt); False if there was no such row."""
+        ...
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Parked rows, oldest first."""
+        ...
+
+    def redrive(self, ids: Sequence[int] | None = None) -> int:
+        """Queue these dead letters again (all of them when `ids` is None) as new rows with no
+        attempts; returns how many were moved."""
+        ...
+
+    def size(self) -> int:
+        """Rows queued (claimed or not), dead letters excluded."""
+        ...
+
+    def dead_count(self) -> int: ...

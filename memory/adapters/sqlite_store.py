@@ -15,6 +15,7 @@ from ..db import Database
 from ..migrations import migrate
 from ..models import Memory, MemoryCategory, MemoryFilter
 from ..timefmt import from_db, to_db, to_db_opt
+from .sqlite_outbox import SQLiteOutbox
 
 __all__ = ["SQLiteMemoryStore", "normalize_content"]
 
@@ -104,6 +105,7 @@ class SQLiteMemoryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         migrate(db.conn)
+        self.outbox = SQLiteOutbox(db)
 
     def transaction(self) -> AbstractContextManager[None]:
         return self.db.transaction()
@@ -320,14 +322,10 @@ class SQLiteMemoryStore:
             for r in rows
         ]
 
-    # --- outbox -----------------------------------------------------------------------------
+    # --- outbox (the legacy surface; `self.outbox` is the leased port) ----------------------
 
     def outbox_put(self, payload: dict[str, Any]) -> int:
-        cur = self.db.conn.execute(
-            "INSERT INTO outbox(created_at, user_id, payload) VALUES (?,?,?)",
-            (to_db(), payload["scope"]["user_id"], json.dumps(payload)),
-        )
-        return int(cur.lastrowid)
+        return self.outbox.put(payload)
 
     def outbox_pending(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
         rows = self.db.conn.execute(
@@ -339,7 +337,7 @@ class SQLiteMemoryStore:
         self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     def outbox_size(self) -> int:
-        return int(self.db.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        return self.outbox.size()
 
     # --- purge and stats --------------------------------------------------------------------
 
@@ -367,16 +365,17 @@ class SQLiteMemoryStore:
                     chunk,
                 ).rowcount
         outbox = 0
-        for oid, payload in conn.execute(
-            "SELECT id, payload FROM outbox WHERE user_id = ?", (flt.user_id,)
-        ).fetchall():
-            scope = json.loads(payload)["scope"]
-            if all(
-                getattr(flt, key) is None or scope.get(key) == getattr(flt, key)
-                for key in ("session_id", "agent_id", "turn_id")
-            ):
-                conn.execute("DELETE FROM outbox WHERE id = ?", (oid,))
-                outbox += 1
+        for table in ("outbox", "outbox_dead"):  # parked rows hold the user's words too
+            for oid, payload in conn.execute(
+                f"SELECT id, payload FROM {table} WHERE user_id = ?", (flt.user_id,)
+            ).fetchall():
+                scope = json.loads(payload).get("scope", {})
+                if all(
+                    getattr(flt, key) is None or scope.get(key) == getattr(flt, key)
+                    for key in ("session_id", "agent_id", "turn_id")
+                ):
+                    conn.execute(f"DELETE FROM {table} WHERE id = ?", (oid,))
+                    outbox += 1
         deleted = conn.execute(f"DELETE FROM memories WHERE {where}", params).rowcount
         return rids, {"memories": deleted, "events": events, "outbox": outbox}
 
@@ -422,5 +421,6 @@ class SQLiteMemoryStore:
             "categories": grouped("category"),
             "scopes": {lvl: by_scope.get(lvl, 0) for lvl in ("user", "session", "agent", "turn")},
             "users": grouped("user_id") if user_id is None else {user_id: n_current},
-            "outbox_pending": self.outbox_size(),
+            "outbox_pending": self.outbox.size(),
+            "outbox_dead": self.outbox.dead_count(),
         }
