@@ -10,12 +10,13 @@ from .errors import (
     SupersededError,
     ValidationError,
 )
-from .hierarchical import HierarchicalMemory, MemoryDraft
+from .hierarchical import HierarchicalMemory
 from .models import (
     EmbedderBackend,
     Memory,
     MemoryCategory,
     MemoryConfig,
+    MemoryDraft,
     MemoryFilter,
     MemoryOps,
     Scope,

@@ -18,6 +18,7 @@ __all__ = [
     "Memory",
     "MemoryCategory",
     "MemoryConfig",
+    "MemoryDraft",
     "MemoryFilter",
     "MemoryOps",
     "Scope",
@@ -265,6 +266,49 @@ class MemoryFilter:
 
 # The spec imports VectorFilter from headroom.memory.ports; vector searches filter the same way.
 VectorFilter = MemoryFilter
+
+
+@dataclass
+class MemoryDraft:
+    """One memory to add in a batch (`HierarchicalMemory.add_many`); `build` validates it."""
+
+    content: str
+    user_id: str
+    session_id: str | None = None
+    agent_id: str | None = None
+    turn_id: str | None = None
+    category: MemoryCategory | str = MemoryCategory.FACT
+    importance: float = 0.5
+    entity_refs: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    valid_from: datetime | None = None
+    dedup: bool = True
+
+    def build(self, model_id: str) -> Memory:
+        content = (self.content or "").strip()
+        if not content:
+            raise ValidationError("memory content must not be empty")
+        importance = float(self.importance)
+        if not 0.0 <= importance <= 1.0 or importance != importance:
+            raise ValidationError(f"importance must be between 0 and 1, got {self.importance!r}")
+        scope = Scope(self.user_id, self.session_id, self.agent_id, self.turn_id)
+        now = utcnow()
+        created = as_utc(self.created_at) if self.created_at else now
+        return Memory(
+            content=content,
+            user_id=scope.user_id,
+            session_id=scope.session_id,
+            agent_id=scope.agent_id,
+            turn_id=scope.turn_id,
+            category=MemoryCategory.parse(self.category),
+            importance=importance,
+            entity_refs=list(self.entity_refs or []),
+            metadata=dict(self.metadata or {}),
+            created_at=created,
+            valid_from=as_utc(self.valid_from) if self.valid_from else created,
+            embedding_model=model_id,
+        )
 
 
 # --- write ops: what a <memory> block (or the outbox) asks the engine to do -------------------

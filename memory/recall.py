@@ -2,9 +2,9 @@
 recency, the token budget.
 
 Pure functions over ranked id lists and rows; the knobs are data (`RecallPreset`) with named
-presets, so `bench/` can sweep them without touching code. `_hybrid_sync` in `hierarchical`
-does the I/O: it asks the indexes, calls `fuse`, fetches the rows `context_rowids` names, then
-`add_context` and `rescore`.
+presets, so `bench/` can sweep them without touching code. `memory.retrieval` does the I/O:
+it asks the indexes, calls `fuse`, fetches the rows `context_rowids` names, then `add_context`
+and `rescore` (or the learned ranker).
 """
 
 from __future__ import annotations

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 
 from .errors import HeadroomMemoryError, ImportFormatError
+from .executors import Executors
 from .models import Memory, utcnow
-
-if TYPE_CHECKING:
-    from .hierarchical import HierarchicalMemory
+from .parts import EngineParts
+from .unit_of_work import UnitOfWork
 
 __all__ = ["export_jsonl", "import_jsonl"]
 
@@ -34,16 +34,17 @@ def _open(target: str | Path | IO[str], mode: str) -> Iterator[IO[str]]:
         yield target
 
 
-def export_jsonl(mem: HierarchicalMemory, dest: str | Path | IO[str], user_id: str | None) -> int:
-    """Write the header and every memory (runs on a reader thread); returns the memory count."""
+def export_jsonl(parts: EngineParts, dest: str | Path | IO[str], user_id: str | None) -> int:
+    """Write the header and every memory (run it on a reader thread); returns the memory
+    count."""
     count = 0
     with _open(dest, "w") as out:
         header = {
-            "format": FORMAT, "version": 1, "embedding_model": mem.embedder.model_id,
+            "format": FORMAT, "version": 1, "embedding_model": parts.embedder.model_id,
             "exported_at": utcnow().isoformat(), "user_id": user_id,
         }
         out.write(json.dumps(header) + "\n")
-        for memory in mem.store.iter_all(user_id):
+        for memory in parts.store.iter_all(user_id):
             out.write(json.dumps(memory.to_dict(with_embedding=True)) + "\n")
             count += 1
     return count
@@ -77,12 +78,14 @@ def _to_memory(number: int, data: dict[str, Any]) -> Memory:
 
 
 async def import_jsonl(
-    mem: HierarchicalMemory, source: str | Path | IO[str],
-    on_progress: Callable[[int], None] | None = None,
+    parts: EngineParts, executors: Executors, unit: UnitOfWork, source: str | Path | IO[str],
+    *, on_progress: Callable[[int], None] | None = None,
+    optimize: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, int]:
     """Validate the whole file first (nothing is written if any line is bad), then insert in
-    batches. Returns counts: imported, skipped (id already present), reembedded."""
-    model = mem.embedder.model_id
+    batches, then `optimize` when anything was imported. Returns counts: imported, skipped (id
+    already present), reembedded."""
+    model = parts.embedder.model_id
     file_model: str | None = None
     memories: list[Memory] = []
     for number, data in _parse(source):
@@ -92,7 +95,7 @@ async def import_jsonl(
         memories.append(_to_memory(number, data))
 
     counts = {"imported": 0, "skipped": 0, "reembedded": 0}
-    dimension = mem.vectors.dimension
+    dimension = parts.vectors.dimension
     for start in range(0, len(memories), _BATCH):
         batch = memories[start : start + _BATCH]
         stale = [
@@ -102,7 +105,7 @@ async def import_jsonl(
             or len(m.embedding) != dimension
         ]
         if stale:
-            vectors = await mem._embed([m.content for m in stale])
+            vectors = await executors.embed([m.content for m in stale])
             for m, v in zip(stale, vectors, strict=True):
                 m.embedding = np.asarray(v, dtype=np.float32).tolist()
                 m.embedding_model = model
@@ -111,19 +114,19 @@ async def import_jsonl(
         def write(batch: list[Memory] = batch) -> tuple[int, int]:
             imported = skipped = 0
             for m in batch:
-                if mem.store.rowid_of(m.id) is not None:
+                if parts.store.rowid_of(m.id) is not None:
                     skipped += 1
                     continue
                 vector = np.asarray(m.embedding, dtype=np.float32)
-                mem._index_new(m, vector, request_id="import")
+                unit.index_new(m, vector, request_id="import")
                 imported += 1
             return imported, skipped
 
-        imported, skipped = await mem._write(write)
+        imported, skipped = await executors.write(write)
         counts["imported"] += imported
         counts["skipped"] += skipped
         if on_progress:
             on_progress(len(batch))
-    if counts["imported"]:
-        await mem.optimize()
+    if counts["imported"] and optimize is not None:
+        await optimize()
     return counts

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .errors import HeadroomMemoryError
-from .models import MemoryOps, Scope, utcnow
-
-if TYPE_CHECKING:
-    from .hierarchical import HierarchicalMemory
+from .executors import Executors
+from .models import AddOp, Memory, MemoryDraft, MemoryOps, Scope, utcnow
+from .parts import EngineParts
+from .unit_of_work import UnitOfWork
 
 log = logging.getLogger("headroom.writer")
 
@@ -29,8 +30,14 @@ _MAX_BACKOFF = 30.0
 
 
 class OutboxWorker:
-    def __init__(self, memory: HierarchicalMemory) -> None:
-        self.memory = memory
+    def __init__(
+        self, parts: EngineParts, executors: Executors, unit: UnitOfWork,
+        after_write: Callable[[Iterable[str]], None],
+    ) -> None:
+        self.parts = parts
+        self.executors = executors
+        self.unit = unit
+        self.after_write = after_write
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._stopping = False
@@ -93,32 +100,31 @@ class OutboxWorker:
 
     async def _process_batch(self) -> bool:
         """Apply up to one batch of rows; False when the outbox is empty."""
-        mem = self.memory
-        rows = await mem._read(lambda: mem.store.outbox_pending(_BATCH))
+        store = self.parts.store
+        rows = await self.executors.read(lambda: store.outbox_pending(_BATCH))
         if not rows:
             return False
         texts: list[str] = []
         for _, payload in rows:
             ops = MemoryOps.from_dict(payload["ops"])
             texts += [a.text for a in ops.add] + [u.text for u in ops.update]
-        vectors = await mem._embed(texts) if texts else []
+        vectors = await self.executors.embed(texts) if texts else []
         cursor = 0
         for outbox_id, payload in rows:
             ops = MemoryOps.from_dict(payload["ops"])
             n = len(ops.add) + len(ops.update)
             batch_vectors = list(vectors[cursor : cursor + n])
             cursor += n
-            await mem._write(lambda p=payload, o=ops, v=batch_vectors, i=outbox_id: self._apply(
-                i, p, o, v
-            ))
-        mem._refresh_common_words(payload["scope"]["user_id"] for _, payload in rows)
+            await self.executors.write(
+                lambda p=payload, o=ops, v=batch_vectors, i=outbox_id: self._apply(i, p, o, v)
+            )
+        self.after_write(payload["scope"]["user_id"] for _, payload in rows)
         return True
 
     def _apply(
         self, outbox_id: int, payload: dict[str, Any], ops: MemoryOps, vectors: list
     ) -> None:
         """Runs in one writer transaction: the ops and the outbox row's deletion commit together."""
-        mem = self.memory
         s = payload["scope"]
         scope = Scope(s["user_id"], s.get("session_id"), s.get("agent_id"), s.get("turn_id"))
         request_id = payload.get("request_id")
@@ -126,8 +132,8 @@ class OutboxWorker:
         for add in ops.add:
             vector = next(vec)
             try:  # building the draft validates it: a bad op is dropped, never retried forever
-                memory = _draft_memory(mem, add, scope.clamp(add.scope))
-                mem._insert_or_reinforce(memory, vector, dedup=True, request_id=request_id)
+                memory = self._draft_memory(add, scope.clamp(add.scope))
+                self.unit.insert_or_reinforce(memory, vector, dedup=True, request_id=request_id)
                 self.applied += 1
             except HeadroomMemoryError as exc:
                 self.failed += 1
@@ -135,7 +141,7 @@ class OutboxWorker:
         for update in ops.update:
             vector = next(vec)
             try:
-                mem._supersede_sync(
+                self.unit.supersede(
                     update.id, update.text, vector, utcnow(), update.category, update.importance,
                     None, None, scope.user_id, request_id,
                 )
@@ -145,19 +151,16 @@ class OutboxWorker:
                 log.warning("dropped an update op of request %s: %s", request_id, exc)
         for forget in ops.forget:
             try:
-                mem._forget_sync(forget.id, scope.user_id, "forgotten by the model", request_id)
+                self.unit.forget(forget.id, scope.user_id, "forgotten by the model", request_id)
                 self.applied += 1
             except HeadroomMemoryError as exc:
                 self.failed += 1
                 log.warning("dropped a forget op of request %s: %s", request_id, exc)
-        mem.store.outbox_done([outbox_id])
+        self.parts.store.outbox_done([outbox_id])
 
-
-def _draft_memory(mem: HierarchicalMemory, add: Any, scope: Scope) -> Any:
-    from .hierarchical import MemoryDraft
-
-    return MemoryDraft(
-        add.text, scope.user_id, scope.session_id, scope.agent_id, scope.turn_id,
-        add.category, add.importance, list(add.entity_refs),
-        {"source": "conversation"},
-    ).build(mem.embedder.model_id)
+    def _draft_memory(self, add: AddOp, scope: Scope) -> Memory:
+        return MemoryDraft(
+            add.text, scope.user_id, scope.session_id, scope.agent_id, scope.turn_id,
+            add.category, add.importance, list(add.entity_refs),
+            {"source": "conversation"},
+        ).build(self.parts.embedder.model_id)

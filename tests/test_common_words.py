@@ -58,9 +58,9 @@ async def test_purge_forgets_the_users_common_words(memory: HierarchicalMemory) 
                           dedup=False) for i in range(25)]
     await memory.add_many(drafts)
     await memory.recall("What did Nate say?", "nate", now=NOW)
-    assert memory._common_words._entries
+    assert memory._retrieval.common_words._entries
     await memory.purge("nate")
-    assert not memory._common_words._entries
+    assert not memory._retrieval.common_words._entries
 
 
 async def test_store_reads_the_newest_current_contents_of_one_user(
@@ -83,5 +83,5 @@ async def test_writes_count_the_users_common_words_off_the_recall_path(
         MemoryDraft(f"Nate: ok {i}", "nate", created_at=NOW - timedelta(days=i), dedup=False)
         for i in range(25)
     ])
-    await memory._write(lambda: None)  # the writer thread is FIFO: the refresh has run
-    assert memory._common_words.get("nate", 25, 0.3, lambda n: []) == {"nate", "ok"}
+    await memory._executors.write(lambda: None)  # the writer thread is FIFO: the refresh has run
+    assert memory._retrieval.common_words.get("nate", 25, 0.3, lambda n: []) == {"nate", "ok"}

@@ -91,7 +91,7 @@ async def test_reader_threads_sizes_the_read_pool(tmp_path: Path) -> None:
         barrier.wait()  # two reads can only meet here if two reader threads exist
 
     try:
-        await asyncio.gather(mem._read(read), mem._read(read))
+        await asyncio.gather(mem._executors.read(read), mem._executors.read(read))
     finally:
         await mem.close()
     assert len(seen) == 2 and all(name.startswith("headroom-reader") for name in seen)

@@ -67,7 +67,7 @@ async def test_ops_are_applied_exactly_once(memory: HierarchicalMemory) -> None:
         assert events[0]["request_id"].startswith("req-")
     stats = await memory.stats()
     assert (stats["outbox_pending"], stats["vectors"], stats["fts_rows"]) == (0, 25, 25)
-    assert memory._worker.applied == 25 and memory._worker.failed == 0
+    assert memory.writer_stats()["applied"] == 25 and memory.writer_stats()["dropped"] == 0
 
 
 async def test_submit_is_one_insert_and_nothing_more(
@@ -207,7 +207,7 @@ async def test_ops_on_another_users_memory_are_dropped(memory: HierarchicalMemor
     assert [e["op"] for e in await memory.get_events(bobs.id)] == ["add"]
     assert await rows(memory, "alice") == []
     assert len(await rows(memory, "bob")) == 1
-    assert memory._worker.failed == 2
+    assert memory.writer_stats()["dropped"] == 2
     assert (await memory.stats())["outbox_pending"] == 0
 
 

@@ -1,0 +1,81 @@
+"""The engine's threads: one writer, a pool of readers, one embedding thread.
+
+Storage and model calls block, so nothing of theirs runs on the event loop. SQLite allows one
+writer at a time, and ordering every write on one thread avoids lock waits inside the process;
+WAL lets the readers run beside it. The local model is pinned to few threads on purpose, so its
+calls are serialised on a thread of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .embedders.cached import CachedEmbedder
+from .parts import EngineParts
+
+__all__ = ["Executors"]
+
+T = TypeVar("T")
+
+
+class Executors:
+    def __init__(self, parts: EngineParts, writer: ThreadPoolExecutor | None = None) -> None:
+        self.parts = parts
+        self._writer = writer or ThreadPoolExecutor(1, thread_name_prefix="headroom-writer")
+        self._readers = ThreadPoolExecutor(
+            parts.config.reader_threads, thread_name_prefix="headroom-reader"
+        )
+        self._embedding = ThreadPoolExecutor(1, thread_name_prefix="headroom-embed")
+        # Only queries go through the cache: memory contents would push repeat queries out.
+        self._query_embedder = CachedEmbedder(
+            parts.embedder, parts.config.query_embedding_cache_size
+        )
+
+    async def write(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the writer thread inside one store transaction."""
+
+        def in_transaction() -> T:
+            with self.parts.store.transaction():
+                return fn()
+
+        return await self.on_writer(in_transaction)
+
+    async def on_writer(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the writer thread, outside any transaction (e.g. a WAL checkpoint)."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
+
+    def write_later(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Queue `fn(*args)` on the writer thread without waiting for it (bookkeeping whose
+        failure the caller must not see). False when the engine is closing."""
+        try:
+            self._writer.submit(fn, *args)
+        except RuntimeError:  # shut down
+            return False
+        return True
+
+    async def read(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn)
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._embedding, self.parts.embedder.embed, list(texts)
+        )
+
+    async def embed_query(self, text: str) -> np.ndarray:
+        """One query's vector, from the LRU of recent queries when it repeats."""
+        vectors = await asyncio.get_running_loop().run_in_executor(
+            self._embedding, self._query_embedder.embed, [text]
+        )
+        return vectors[0]
+
+    def shutdown(self) -> None:
+        # A model still loading must not hold shutdown up (a container gets ~10 s after SIGTERM);
+        # nothing durable happens on the embedding thread.
+        self._embedding.shutdown(wait=False, cancel_futures=True)
+        self._readers.shutdown(wait=True)
+        self._writer.shutdown(wait=True)

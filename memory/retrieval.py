@@ -1,0 +1,308 @@
+"""Retrieval: every read that ranks memories, from the query to the list the caller gets.
+
+`recall` is the proxy's path and reads top to bottom here: the query's user-common words are
+found (`common_words`) and left out of the text that is embedded; vector KNN and BM25 run,
+both pre-filtered to the request's scope; a query naming dates adds the memories written then;
+the hits are fused (`recall.fuse`), conversation context joins them (`recall.add_context`), and
+either the learned ranker (`ranker.rank`) or the fused rescoring (`recall.rescore`) orders them;
+the token budget cuts the list and the accesses are recorded in the background. `recall` and
+`ranker` hold the pure scoring functions; this module does the I/O between them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from . import ranker
+from .common_words import CommonWords
+from .executors import Executors
+from .models import (
+    Memory,
+    MemoryCategory,
+    MemoryFilter,
+    Scope,
+    SearchResult,
+    as_utc,
+    utcnow,
+)
+from .parts import EngineParts
+from .recall import (
+    RecallPreset,
+    Scored,
+    TimeWindow,
+    add_context,
+    apply_budget,
+    clean_query,
+    context_rowids,
+    drop_words,
+    fuse,
+    get_preset,
+    query_terms,
+    query_windows,
+    rescore,
+    strip_spans,
+)
+
+log = logging.getLogger("headroom.memory")
+
+__all__ = ["Retrieval", "exact_knn"]
+
+
+def exact_knn(
+    vector: np.ndarray, rows: list[tuple[int, np.ndarray]], k: int
+) -> list[tuple[int, float]]:
+    """Brute-force cosine over stored embeddings, for reads of history the index does not hold."""
+    if not rows or k <= 0:
+        return []
+    matrix = np.stack([v for _, v in rows])
+    sims = matrix @ np.asarray(vector, dtype=np.float32)
+    order = np.argsort(-sims)[:k]
+    return [(rows[i][0], float(sims[i])) for i in order]
+
+
+def _categories(categories: Sequence[MemoryCategory | str] | None) -> list[MemoryCategory] | None:
+    return [MemoryCategory.parse(c) for c in categories] if categories else None
+
+
+class Retrieval:
+    def __init__(
+        self, parts: EngineParts, executors: Executors, common_words: CommonWords
+    ) -> None:
+        self.parts = parts
+        self.executors = executors
+        self.common_words = common_words
+        self.preset: RecallPreset = get_preset(parts.config.recall_preset)
+
+    # --- recall: the proxy's path ------------------------------------------------------------
+
+    async def recall(
+        self, query: str, scope: Scope, top_k: int, *, token_budget: int | None,
+        categories: Sequence[MemoryCategory | str] | None, now: datetime | None, touch: bool,
+    ) -> list[Memory]:
+        """The memories most worth showing for `query`, best first, within `token_budget`."""
+        results = await self.hybrid_search(query, scope, top_k, categories, now=now)
+        memories = apply_budget([r.memory for r in results], token_budget)
+        if touch and memories:
+            # Access counts are bookkeeping: never make the caller wait for the write.
+            self.executors.write_later(self._touch, [m.id for m in memories], utcnow())
+        return memories
+
+    async def hybrid_search(
+        self, query: str, scope: Scope, top_k: int,
+        categories: Sequence[MemoryCategory | str] | None, *, now: datetime | None = None,
+        preset: str | RecallPreset | None = None, query_vector: np.ndarray | None = None,
+    ) -> list[SearchResult]:
+        """Vector KNN and BM25 fused and ranked. Without `query_vector`, the query is embedded
+        without the words that are common in this user's memories."""
+        chosen = get_preset(preset) if preset is not None else self.preset
+        common: frozenset[str] | None = None
+        if query_vector is None:
+            common, query_vector = await self._query_vector(query, scope.user_id, chosen)
+        when = as_utc(now) if now else utcnow()
+        cats = _categories(categories)
+
+        def run() -> list[SearchResult]:
+            ranked = self._ranked(query, scope, top_k, cats, when, chosen, query_vector, common)
+            return [SearchResult(m, s.similarity, s.score, s.bm25) for s, m in ranked[:top_k]]
+
+        return await self.executors.read(run)
+
+    async def explain_ranking(
+        self, query: str, scope: Scope, top_k: int, *, now: datetime | None = None,
+        preset: str | RecallPreset | None = None,
+    ) -> list[dict[str, Any]]:
+        """Every candidate `recall(top_k=top_k)` weighs, best first, with its score and, under
+        the learned ranker, each of its features (`ranker.FEATURES`)."""
+        chosen = get_preset(preset) if preset is not None else self.preset
+        common, vector = await self._query_vector(query, scope.user_id, chosen)
+        when = as_utc(now) if now else utcnow()
+        ranked = await self.executors.read(
+            lambda: self._ranked(query, scope, top_k, None, when, chosen, vector, common)
+        )
+        return [
+            {"memory": m, "score": s.score, "similarity": s.similarity, "bm25": s.bm25,
+             "features": dict(zip(ranker.FEATURES, map(float, s.features), strict=True))
+             if s.features is not None else {}}
+            for s, m in ranked
+        ]
+
+    async def _query_vector(
+        self, query: str, user_id: str, preset: RecallPreset
+    ) -> tuple[frozenset[str] | None, np.ndarray | None]:
+        """The query's user-common words and its embedding without them; neither when the
+        preset does not search vectors."""
+        if preset.w_vector <= 0:
+            return None, None
+        common = await self.executors.read(lambda: self._common_terms(query, user_id, preset))
+        return common, await self.executors.embed_query(drop_words(query, common))
+
+    def _ranked(
+        self, query: str, scope: Scope, top_k: int, categories: list[MemoryCategory] | None,
+        now: datetime, preset: RecallPreset, vector: np.ndarray | None,
+        common: frozenset[str] | None = None,
+    ) -> list[tuple[Scored, Memory]]:
+        """Every candidate, best first: index hits, date-window rows, conversation context."""
+        p = self.parts
+        keys = scope.visible_keys()
+        windows = query_windows(query, now) if preset.reads_dates else []
+        if common is None:
+            common = self._common_terms(query, scope.user_id, preset)
+        vector_hits = (
+            p.vectors.search(
+                vector, scope.user_id, scope_keys=keys, categories=categories,
+                k=max(preset.vector_depth, top_k),
+            )
+            if vector is not None and preset.w_vector > 0
+            else []
+        )
+        if vector_hits and windows and preset.time_candidates > 0:
+            vector_hits = self._window_hits(vector_hits, vector, scope, categories, windows, preset)
+        text_hits = (
+            p.text.search(
+                clean_query(strip_spans(query, windows), preset, common), scope.user_id,
+                scope_keys=keys, categories=categories, k=max(preset.text_depth, top_k),
+            )
+            if preset.w_text > 0
+            else []
+        )
+        fused = fuse(vector_hits, text_hits, preset)
+        rows = p.store.get_by_rowids([*fused, *context_rowids(fused, preset)])
+        with_context = add_context(fused, rows, scope, categories, preset)
+        if preset.ranker == "learned" and vector is not None:
+            # add_context decides which neighbours join (visible, same sitting); the ranker
+            # then scores every candidate from its features, not from the context gains.
+            pool = [rid for rid in with_context if rid in rows]
+            cosines = self._cosines(pool, vector_hits, vector)
+            found = ranker.Candidates(vector_hits, text_hits, fused, rows, cosines, windows, common)
+            return ranker.rank([rid for rid in pool if rid in cosines], found, preset, now)
+        return rescore(with_context, rows, now, preset, windows)
+
+    def _window_hits(
+        self, hits: list[tuple[int, float]], vector: Any, scope: Scope,
+        categories: list[MemoryCategory] | None, windows: list[TimeWindow], preset: RecallPreset,
+    ) -> list[tuple[int, float]]:
+        """Add every memory written in the query's time windows to the vector hits, by exact
+        cosine, when a window holds at most `preset.time_candidates` of them."""
+        store = self.parts.store
+        slack = timedelta(days=preset.time_slack_days)
+        extra: list[tuple[int, np.ndarray]] = []
+        for w in windows:
+            flt = MemoryFilter(
+                user_id=scope.user_id, session_id=scope.session_id, agent_id=scope.agent_id,
+                turn_id=scope.turn_id, categories=categories, created_after=w.start,
+                created_before=w.end + slack, limit=None,
+            )
+            if store.count(flt) <= preset.time_candidates:
+                extra += store.embeddings_as_of(flt)
+        if not extra:
+            return hits
+        known = {rid for rid, _ in hits}
+        query = np.asarray(vector, dtype=np.float32)
+        merged = hits + [(rid, float(v @ query)) for rid, v in extra if rid not in known]
+        return sorted({rid: sim for rid, sim in merged}.items(), key=lambda h: -h[1])
+
+    def _cosines(
+        self, rowids: list[int], vector_hits: list[tuple[int, float]], vector: np.ndarray
+    ) -> dict[int, float]:
+        """The query's cosine with each of `rowids`: from the vector hits, else exact from the
+        stored embeddings (rows without one are left out)."""
+        cosines = dict(vector_hits)
+        missing = [rid for rid in rowids if rid not in cosines]
+        if missing:
+            query = np.asarray(vector, dtype=np.float32)
+            for rid, emb in self.parts.store.embeddings_by_rowids(missing).items():
+                cosines[rid] = float(emb @ query)
+        return cosines
+
+    def _touch(self, ids: list[str], when: datetime) -> None:
+        store = self.parts.store
+        try:
+            with store.transaction():
+                store.touch(ids, when)
+        except Exception:
+            log.warning("could not record access to %d memories", len(ids), exc_info=True)
+        for memory_id in ids:  # cached copies carry the old access count
+            self.parts.invalidate(memory_id)
+
+    # --- common words --------------------------------------------------------------------------
+
+    def _common_terms(self, query: str, user_id: str, preset: RecallPreset) -> frozenset[str]:
+        """The query's words that are common in this user's memories (see `common_words`)."""
+        terms = query_terms(query, preset) if preset.common_share > 0 else []
+        if not terms:
+            return frozenset()
+        words = self._user_common_words(user_id, preset)
+        return frozenset(t for t in terms if t in words)
+
+    def _user_common_words(self, user_id: str, preset: RecallPreset) -> frozenset[str]:
+        p = self.parts
+        total = p.text.count(user_id)
+        if total < max(preset.common_min_memories, 1):
+            return frozenset()
+        return self.common_words.get(
+            user_id, total, preset.common_share, lambda n: p.store.recent_contents(user_id, n)
+        )
+
+    def refresh_common_words(self, user_ids: Iterable[str]) -> None:
+        """Bring the common-words entries of users just written to up to date, on the writer
+        thread after the write, so the next recall finds them counted (when closing, the next
+        process counts them when asked)."""
+        if self.preset.common_share > 0:
+            self.executors.write_later(self._refresh_common_words, sorted(set(user_ids)))
+
+    def _refresh_common_words(self, user_ids: list[str]) -> None:
+        for user_id in user_ids:
+            try:
+                self._user_common_words(user_id, self.preset)
+            except Exception:
+                log.debug("could not count the common words of a user", exc_info=True)
+
+    # --- plain searches ------------------------------------------------------------------------
+
+    async def search(
+        self, query: str, flt: MemoryFilter, top_k: int, min_similarity: float
+    ) -> list[SearchResult]:
+        """Semantic search over what `flt`'s scope may see (history when `flt` asks for it)."""
+        p = self.parts
+        vector = await self.executors.embed_query(query)
+
+        def run() -> list[SearchResult]:
+            if flt.include_superseded or flt.as_of is not None:
+                hits = exact_knn(vector, p.store.embeddings_as_of(flt), top_k)
+            else:
+                hits = p.vectors.search(
+                    vector, flt.scope.user_id, scope_keys=flt.scope.visible_keys(),
+                    categories=flt.categories, k=top_k,
+                )
+            hits = [(rid, sim) for rid, sim in hits if sim >= min_similarity]
+            rows = p.store.get_by_rowids([rid for rid, _ in hits])
+            return [SearchResult(rows[rid], sim, sim) for rid, sim in hits if rid in rows]
+
+        return await self.executors.read(run)
+
+    async def text_search(
+        self, query: str, scope: Scope, top_k: int,
+        categories: Sequence[MemoryCategory | str] | None,
+    ) -> list[SearchResult]:
+        """Full-text (BM25) search over current memories this scope may see."""
+        p = self.parts
+        cats = _categories(categories)
+
+        def run() -> list[SearchResult]:
+            hits = p.text.search(
+                clean_query(query, self.preset), scope.user_id, scope_keys=scope.visible_keys(),
+                categories=cats, k=top_k,
+            )
+            rows = p.store.get_by_rowids([rid for rid, _ in hits])
+            return [
+                SearchResult(rows[rid], 0.0, score, bm25=score)
+                for rid, score in hits
+                if rid in rows
+            ]
+
+        return await self.executors.read(run)

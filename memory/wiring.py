@@ -1,0 +1,89 @@
+"""Wiring the defaults: the SQLite file, the SQLite store, sqlite-vec vectors, FTS5 text, the
+configured embedder and the LRU cache, from a `MemoryConfig`.
+
+The file is opened on the thread that will be the engine's writer (SQLite connections belong to
+the thread that opened them), and the embedder recorded in the file is checked before anything
+is written: vectors of two models never share an index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .models import MemoryConfig
+from .parts import EngineParts
+from .ports import Embedder
+
+__all__ = ["DefaultEngine", "open_defaults"]
+
+
+@dataclass
+class DefaultEngine:
+    """What `open_defaults` built: the parts, the writer thread that opened the file, and what
+    closes them."""
+
+    parts: EngineParts
+    writer: ThreadPoolExecutor
+    close: Callable[[], None]
+
+
+async def open_defaults(config: MemoryConfig, embedder: Embedder | None) -> DefaultEngine:
+    """Open the file and build the default adapters. Pass `embedder` to share one loaded model
+    between engines (the caller then owns it); otherwise the engine builds and closes its own."""
+    writer = ThreadPoolExecutor(1, thread_name_prefix="headroom-writer")
+    loop = asyncio.get_running_loop()
+    try:
+        db, parts = await loop.run_in_executor(writer, _build, config, embedder)
+    except BaseException:
+        writer.shutdown(wait=False)
+        raise
+    owned = embedder is None
+
+    def close() -> None:
+        db.close()
+        closer = getattr(parts.embedder, "close", None)
+        if owned and callable(closer):
+            closer()
+
+    return DefaultEngine(parts, writer, close)
+
+
+def _build(config: MemoryConfig, embedder: Embedder | None) -> tuple[object, EngineParts]:
+    from .adapters import FTS5TextIndex, LRUMemoryCache, SQLiteMemoryStore, SqliteVecIndex
+    from .db import Database
+
+    db = Database(config.db_path)  # type: ignore[arg-type]
+    try:
+        store = SQLiteMemoryStore(db)
+        if embedder is None:
+            from .embedders import make_embedder
+
+            embedder = make_embedder(config)
+        recorded_model = store.get_setting("embedding_model")
+        recorded_dim = store.get_setting("vector_dimension")
+        if recorded_model is not None and recorded_model != embedder.model_id:
+            raise ConfigError(
+                f"{config.db_path} was built with embedder {recorded_model}, not "
+                f"{embedder.model_id}: configure that embedder, or export the memories and "
+                "import them into a new database (import re-embeds them)"
+            )
+        dimension = (
+            int(recorded_dim) if recorded_dim else (config.vector_dimension or embedder.dimension)
+        )
+        if recorded_model is None or recorded_dim is None:
+            with db.transaction():  # first open of a new file: create the vector table
+                vectors = SqliteVecIndex(db, dimension, config.vector_chunk_size)
+                store.set_setting("embedding_model", embedder.model_id)
+                store.set_setting("vector_dimension", str(dimension))
+        else:  # later opens only read, so they never wait on another process's writes
+            vectors = SqliteVecIndex(db, dimension)
+        text = FTS5TextIndex(db)
+        cache = LRUMemoryCache(config.cache_max_size) if config.cache_enabled else None
+        return db, EngineParts(config, store, vectors, text, embedder, cache)
+    except BaseException:
+        db.close()
+        raise
