@@ -445,7 +445,7 @@ def test_doctor_all_ok(hr: Invoke) -> None:
     with running_upstream() as (url, upstream):
         result = hr("doctor", "--upstream", url, "--upstream-key", "sk-test")
     lines = result.stdout.splitlines()
-    for name in ("sqlite-vec", "fts5", "database", "embedder", "upstream"):
+    for name in ("sqlite-vec", "fts5", "database", "outbox", "embedder", "upstream"):
         assert any(line.startswith("ok") and name in line for line in lines), result.stdout
     assert "1 models" in result.stdout
     assert upstream.received_headers[-1]["authorization"] == "Bearer sk-test"
@@ -468,7 +468,8 @@ def test_doctor_reports_failures_with_fixes(hr: Invoke, tmp_path: Path) -> None:
     out = result.stdout
     assert "fail  upstream" in out and "fail  database" in out and "fake:bow-64" in out
     assert out.count("fix:") == 2
-    assert "2 of 5 checks failed" in result.stderr
+    assert "2 of 6 checks failed" in result.stderr  # the outbox, with no dead letters, is ok
+    assert any(line.startswith("ok") and "outbox" in line for line in out.splitlines())
 
 
 # --- serve -------------------------------------------------------------------------------------
