@@ -3,6 +3,7 @@
     headroom serve                      the OpenAI-compatible memory proxy
     headroom memories list|search|show|history|add|update|forget|purge|export|import
     headroom outbox status|dead|redrive queued writes and dead letters
+    headroom keys create|list|revoke    the proxy keys clients use as their api_key
     headroom stats                      totals by user, scope and category
     headroom doctor                     SQLite, sqlite-vec, FTS5, the outbox, the embedder, upstream
 
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 import typer
 
-from ._cli import doctor, memories, outbox, root, serve, stats
+from ._cli import doctor, keys, memories, outbox, root, serve, stats
 from ._cli.errors import RootGroup
 from ._cli.serve import startup_summary
 
@@ -36,6 +37,7 @@ app.callback()(root.root)
 app.command("serve")(serve.serve)
 app.add_typer(memories.app, name="memories")
 app.add_typer(outbox.app, name="outbox")
+app.add_typer(keys.app, name="keys")
 app.command("stats")(stats.stats)
 app.command("doctor")(doctor.doctor)
 

@@ -35,7 +35,9 @@ def test_the_tree_has_every_command() -> None:
         f"headroom memories {c}"
         for c in ("list", "search", "show", "history", "add", "update", "forget", "purge",
                   "export", "import")
-    } | {f"headroom outbox {c}" for c in ("status", "dead", "redrive")}
+    } | {f"headroom outbox {c}" for c in ("status", "dead", "redrive")} | {
+        f"headroom keys {c}" for c in ("create", "list", "revoke")
+    }
     assert names == expected
 
 
