@@ -15,6 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..memory.ports import Embedder
+from .admin import admin_routes
+from .auth import AuthMiddleware, log_policy, resolve_auth
 from .config import ProxyConfig
 from .errors import ProxyError, error_body, error_response
 from .passthrough import forward
@@ -37,6 +39,8 @@ def create_app(
     warm: bool = True,
 ) -> Starlette:
     """`embedder` shares an already-loaded model (tests); `transport` replaces the network."""
+    policy = resolve_auth(config)  # raises on a setting that would expose memory or keys
+    log_policy(policy)
     service = MemoryService(
         config.memory_config(), top_k=config.top_k, token_budget=config.token_budget,
         recall_timeout_s=config.recall_timeout_s, embedder=embedder,
@@ -95,6 +99,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            *admin_routes(service),
             Route("/v1/{path:path}", passthrough, methods=_ALL_METHODS),
         ],
         lifespan=lifespan,
@@ -104,6 +109,9 @@ def create_app(
             Exception: unexpected,
         },
     )
+    # Outermost: nothing reaches a route, or the upstream, before the auth checks.
+    app.add_middleware(AuthMiddleware, policy=policy)
     app.state.service = service
+    app.state.auth = policy
     app.state.config = config
     return app

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..memory.models import EmbedderBackend, MemoryConfig, default_db_path
+from .auth import DEFAULT_UPSTREAM_ROUTES
 
 __all__ = ["ProxyConfig"]
 
@@ -15,12 +17,13 @@ class ProxyConfig:
     host: str = "127.0.0.1"
     port: int = 8787
     upstream_url: str = "https://api.openai.com"
-    # Used only when the client sends no Authorization header of its own.
-    upstream_key: str | None = None
+    # The operator's upstream key: sent only with authenticated requests (proxy.auth), on the
+    # upstream route allowlist. Never printed (repr=False).
+    upstream_key: str | None = field(default=None, repr=False)
     db_path: str | Path = field(default_factory=default_db_path)
     embedder_backend: EmbedderBackend = EmbedderBackend.LOCAL
     embedder_model: str | None = None
-    openai_api_key: str | None = None
+    openai_api_key: str | None = field(default=None, repr=False)  # the embedder's; a secret
     ollama_base_url: str = "http://localhost:11434"
     torch_threads: int = 1
     embedder_runtime: str = "auto"
@@ -33,6 +36,17 @@ class ProxyConfig:
     upstream_connect_timeout_s: float = 10.0
     max_body_bytes: int = 32 * 1024 * 1024
     drain_timeout_s: float = 25.0
+
+    # Tenants and keys (proxy.auth): `auto` requires proxy keys on a non-loopback bind or when an
+    # upstream key is set; `off` there also needs allow_unauthenticated (logged loudly).
+    auth: str = "auto"
+    allow_unauthenticated: bool = False
+    key_db_path: str | Path | None = None  # default: next to db_path (memory.keys.db)
+    cors_origins: tuple[str, ...] = ()  # web origins allowed to call the proxy (exact)
+    upstream_routes: tuple[str, ...] = DEFAULT_UPSTREAM_ROUTES  # "METHOD /v1/path", `*` segment
+    tenant_upstream_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    key_requests_per_minute: int | None = None  # per key, unless the key sets its own
+    key_memories_per_minute: int | None = None
 
     def memory_config(self) -> MemoryConfig:
         return MemoryConfig(

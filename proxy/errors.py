@@ -5,9 +5,11 @@ function that renders them in the OpenAI error shape.
     ├── BadRequestError        400 invalid_request_error (malformed JSON, bad header value)
     ├── AuthenticationError    401 authentication_error (no, unknown, revoked or expired key)
     ├── PermissionDeniedError  403 permission_error (other user, route, Origin, not admin)
+    ├── NotFoundError          404 invalid_request_error (admin API: no such memory)
     ├── PayloadTooLargeError   413 invalid_request_error
     ├── UnsupportedMediaTypeError 415 invalid_request_error (memory request not JSON)
     ├── RateLimitError         429 rate_limit_error (a key over its limit, admin work)
+    ├── ServiceUnavailableError 503 server_error (admin API: memory not open or not ready)
     └── UpstreamError
         ├── UpstreamUnreachableError   502 upstream_error
         └── UpstreamTimeoutError       504 upstream_error
@@ -22,10 +24,12 @@ from starlette.responses import JSONResponse
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "ProxyError",
     "RateLimitError",
+    "ServiceUnavailableError",
     "UnsupportedMediaTypeError",
     "UpstreamError",
     "UpstreamTimeoutError",
@@ -72,6 +76,18 @@ class PermissionDeniedError(ProxyError):
     status = 403
     type = "permission_error"
     code = "forbidden"
+
+
+class NotFoundError(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ServiceUnavailableError(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "memory_unavailable"
 
 
 class UnsupportedMediaTypeError(ProxyError):

@@ -41,8 +41,8 @@ def request_headers(
         if lower.startswith(HEADROOM_HEADER_PREFIX):
             continue
         out[lower] = value
-    if "authorization" not in out and config.upstream_key:
-        out["authorization"] = f"Bearer {config.upstream_key}"
+    # The operator's upstream key is never added here: proxy.auth puts it on authenticated
+    # requests only (and only for allowlisted routes), replacing the client's proxy key.
     if decode:
         out["accept-encoding"] = "identity"
     return out

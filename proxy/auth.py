@@ -1,0 +1,402 @@
+"""The gate in front of every route (pure ASGI): path checks, the Origin/CORS policy, proxy-key
+authentication, the tenant binding, the operator-key route allowlist and per-key request limits.
+
+What a request goes through, in order:
+1. its raw path (`raw_path`, before any normalisation) must be `/v1/...`, `/admin/v1/...`,
+   `/healthz` or `/readyz`, with no dot segments (also percent-encoded), no `//`, no encoded
+   `/`, `\\` or `%`, and not in absolute form: else 400;
+2. an `Origin` (or `Sec-Fetch-Site: cross-site`) outside the allowlist (`--cors-origin`, empty by
+   default) is a 403; `OPTIONS` preflights are answered here from that policy, never forwarded;
+3. memory-bearing requests with a body must be `application/json` (else 415), so a cross-site
+   "simple" request (text/plain) can never carry a memory write;
+4. the key: `Authorization: Bearer hk_...` is checked (401 when unknown, revoked or expired)
+   whatever the mode, and removed; when auth is required, a request without one is a 401;
+5. `/admin/v1/` needs an admin key (or the keyless local user);
+6. when the operator's upstream key is attached (authenticated requests; anonymous ones only in the
+   explicitly allowed open-relay mode), the route must be on the upstream allowlist (else 403);
+7. a key over its request limit gets its memory steps skipped (a receipt note says so) or, for
+   admin work, a 429.
+The principal (tenant, key id, bindings) is then bound for `proxy.scope` to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import (
+    AuthenticationError,
+    BadRequestError,
+    PermissionDeniedError,
+    ProxyError,
+    RateLimitError,
+    UnsupportedMediaTypeError,
+    error_response,
+)
+from .keys import KEY_PREFIX, KeyStore, default_key_db_path
+from .limits import RateLimiter
+from .scope import KEYLESS, Principal, bind_principal, reset_principal
+
+log = logging.getLogger("headroom.proxy")
+
+__all__ = [
+    "DEFAULT_UPSTREAM_ROUTES",
+    "MEMORY_ROUTES",
+    "AuthConfigError",
+    "AuthMiddleware",
+    "AuthPolicy",
+    "RouteRule",
+    "check_path",
+    "is_loopback",
+    "log_policy",
+    "resolve_auth",
+]
+
+# What a request carrying the operator's key may reach upstream ("METHOD /path", `*` = one
+# segment). Files, batches, fine-tunes, organisation admin: not with the operator's key.
+DEFAULT_UPSTREAM_ROUTES: tuple[str, ...] = (
+    "POST /v1/chat/completions",
+    "POST /v1/responses",
+    "POST /v1/embeddings",
+    "GET /v1/models",
+    "GET /v1/models/*",
+)
+# Routes whose body can carry memory (a user id, messages to recall for and extract from).
+MEMORY_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+_ADMIN_PREFIX = "/admin/v1/"
+_ENCODED_FORBIDDEN = re.compile(rb"%(2e|2f|5c|25|00)", re.IGNORECASE)
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_PREFLIGHT_MAX_AGE = "600"
+_EXPOSED = (
+    "x-headroom-request-id, x-headroom-memories-injected, x-headroom-memory-overhead-ms, "
+    "x-headroom-memory-notes"
+)
+
+
+class AuthConfigError(ValueError):
+    """A combination of settings that would expose memory or the operator's key."""
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    method: str | None  # None: any method
+    parts: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> RouteRule:
+        method, _, path = text.strip().rpartition(" ")
+        if not path.startswith("/v1/"):
+            raise AuthConfigError(f"an upstream route starts with /v1/: {text!r}")
+        return cls(method.strip().upper() or None, tuple(path.strip("/").split("/")))
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method is not None and method != self.method:
+            return False
+        parts = path.strip("/").split("/")
+        return len(parts) == len(self.parts) and all(
+            want in ("*", got) for want, got in zip(self.parts, parts, strict=True)
+        )
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    required: bool
+    reason: str
+    key_db: Path
+    # auth off although an upstream key is set: anonymous requests get it (explicitly allowed)
+    open_relay: bool = False
+    cors_origins: frozenset[str] = frozenset()
+    upstream_key: str | None = field(default=None, repr=False)
+    tenant_upstream_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    upstream_routes: tuple[RouteRule, ...] = ()
+    requests_per_minute: int | None = None
+
+    @property
+    def mode(self) -> str:
+        return "on" if self.required else "off"
+
+    def operator_key(self, tenant: str | None) -> str | None:
+        if tenant is not None and tenant in self.tenant_upstream_keys:
+            return self.tenant_upstream_keys[tenant]
+        return self.upstream_key
+
+    def route_allowed(self, method: str, path: str) -> bool:
+        return any(rule.matches(method, path) for rule in self.upstream_routes)
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def resolve_auth(config: Any) -> AuthPolicy:
+    """The auth mode and why. `auto` requires keys on a non-loopback bind or when an upstream key
+    is configured; `off` there needs `allow_unauthenticated` (and is logged loudly)."""
+    mode = str(config.auth).lower()
+    if mode not in ("auto", "on", "off"):
+        raise AuthConfigError(f"auth must be auto, on or off (got {config.auth!r})")
+    exposed = [] if is_loopback(config.host) else [f"listening on {config.host}, not loopback"]
+    has_key = bool(config.upstream_key) or bool(config.tenant_upstream_keys)
+    if has_key:
+        exposed.append("an upstream key is configured")
+    if mode == "on":
+        required, reason = True, "--auth on"
+    elif mode == "auto":
+        required = bool(exposed)
+        reason = " and ".join(exposed) if exposed else "loopback bind without an upstream key"
+    else:
+        if exposed and not config.allow_unauthenticated:
+            raise AuthConfigError(
+                f"--auth off refused: {' and '.join(exposed)}; anyone who can connect could "
+                "read and erase every user's memory"
+                + (" and spend the upstream key" if has_key else "")
+                + ". Pass --allow-unauthenticated to do it anyway."
+            )
+        required = False
+        reason = "--auth off" + (f" although {' and '.join(exposed)}" if exposed else "")
+    key_db = Path(config.key_db_path) if config.key_db_path else default_key_db_path(
+        config.db_path
+    )
+    return AuthPolicy(
+        required=required, reason=reason, key_db=key_db,
+        open_relay=not required and has_key,
+        cors_origins=frozenset(o.strip().rstrip("/").lower() for o in config.cors_origins),
+        upstream_key=config.upstream_key or None,
+        tenant_upstream_keys=dict(config.tenant_upstream_keys),
+        upstream_routes=tuple(RouteRule.parse(r) for r in config.upstream_routes),
+        requests_per_minute=config.key_requests_per_minute,
+    )
+
+
+def check_path(raw: bytes) -> str:
+    """The request path, refused (400) unless it is plainly one of ours. `raw` is the ASGI
+    `raw_path`: what the client sent, before uvicorn decoded `%2e` or anything else."""
+    if not raw.startswith(b"/"):
+        raise BadRequestError("request target must be a path (no absolute form)",
+                              code="invalid_path")
+    if b"//" in raw or b"\\" in raw or _ENCODED_FORBIDDEN.search(raw):
+        raise BadRequestError("request path must not contain '//', '\\' or encoded '.', '/', "
+                              "'\\' or '%'", code="invalid_path")
+    decoded = unquote_to_bytes(raw)
+    if any(b < 0x20 or b == 0x7F for b in decoded):
+        raise BadRequestError("request path must not contain control characters",
+                              code="invalid_path")
+    if any(part in (b".", b"..") for part in decoded.split(b"/")):
+        raise BadRequestError("request path must not contain dot segments", code="invalid_path")
+    path = decoded.decode("utf-8", errors="replace")
+    if not (path.startswith("/v1/") or path.startswith(_ADMIN_PREFIX) or path in _PUBLIC_PATHS):
+        raise BadRequestError("only /v1/ (the upstream API) and /admin/v1/ are served here",
+                              code="invalid_path")
+    return path
+
+
+def _headers(scope: Scope, name: bytes) -> list[bytes]:
+    return [v for k, v in scope["headers"] if k.lower() == name]
+
+
+def _one(scope: Scope, name: bytes) -> bytes | None:
+    values = _headers(scope, name)
+    if len(values) > 1:
+        raise BadRequestError(f"{name.decode()} must be sent once", code="invalid_header")
+    return values[0] if values else None
+
+
+def _bearer(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, policy: AuthPolicy, keys: KeyStore | None = None) -> None:
+        self.app = app
+        self.policy = policy
+        self.keys = keys or KeyStore(policy.key_db)
+        self.limiter = RateLimiter()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        origin = _one_or_none(scope, b"origin")
+        allowed_origin = origin if origin and origin.lower() in self.policy.cors_origins else None
+        try:
+            principal = await self._admit(scope, origin, allowed_origin)
+        except ProxyError as exc:
+            headers = self._cors_headers(allowed_origin)
+            if isinstance(exc, RateLimitError):
+                headers["retry-after"] = exc.param or "60"
+                exc.param = None
+            await error_response(exc, headers=headers)(scope, receive, send)
+            return
+        if principal is None:  # a preflight, answered
+            await self._preflight(scope, allowed_origin, send)
+            return
+        scope.setdefault("state", {})["headroom.principal"] = principal
+        token = bind_principal(principal)
+        extra = self._cors_headers(allowed_origin)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                for name, value in extra.items():
+                    headers.append((name.encode(), value.encode()))
+                if principal.notes:
+                    headers.append((b"x-headroom-memory-notes",
+                                    "; ".join(principal.notes).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            reset_principal(token)
+
+    async def _admit(
+        self, scope: Scope, origin: str | None, allowed_origin: str | None
+    ) -> Principal | None:
+        path = check_path(scope.get("raw_path") or scope["path"].encode())
+        method = scope["method"].upper()
+        if origin is not None and allowed_origin is None:
+            raise PermissionDeniedError(
+                f"requests from the web origin {origin!r} are not allowed (see --cors-origin)",
+                code="origin_not_allowed",
+            )
+        if allowed_origin is None and _one_or_none(scope, b"sec-fetch-site") == "cross-site":
+            raise PermissionDeniedError("cross-site requests are not allowed",
+                                        code="origin_not_allowed")
+        if method == "OPTIONS":
+            return None
+        if path in _PUBLIC_PATHS:
+            return KEYLESS
+        admin = path.startswith(_ADMIN_PREFIX)
+        if method in _BODY_METHODS and (admin or path.rstrip("/") in MEMORY_ROUTES):
+            media = (_one_or_none(scope, b"content-type") or "").split(";")[0].strip().lower()
+            if media != "application/json":
+                raise UnsupportedMediaTypeError(
+                    f"{path} takes application/json (got {media or 'no content type'})"
+                )
+        principal = await self._authenticate(scope)
+        if admin:
+            if not principal.admin:
+                raise PermissionDeniedError("the admin API needs an admin key",
+                                            code="admin_key_required")
+        elif principal.authenticated or self.policy.open_relay:
+            self._attach_operator_key(scope, principal, method, path)
+        if principal.key_id is not None:
+            limit = principal.requests_per_minute
+            if limit is None:
+                limit = self.policy.requests_per_minute
+            if not self.limiter.take(principal.key_id, "requests", limit):
+                if admin:
+                    retry = self.limiter.retry_after(principal.key_id, "requests", limit)
+                    raise RateLimitError(
+                        f"this key is over its limit of {limit} requests per minute",
+                        param=str(retry),
+                    )
+                return dataclasses.replace(
+                    principal,
+                    skip_memory=f"memory skipped: key over its limit of {limit} requests/min",
+                    notes=[],
+                )
+        return principal
+
+    async def _authenticate(self, scope: Scope) -> Principal:
+        token = _bearer(_one(scope, b"authorization"))
+        if token is not None and token.startswith(KEY_PREFIX):
+            _drop_header(scope, b"authorization")  # a proxy key never goes upstream
+            check = await asyncio.to_thread(self.keys.verify, token)
+            if not check.ok or check.key is None:
+                reason = check.reason or "unknown"
+                raise AuthenticationError(
+                    "invalid API key" if reason == "unknown" else f"this API key is {reason}",
+                    code="invalid_api_key" if reason == "unknown" else f"api_key_{reason}",
+                )
+            key = check.key
+            return Principal(
+                tenant=key.tenant, key_id=key.id, user=key.user, user_prefix=key.user_prefix,
+                admin=key.admin, requests_per_minute=key.requests_per_minute,
+                memories_per_minute=key.memories_per_minute,
+            )
+        if self.policy.required:
+            _drop_header(scope, b"authorization")
+            if token is None:
+                raise AuthenticationError(
+                    "this proxy needs an API key: send it as `Authorization: Bearer hk_...` "
+                    "(the SDK's api_key)", code="missing_api_key",
+                )
+            raise AuthenticationError("invalid API key", code="invalid_api_key")
+        return KEYLESS
+
+    def _attach_operator_key(
+        self, scope: Scope, principal: Principal, method: str, path: str
+    ) -> None:
+        if not principal.authenticated and _headers(scope, b"authorization"):
+            return  # open relay, and the client brought its own key: it is theirs to spend
+        key = self.policy.operator_key(principal.tenant if principal.authenticated else None)
+        if key is None:
+            return
+        if not self.policy.route_allowed(method, path):
+            raise PermissionDeniedError(
+                f"{method} {path} is not open to this proxy's clients", code="route_not_allowed"
+            )
+        _drop_header(scope, b"authorization")
+        scope["headers"] = [*scope["headers"], (b"authorization", f"Bearer {key}".encode())]
+
+    def _cors_headers(self, allowed_origin: str | None) -> dict[str, str]:
+        if allowed_origin is None:
+            return {}
+        return {"access-control-allow-origin": allowed_origin, "vary": "Origin",
+                "access-control-expose-headers": _EXPOSED}
+
+    async def _preflight(self, scope: Scope, allowed_origin: str | None, send: Send) -> None:
+        headers = [(b"allow", b"GET, POST, DELETE, OPTIONS"), (b"content-length", b"0")]
+        if allowed_origin is not None:
+            requested = _one_or_none(scope, b"access-control-request-headers") or ""
+            headers += [
+                (b"access-control-allow-origin", allowed_origin.encode()),
+                (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+                (b"access-control-allow-headers", requested.encode("latin-1")),
+                (b"access-control-max-age", _PREFLIGHT_MAX_AGE.encode()),
+                (b"vary", b"Origin"),
+            ]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _one_or_none(scope: Scope, name: bytes) -> str | None:
+    values: Sequence[bytes] = _headers(scope, name)
+    return values[0].decode("latin-1").strip() if values else None
+
+
+def _drop_header(scope: Scope, name: bytes) -> None:
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != name]
+
+
+def log_policy(policy: AuthPolicy) -> None:
+    """One line at startup saying which mode is on and why; loud when it is risky."""
+    if policy.required:
+        log.info("auth on (%s): clients need a proxy key (headroom keys create)", policy.reason)
+    elif policy.open_relay or "not loopback" in policy.reason:
+        log.warning(
+            "AUTH OFF (%s): anyone who can connect can read and erase every user's memory%s",
+            policy.reason, " and spend the upstream key" if policy.open_relay else "",
+        )
+    else:
+        log.info("auth off (%s): keyless quick start; proxy keys still work", policy.reason)
