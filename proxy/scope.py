@@ -45,6 +45,7 @@ __all__ = [
     "current_principal",
     "engine_user_id",
     "header_text",
+    "reset_principal",
     "scope_from_request",
 ]
 
@@ -82,6 +83,8 @@ class Principal:
     user: str | None = None  # the key may act for this user only
     user_prefix: str | None = None  # ... or for users whose id starts with this
     admin: bool = False
+    requests_per_minute: int | None = None  # None: the server's default
+    memories_per_minute: int | None = None
     skip_memory: str | None = None
     notes: list[str] = field(default_factory=list, compare=False)
 
@@ -112,6 +115,10 @@ def current_principal() -> Principal:
 
 def bind_principal(principal: Principal) -> contextvars.Token[Principal | None]:
     return _principal.set(principal)
+
+
+def reset_principal(token: contextvars.Token[Principal | None]) -> None:
+    _principal.reset(token)
 
 
 @dataclass(frozen=True)
