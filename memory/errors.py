@@ -5,8 +5,9 @@
     ├── ConfigError              a MemoryConfig option that is invalid or not supported
     ├── MemoryNotFoundError      no memory with that id (for this user)
     ├── SupersededError          the memory is no longer current (superseded or forgotten)
-    ├── StorageError             SQLite could not be opened, or lacks sqlite-vec / FTS5
+    ├── StorageError             SQLite failed (cannot open, full, I/O, read-only, locked, corrupt)
     ├── EmbedderError            the embedding backend failed (model missing, HTTP error)
+    ├── LimitExceededError       an operator limit (memories per user, new users a minute) is hit
     └── ImportFormatError        a bad line in a JSONL import (carries the line number)
 """
 
@@ -17,6 +18,7 @@ __all__ = [
     "EmbedderError",
     "HeadroomMemoryError",
     "ImportFormatError",
+    "LimitExceededError",
     "MemoryNotFoundError",
     "StorageError",
     "SupersededError",
@@ -57,11 +59,29 @@ class SupersededError(HeadroomMemoryError):
 
 
 class StorageError(HeadroomMemoryError):
-    pass
+    """The database failed: `reason` is a short label for readiness and logs ("disk full",
+    "I/O error", "read-only", "locked", "corrupt", "cannot open", "unavailable"); `path` is the
+    file, when one is known."""
+
+    def __init__(
+        self, message: str, *, reason: str = "unavailable", path: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.path = path
 
 
 class EmbedderError(HeadroomMemoryError):
     pass
+
+
+class LimitExceededError(HeadroomMemoryError):
+    """An add refused by `MemoryConfig.max_memories_per_user` or `max_new_users_per_minute`;
+    `limit` names which."""
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class ImportFormatError(HeadroomMemoryError):
