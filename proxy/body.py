@@ -1,6 +1,10 @@
-"""A client's request body: read within a size limit, and parsed into the JSON object the
-pipeline works on. Every way a body can be bad is a `BadRequestError` (400) here, so nothing
-downstream ever meets a body it cannot copy, serialise or route.
+"""A client's request body: read within a size limit and a time limit, and parsed into the JSON
+object the pipeline works on. Every way a body can be bad is a `ProxyError` here (400, 408,
+413), so nothing downstream ever meets a body it cannot copy, serialise or route.
+
+`BodyReadTimeout` (ASGI middleware) bounds the wait for each piece of a body, like nginx's
+`client_body_timeout`: a client that stalls mid-body gets a 408 and its connection is closed,
+wherever the body is read (the pipeline, or a pass-through upload streamed to the upstream).
 
 Rules, each one because of a failure seen:
 - not JSON, not UTF-8, or not an object → 400 `invalid_json`;
@@ -19,16 +23,68 @@ import json
 import re
 from typing import Any
 
+import anyio
 import orjson
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import BadRequestError
+from .errors import BadRequestError, PayloadTooLargeError, RequestTimeoutError
 
-__all__ = ["MAX_DEPTH", "parse_json_body"]
+__all__ = ["MAX_DEPTH", "BodyReadTimeout", "parse_json_body", "read_body"]
 
 # Real chat requests nest about 8 levels (tool schemas a few more); 64 leaves room for any schema.
 MAX_DEPTH = 64
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class BodyReadTimeout:
+    """Each `receive` of a request's body waits at most `seconds`, then raises
+    `RequestTimeoutError` into whoever reads it. Once the body is complete, `receive` is the
+    server's own again (starlette waits on it for the client's disconnect, legitimately long)."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.seconds <= 0:
+            await self.app(scope, receive, send)
+            return
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                with anyio.fail_after(self.seconds):
+                    message = await receive()
+            except TimeoutError:
+                complete = True  # one 408; the connection closes after it
+                raise RequestTimeoutError(
+                    f"the request body stalled: nothing arrived for {self.seconds:g}s"
+                ) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or 413 as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:

@@ -32,10 +32,22 @@ class ProxyConfig:
     log_level: str = "info"
     # Memory work must never hold a request up for long: past this, recall is skipped (fail open).
     recall_timeout_s: float = 2.0
-    upstream_timeout_s: float = 600.0
+    # Upstream timeouts (HEADROOM_UPSTREAM_{CONNECT,READ,TOTAL}_TIMEOUT): read is the longest
+    # silence between two pieces of an answer (a model may think for minutes before its first
+    # token); total bounds the whole exchange, 0 = no bound.
     upstream_connect_timeout_s: float = 10.0
+    upstream_read_timeout_s: float = 600.0
+    upstream_total_timeout_s: float = 0.0
+    # A client that stalls holds a connection: the longest wait for the rest of the request line
+    # and headers (HEADROOM_HEADER_READ_TIMEOUT), and between two pieces of a body
+    # (HEADROOM_BODY_READ_TIMEOUT, then a 408).
+    header_read_timeout_s: float = 10.0
+    body_read_timeout_s: float = 30.0
     max_body_bytes: int = 32 * 1024 * 1024
     drain_timeout_s: float = 25.0
+    # How long an answer's last byte waits for its memory ops to commit to the outbox; past it
+    # the answer goes out anyway and the ops stay queued in memory for retry (fail open).
+    durable_wait_s: float = 1.0
 
     # Tenants and keys (proxy.auth): `auto` requires proxy keys on a non-loopback bind or when an
     # upstream key is set; `off` there also needs allow_unauthenticated (logged loudly).

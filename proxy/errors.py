@@ -5,6 +5,7 @@ function that renders them in the OpenAI error shape.
     ├── BadRequestError        400 invalid_request_error (malformed JSON, bad header value)
     ├── AuthenticationError    401 authentication_error (no, unknown, revoked or expired key)
     ├── PermissionDeniedError  403 permission_error (other user, route, Origin, not admin)
+    ├── RequestTimeoutError    408 invalid_request_error (the client stalled sending its body)
     ├── NotFoundError          404 invalid_request_error (admin API: no such memory)
     ├── PayloadTooLargeError   413 invalid_request_error
     ├── UnsupportedMediaTypeError 415 invalid_request_error (memory request not JSON)
@@ -29,6 +30,7 @@ __all__ = [
     "PermissionDeniedError",
     "ProxyError",
     "RateLimitError",
+    "RequestTimeoutError",
     "ServiceUnavailableError",
     "UnsupportedMediaTypeError",
     "UpstreamError",
@@ -58,6 +60,12 @@ class BadRequestError(ProxyError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+class RequestTimeoutError(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLargeError(ProxyError):

@@ -10,9 +10,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .errors import PayloadTooLargeError
+from .body import read_body
 from .upstream import Upstream, request_headers, response_headers, target
 
+# read_body lives in .body; re-exported for the pipeline's import.
 __all__ = ["ClosingStreamingResponse", "forward", "read_body"]
 
 
@@ -29,20 +30,6 @@ class ClosingStreamingResponse(StreamingResponse):
             if closer is not None:
                 with anyio.CancelScope(shield=True):
                     await closer()
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def forward(

@@ -1,30 +1,132 @@
 """Run the proxy under uvicorn: listen at once, load the model in the background, drain on
-SIGTERM."""
+SIGTERM and exit 0, and close connections whose client stalls before its headers are in."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
 
+import h11
+import orjson
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import create_app
 from .config import ProxyConfig
+from .errors import RequestTimeoutError, error_body
+from .logs import configure_logging
 
-__all__ = ["serve"]
+__all__ = ["HeaderTimeoutProtocol", "header_timeout_protocol", "serve"]
+
+log = logging.getLogger(__name__)
+
+# uvicorn exits with this when the app's startup fails (as `uvicorn.main.run` does).
+_STARTUP_FAILURE = 3
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus the header read timeout h11 and uvicorn lack: from the
+    moment a connection opens, or the first byte of its next request arrives, the request line
+    and headers must be complete within `header_timeout_s`. Otherwise a partial request gets a
+    408 and the connection closes (a connection that sent nothing is just closed). The idle wait
+    between requests stays uvicorn's `timeout_keep_alive`."""
+
+    header_timeout_s: float = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:
+            self._arm_header_timer()  # a request has begun; its headers are not in yet
+        else:
+            self._cancel_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None and self.header_timeout_s > 0:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        partial, _ = self.conn.trailing_data
+        if partial:
+            log.info("closing a connection from %s: request headers incomplete after %gs",
+                     _peer(self.client), self.header_timeout_s)
+            self.transport.write(_REQUEST_TIMEOUT)
+        self.transport.close()
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "an unknown client"
+
+
+def _request_timeout_response() -> bytes:
+    error = RequestTimeoutError("the request headers did not arrive in time")
+    body = orjson.dumps(error_body(error.message, error.type, error.code))
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+_REQUEST_TIMEOUT = _request_timeout_response()
+
+
+def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
+    """The protocol class for `uvicorn.Config(http=...)`, which takes a class, not an object."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": seconds})
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's own version re-raises SIGTERM after a graceful shutdown, so a drained,
+        clean stop would end with 143. A stop we finished is a success: exit 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def serve(config: ProxyConfig, *, on_ready: Callable[[], None] | None = None) -> None:
-    """Blocking. uvicorn turns SIGTERM/SIGINT into a graceful shutdown, which runs the app's
-    lifespan exit: pending memory writes are drained before the process ends."""
-    level = config.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Blocking. SIGTERM or SIGINT starts a graceful shutdown, which runs the app's lifespan
+    exit: in-flight requests finish and pending memory writes drain, then the process exits 0.
+    A failed startup exits 3."""
+    configure_logging(config.log_level)
     app = create_app(config)
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level.lower(),
+            log_config=None,  # configure_logging's tree carries uvicorn's loggers too
             timeout_graceful_shutdown=int(config.drain_timeout_s), lifespan="on",
             proxy_headers=False, server_header=False,
+            http=header_timeout_protocol(config.header_read_timeout_s),
         )
     )
     if on_ready is not None:
@@ -36,3 +138,5 @@ def serve(config: ProxyConfig, *, on_ready: Callable[[], None] | None = None) ->
 
         server.startup = startup  # type: ignore[method-assign]
     server.run()
+    if not server.started:
+        sys.exit(_STARTUP_FAILURE)

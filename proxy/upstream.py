@@ -1,8 +1,15 @@
 """Owns the one `httpx.AsyncClient`: forwards the client's auth and body, drops hop-by-hop
-headers, streams, and maps httpx errors to `UpstreamError`s."""
+headers, streams, and maps httpx errors to `UpstreamError`s.
+
+A request is sent once. The only resend is after a connect error, when no connection existed
+and so no byte of the request can have left; a kept-alive connection the upstream has closed is
+discarded by httpcore before use (it is readable at checkout). A connection that breaks after
+the request was written is a 502, never a second paid call.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -14,7 +21,11 @@ from .config import ProxyConfig
 from .errors import UpstreamTimeoutError, UpstreamUnreachableError
 from .scope import HEADROOM_HEADER_PREFIX
 
-__all__ = ["HOP_BY_HOP", "Upstream", "request_headers", "response_headers", "target"]
+__all__ = [
+    "HOP_BY_HOP", "TotalDeadline", "Upstream", "request_headers", "response_headers", "target"
+]
+
+_RECONNECT_PAUSE_S = 0.05
 
 # RFC 9110 §7.6.1 connection-specific headers, plus the ones httpx/uvicorn recompute.
 HOP_BY_HOP = frozenset(
@@ -56,16 +67,37 @@ def target(scope: Mapping[str, Any]) -> tuple[str, bytes]:
     return path, scope.get("query_string", b"")
 
 
+# What httpx decodes in `aiter_bytes`/`aread` (brotli and zstd only with their optional modules).
+_DECODED_BY_HTTPX = frozenset(
+    {"identity", "gzip", "deflate"}
+    | ({"br"} if importlib.util.find_spec("brotli") or importlib.util.find_spec("brotlicffi")
+       else set())
+    | ({"zstd"} if importlib.util.find_spec("zstandard") else set())
+)
+
+
 def response_headers(
     upstream: httpx.Response, *, keep_length: bool, extra: Mapping[str, str] | None = None
 ) -> MutableHeaders:
     """The upstream's headers minus hop-by-hop ones, then `extra` (our receipt) set on top.
-    Repeated headers stay separate: two Set-Cookie values joined by a comma are unreadable."""
+    Repeated headers stay separate: two Set-Cookie values joined by a comma are unreadable.
+
+    `keep_length=True`: the body goes out byte for byte as received (`aiter_raw`), so its
+    Content-Length and Content-Encoding stay. `False`: the body is httpx's decoded text or one we
+    rebuilt, so both go (the server frames it anew), and a client never decodes twice.
+    The upstream's Date goes too: uvicorn adds its own, and two Date headers are invalid."""
+    drop = {b"date"}
+    if not keep_length:
+        drop.add(b"content-length")
+        encoding = upstream.headers.get("content-encoding", "")
+        codings = {c.strip().lower() for c in encoding.split(",")}
+        if codings <= _DECODED_BY_HTTPX | {""}:
+            drop.add(b"content-encoding")
     raw = [
         (name.lower(), value)
         for name, value in upstream.headers.raw
-        if name.lower().decode("latin-1") not in HOP_BY_HOP
-        or (keep_length and name.lower() == b"content-length")
+        if name.lower() not in drop
+        and (name.lower().decode("latin-1") not in HOP_BY_HOP or name.lower() == b"content-length")
     ]
     out = MutableHeaders(raw=raw)
     for name, value in (extra or {}).items():
@@ -73,20 +105,81 @@ def response_headers(
     return out
 
 
+class TotalDeadline(httpx.AsyncBaseTransport):
+    """Bounds a whole exchange, answer body included (httpx's timeouts bound one operation
+    each). Past the deadline the request or the body read fails as an `httpx.ReadTimeout`."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = anyio.current_time() + self.seconds
+        try:
+            with anyio.fail_after(self.seconds):
+                response = await self.inner.handle_async_request(request)
+        except TimeoutError:
+            raise _total_timeout(request, self.seconds) from None
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(
+            response.status_code, headers=response.headers, extensions=response.extensions,
+            stream=_DeadlineStream(response.stream, deadline, request, self.seconds),
+        )
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _DeadlineStream(httpx.AsyncByteStream):
+    def __init__(
+        self, inner: httpx.AsyncByteStream, deadline: float, request: httpx.Request,
+        seconds: float,
+    ) -> None:
+        self.inner = inner
+        self.deadline = deadline
+        self.request = request
+        self.seconds = seconds
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = self.inner.__aiter__()
+        while True:
+            try:
+                with anyio.fail_after(max(0.0, self.deadline - anyio.current_time())):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise _total_timeout(self.request, self.seconds) from None
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _total_timeout(request: httpx.Request, seconds: float) -> httpx.ReadTimeout:
+    return httpx.ReadTimeout(
+        f"the exchange took longer than the total timeout ({seconds:g}s)", request=request
+    )
+
+
 class Upstream:
     def __init__(self, config: ProxyConfig, transport: httpx.AsyncBaseTransport | None = None):
         self.config = config
-        self.client = httpx.AsyncClient(
-            base_url=config.upstream_base,
-            timeout=httpx.Timeout(
-                config.upstream_timeout_s, connect=config.upstream_connect_timeout_s
-            ),
+        network = transport or httpx.AsyncHTTPTransport(
             # Idle connections expire before common servers' keep-alive (uvicorn: 5 s), so we
             # rarely reuse one the upstream is closing at that very moment.
             limits=httpx.Limits(
                 max_connections=512, max_keepalive_connections=64, keepalive_expiry=4.0
             ),
-            transport=transport,
+        )
+        if config.upstream_total_timeout_s > 0:
+            network = TotalDeadline(network, config.upstream_total_timeout_s)
+        connect, read = config.upstream_connect_timeout_s, config.upstream_read_timeout_s
+        self.client = httpx.AsyncClient(
+            base_url=config.upstream_base,
+            # A write waits on the upstream reading, like a read; the pool wait is like a connect.
+            timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
+            transport=network,
             follow_redirects=False,
         )
 
@@ -96,19 +189,17 @@ class Upstream:
     ) -> httpx.Response:
         """Send and return the response with its body not yet read (the caller streams it and
         must close it)."""
-        url = httpx.URL(path=path, query=query)
+        # An empty query would still put a "?" on the request line.
+        url = httpx.URL(path=path, query=query) if query else httpx.URL(path=path)
         request = self.client.build_request(method, url, headers=dict(headers), content=content)
         try:
             try:
                 return await self.client.send(request, stream=True)
-            except httpx.RemoteProtocolError:
-                # A kept-alive connection the upstream closed as we reused it: nothing was
-                # answered, so a request whose body we hold is sent once more on a new one.
-                if not isinstance(content, bytes | None):
-                    raise
-                request = self.client.build_request(
-                    method, url, headers=dict(headers), content=content
-                )
+            except httpx.ConnectError:
+                # No connection was made, so no byte of the request left: the one case where
+                # sending again cannot make the upstream act twice. (A streamed body was not
+                # read either, so it can still be sent.)
+                await anyio.sleep(_RECONNECT_PAUSE_S)
                 return await self.client.send(request, stream=True)
         except httpx.ConnectTimeout as exc:
             raise UpstreamUnreachableError(

@@ -3,14 +3,25 @@ process (SIGTERM, logging) and readiness, each against a real server where it ma
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import orjson
 import pytest
 
 from headroom.proxy.body import MAX_DEPTH, parse_json_body
 from headroom.proxy.errors import BadRequestError, error_response
+from tests.fakes import FakeEmbedder
+from tests.servers import Proxy, Reply, memory_block, running_proxy
 
 
 def _nested(depth: int) -> bytes:
@@ -74,3 +85,207 @@ def test_lone_surrogates_are_replaced_so_the_body_can_be_encoded() -> None:
     assert orjson.loads(orjson.dumps(body)) == body
     # A proper pair is one character, untouched.
     assert parse_json_body(b'{"e": "\\ud83d\\ude00"}') == {"e": "\U0001f600"}
+
+
+# --- the upstream, on real sockets --------------------------------------------------------------
+
+
+class RawUpstream:
+    """A raw HTTP/1.1 upstream that records every request it reads whole (its request line).
+    `mode="drop"`: close right after reading one, without a word (the worst moment: a real
+    upstream may be generating, and billing, already). `mode="answer_then_close"`: answer with
+    keep-alive implied, then close the connection, as a server whose idle timeout ran out."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.request_lines: list[str] = []
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> RawUpstream:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[socketserver.BaseRequestHandler]:
+        upstream = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                conn: socket.socket = self.request
+                head, _ = _read_request(conn)
+                if head is None:
+                    return
+                upstream.request_lines.append(head.split(b"\r\n", 1)[0].decode())
+                if upstream.mode == "drop":
+                    conn.close()
+                    return
+                payload = orjson.dumps(_COMPLETION)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
+                time.sleep(0.05)
+                conn.close()
+
+        return Handler
+
+
+_COMPLETION = {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
+               "choices": [{"index": 0, "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "Hi!"}}]}
+
+
+def _read_request(conn: socket.socket) -> tuple[bytes | None, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None, b""
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head, body
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+USER = {"x-headroom-user-id": "edge-user"}
+
+
+@pytest.fixture(scope="module")
+def dropping() -> Iterator[RawUpstream]:
+    with RawUpstream("drop") as upstream:
+        yield upstream
+
+
+@pytest.fixture(scope="module")
+def dropping_proxy(tmp_path_factory: pytest.TempPathFactory,
+                   dropping: RawUpstream) -> Iterator[Proxy]:
+    db = tmp_path_factory.mktemp("dropping") / "p.db"
+    with running_proxy(db, FakeEmbedder(), upstream_url=dropping.url + "/v1") as p:
+        yield p
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers"), [
+    ("POST", "/chat/completions", CHAT, USER),  # through the pipeline
+    ("POST", "/chat/completions", {**CHAT, "stream": True}, USER),
+    ("POST", "/chat/completions", CHAT, {}),  # no user: forwarded as is
+    ("POST", "/embeddings", {"input": "x"}, {}),  # pass-through
+    ("GET", "/models", None, {}),
+])
+def test_a_request_whose_upstream_connection_drops_is_sent_exactly_once(
+    dropping: RawUpstream, dropping_proxy: Proxy, method: str, path: str,
+    body: dict[str, Any] | None, headers: dict[str, str],
+) -> None:
+    before = len(dropping.request_lines)
+    response = httpx.request(method, dropping_proxy.base_url + path, json=body, headers=headers)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unreachable"
+    time.sleep(0.2)  # a resend would have arrived by now
+    assert len(dropping.request_lines) == before + 1
+
+
+def test_the_sdk_sees_one_502_and_the_upstream_one_request(
+    dropping: RawUpstream, dropping_proxy: Proxy
+) -> None:
+    before = len(dropping.request_lines)
+    with pytest.raises(openai.InternalServerError):
+        dropping_proxy.client("edge-sdk").chat.completions.create(**CHAT)
+    time.sleep(0.2)
+    assert len(dropping.request_lines) == before + 1
+
+
+def test_a_kept_alive_connection_the_upstream_closed_is_not_reused(tmp_path: Path) -> None:
+    """Each answer is followed by the upstream closing the connection: httpcore sees it closed
+    before the next request and opens a new one; every request gets its answer, sent once."""
+    with RawUpstream("answer_then_close") as upstream, running_proxy(
+        tmp_path / "p.db", FakeEmbedder(), upstream_url=upstream.url + "/v1"
+    ) as p:
+        client = p.client("edge-keep")
+        for _ in range(3):
+            assert client.chat.completions.create(**CHAT).choices[0].message.content == "Hi!"
+            time.sleep(0.2)  # the upstream has closed the kept-alive connection by now
+        assert httpx.get(f"{p.base_url}/models").status_code == 200
+        assert httpx.get(f"{p.base_url}/models?limit=2").status_code == 200
+    assert upstream.request_lines == ["POST /v1/chat/completions HTTP/1.1"] * 3 + [
+        "GET /v1/models HTTP/1.1", "GET /v1/models?limit=2 HTTP/1.1"]  # no stray "?"
+
+
+# --- compressed answers ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    with running_proxy(tmp_path_factory.mktemp("edge") / "p.db", FakeEmbedder()) as p:
+        yield p
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_compressed_chat_answer_reaches_the_client_decodable(
+    proxy: Proxy, encoding: str, stream: bool
+) -> None:
+    """The proxy asks for identity, but an upstream may compress anyway: the client gets the
+    decoded answer without a Content-Encoding claiming otherwise, and the block is stored."""
+    user = f"edge-{encoding}-{stream}"
+    proxy.upstream.queue(Reply("Noted. " + memory_block([f"{user} likes tea"]),
+                               content_encoding=encoding, chunk_seed=4))
+    with httpx.stream("POST", f"{proxy.base_url}/chat/completions",
+                      json={**CHAT, "stream": stream}, headers={"x-headroom-user-id": user}) as r:
+        raw = b"".join(r.iter_raw())
+        assert r.status_code == 200
+        assert "content-encoding" not in r.headers
+    if stream:
+        events = [json.loads(line.removeprefix(b"data: ")) for line in raw.split(b"\n\n")
+                  if line.startswith(b"data: {")]
+        text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+    else:
+        text = json.loads(raw)["choices"][0]["message"]["content"]
+    assert text == "Noted."
+    assert [m.content for m in proxy.memories(user)] == [f"{user} likes tea"]
+
+    # The SDK, which sends Accept-Encoding: gzip itself, reads the same.
+    proxy.upstream.queue(Reply("Again.", content_encoding=encoding))
+    answer = proxy.client(user).chat.completions.create(**CHAT, stream=stream)
+    got = ("".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+           if stream else answer.choices[0].message.content)
+    assert got == "Again."
+
+
+def test_a_compressed_pass_through_answer_keeps_its_encoding_and_length(proxy: Proxy) -> None:
+    with httpx.stream("GET", f"{proxy.base_url}/gzipped",
+                      headers={"accept-encoding": "gzip"}) as response:
+        raw = b"".join(response.iter_raw())
+        assert response.headers["content-encoding"] == "gzip"
+        assert int(response.headers["content-length"]) == len(raw)
+    assert gzip.decompress(raw) == b'{"compressed": true}' * 50
+
+
+# --- one Date header -----------------------------------------------------------------------------
+
+
+def test_every_response_has_exactly_one_date_header(proxy: Proxy) -> None:
+    proxy.upstream.queue(Reply("Hi"), Reply("Hi"), Reply(status=429))
+    responses = [
+        httpx.post(f"{proxy.base_url}/chat/completions", json=CHAT, headers=USER),
+        httpx.post(f"{proxy.base_url}/chat/completions", json={**CHAT, "stream": True},
+                   headers=USER),
+        httpx.post(f"{proxy.base_url}/chat/completions", json=CHAT, headers=USER),  # 429
+        httpx.post(f"{proxy.base_url}/chat/completions", json=CHAT),  # forwarded as is
+        httpx.get(f"{proxy.base_url}/models"),
+        httpx.get(f"{proxy.base_url}/files"),
+        httpx.get(f"{proxy.url}/healthz"),
+        httpx.post(f"{proxy.base_url}/chat/completions", content=b"{",
+                   headers={**USER, "content-type": "application/json"}),  # 400
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 429, 200, 200, 200, 200, 400]
+    for response in responses:
+        assert len(response.headers.get_list("date")) == 1, response.request.url

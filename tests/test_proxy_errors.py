@@ -101,7 +101,7 @@ def test_upstream_unreachable_is_502(
 
 
 def test_upstream_timeout_is_504(tmp_path: Path, local_embedder: Any) -> None:
-    with running_proxy(tmp_path / "p.db", local_embedder, upstream_timeout_s=0.3) as p:
+    with running_proxy(tmp_path / "p.db", local_embedder, upstream_read_timeout_s=0.3) as p:
         for stream in (False, True):
             p.upstream.queue(Reply("late", delay_s=1.0))
             response = httpx.post(f"{p.base_url}/chat/completions",
@@ -115,7 +115,7 @@ def test_upstream_timeout_is_504(tmp_path: Path, local_embedder: Any) -> None:
 def test_upstream_stalling_mid_stream_ends_with_an_error_event(
     tmp_path: Path, local_embedder: Any
 ) -> None:
-    with running_proxy(tmp_path / "p.db", local_embedder, upstream_timeout_s=0.3) as p:
+    with running_proxy(tmp_path / "p.db", local_embedder, upstream_read_timeout_s=0.3) as p:
         p.upstream.queue(Reply("First part. " + memory_block(["Never stored"]),
                                hold_before_finish_s=1.0, chunk_seed=1))
         with httpx.stream("POST", f"{p.base_url}/chat/completions",
@@ -183,7 +183,8 @@ def test_oversized_body_is_413(tmp_path: Path, local_embedder: Any) -> None:
             for i in range(0, len(data), 500):
                 yield data[i:i + 500]
 
-        response = httpx.post(url, content=chunked(), headers=USER)
+        response = httpx.post(url, content=chunked(),
+                              headers={**USER, "content-type": "application/json"})
         assert_openai_error(response, 413, "invalid_request_error", "request_too_large")
         response = httpx.post(url, json=big)  # without a user too
         assert_openai_error(response, 413, "invalid_request_error", "request_too_large")
