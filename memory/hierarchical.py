@@ -8,7 +8,7 @@
     retrieval      search, text and hybrid search, recall, explain_ranking
     maintenance    purge, clear, stats, optimize
     transfer       JSONL export and import
-    writer         the outbox: durable submit, and the worker that applies queued ops
+    write_behind   the outbox: durable submit, health, dead letters (`writer`: the worker)
 
 Nothing here blocks the event loop, and no other module reaches into this one.
 """
@@ -28,6 +28,7 @@ from . import transfer, wiring
 from .commands import Commands
 from .common_words import CommonWords
 from .executors import Executors
+from .limits import WriteLimits
 from .maintenance import Maintenance
 from .models import (
     Memory,
@@ -40,12 +41,12 @@ from .models import (
     SearchResult,
 )
 from .parts import EngineParts
-from .ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
+from .ports import Embedder, MemoryCache, MemoryStore, Outbox, TextIndex, VectorIndex
 from .reads import Reads
 from .recall import RecallPreset, get_preset
 from .retrieval import Retrieval
 from .unit_of_work import UnitOfWork
-from .writer import OutboxWorker
+from .write_behind import WriteBehind
 
 __all__ = ["HierarchicalMemory", "MemoryDraft"]
 
@@ -62,18 +63,23 @@ class HierarchicalMemory:
         config: MemoryConfig | None = None,
         writer: ThreadPoolExecutor | None = None,
         on_close: Callable[[], None] | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         config = config or MemoryConfig(db_path=":memory:")
-        self._parts = parts = EngineParts(config, store, vector_index, text_index, embedder, cache)
+        if outbox is None and isinstance(getattr(store, "outbox", None), Outbox):
+            outbox = store.outbox  # type: ignore[attr-defined]  # the SQLite store's own
+        self._parts = parts = EngineParts(
+            config, store, vector_index, text_index, embedder, cache, outbox
+        )
         self._executors = Executors(parts, writer)
         common_words = CommonWords()
-        self._unit = UnitOfWork(parts)
+        self._unit = UnitOfWork(parts, limits=WriteLimits(config))
         self._retrieval = Retrieval(parts, self._executors, common_words)
         refresh = self._retrieval.refresh_common_words
         self._commands = Commands(parts, self._executors, self._unit, refresh)
         self._reads = Reads(parts, self._executors)
         self._maintenance = Maintenance(parts, self._executors, common_words)
-        self._worker: OutboxWorker | None = None  # started by start()
+        self._write_behind = WriteBehind(parts, self._executors, self._unit, outbox, refresh)
         self._on_close = on_close
         self._closed = False
 
@@ -93,7 +99,7 @@ class HierarchicalMemory:
         p = built.parts
         return cls(
             p.store, p.vectors, p.text, p.embedder, p.cache, config=config, writer=built.writer,
-            on_close=built.close,
+            on_close=built.close, outbox=p.outbox,
         )
 
     # --- the parts, for callers that read them directly -----------------------------------------
@@ -390,42 +396,44 @@ class HierarchicalMemory:
     # --- write-behind (the proxy's path) --------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the outbox worker; it first replays whatever a previous process left."""
-        if self._worker is None:
-            self._worker = OutboxWorker(
-                self._parts, self._executors, self._unit, self._retrieval.refresh_common_words
-            )
-            await self._worker.start()
+        """Start the outbox worker; it first replays whatever a previous process (or another
+        process on the same file, whose leases ran out) left."""
+        await self._write_behind.start()
 
     async def submit(
         self, ops: MemoryOps, scope: Scope, *, request_id: str | None = None
-    ) -> int:
-        """Durably queue a `<memory>` block's ops (one cheap insert); the worker applies them."""
-        payload = {
-            "ops": ops.to_dict(),
-            "scope": {
-                "user_id": scope.user_id, "session_id": scope.session_id,
-                "agent_id": scope.agent_id, "turn_id": scope.turn_id,
-            },
-            "request_id": request_id,
-        }
-        store = self._parts.store
-        outbox_id = await self._executors.write(lambda: store.outbox_put(payload))
-        if self._worker is not None:
-            self._worker.wake()
-        return outbox_id
+    ) -> int | None:
+        """Durably queue a `<memory>` block's ops; returns once the outbox row is committed (its
+        id), and the worker applies them. If the database cannot take even that insert, the ops
+        wait in a bounded in-memory queue and None is returned; past `memory_queue_max_ops`
+        this raises StorageError."""
+        return await self._write_behind.submit(ops, scope, request_id)
 
     def writer_stats(self) -> dict[str, int]:
-        """Outbox worker counters: ops applied, ops dropped as invalid, failed batches retried."""
-        worker = self._worker
-        if worker is None:
-            return {"applied": 0, "dropped": 0, "retries": 0}
-        return {"applied": worker.applied, "dropped": worker.failed, "retries": worker.retries}
+        """Outbox worker counters: ops applied, dropped as invalid, skipped over a limit;
+        passes retried (embedder or storage down); row failures, dead letters (parked by this
+        worker, and in the file as last seen); ops waiting in memory."""
+        return self._write_behind.stats()
+
+    async def health(self) -> dict[str, Any]:
+        """{"status": "ok" | "degraded", "reasons": [...], "outbox_pending", "dead_letters",
+        "queued_in_memory"}: degraded while storage fails, ops wait in memory, or the embedder
+        fails (the counts are None when the outbox cannot be read)."""
+        return await self._write_behind.health()
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Outbox rows parked after `outbox_max_attempts` failures, oldest first: id, outbox_id,
+        user_id, payload, attempts, error, created_at, dead_at."""
+        return await self._write_behind.dead_letters(limit)
+
+    async def redrive_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Queue these dead letters (all when `ids` is None) again as new outbox rows; returns
+        how many were moved."""
+        return await self._write_behind.redrive(ids)
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait until every queued op is applied."""
-        if self._worker is not None:
-            await self._worker.drain(timeout)
+        """Wait until every queued op is applied (or parked as a dead letter)."""
+        await self._write_behind.drain(timeout)
 
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Drain the outbox (up to `drain_timeout`; what is left replays on the next start), stop
@@ -433,8 +441,7 @@ class HierarchicalMemory:
         if self._closed:
             return
         self._closed = True
-        if self._worker is not None:
-            await self._worker.stop(drain_timeout)
+        await self._write_behind.stop(drain_timeout)
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
 
     def _shutdown(self) -> None:

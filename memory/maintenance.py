@@ -69,6 +69,8 @@ class Maintenance:
             out = p.store.stats(user_id)
             out["vectors"] = p.vectors.count(user_id)
             out["fts_rows"] = p.text.count(user_id)
+            if p.outbox is not None:
+                out["dead_letters"] = p.outbox.dead_count()
             return out
 
         out = await self.executors.read(run)

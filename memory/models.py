@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ValidationError
+from .text import clean_text
 
 __all__ = [
     "AddOp",
@@ -286,7 +287,8 @@ class MemoryDraft:
     dedup: bool = True
 
     def build(self, model_id: str) -> Memory:
-        content = (self.content or "").strip()
+        """The validated `Memory`; its text is made valid UTF-8 (`text.clean_text`) first."""
+        content = clean_text(self.content or "").strip()
         if not content:
             raise ValidationError("memory content must not be empty")
         importance = float(self.importance)
@@ -303,7 +305,9 @@ class MemoryDraft:
             turn_id=scope.turn_id,
             category=MemoryCategory.parse(self.category),
             importance=importance,
-            entity_refs=list(self.entity_refs or []),
+            entity_refs=[
+                clean_text(e) if isinstance(e, str) else e for e in self.entity_refs or []
+            ],
             metadata=dict(self.metadata or {}),
             created_at=created,
             valid_from=as_utc(self.valid_from) if self.valid_from else created,
@@ -445,6 +449,16 @@ class MemoryConfig:
     # Vectors per sqlite-vec storage chunk, allocated per user: small keeps many small users
     # cheap on disk (see memory/adapters/sqlite_vec_index.py). Fixed when a database is created.
     vector_chunk_size: int = 128
+    # The write-behind path (memory/writer.py): an outbox row that keeps failing on its own is
+    # parked as a dead letter after this many attempts, never holding back the rows behind it.
+    outbox_max_attempts: int = 5
+    # Ops kept in memory (and retried) while even the outbox insert fails (disk full, I/O
+    # error); past this bound `submit` raises StorageError.
+    memory_queue_max_ops: int = 10_000
+    # Operator limits on model-written adds (0 = unlimited): current memories per user, and
+    # users seen for the first time per minute (per process).
+    max_memories_per_user: int = 0
+    max_new_users_per_minute: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.embedder_backend, str):
@@ -486,6 +500,13 @@ class MemoryConfig:
             raise ConfigError("vector_chunk_size must be a positive multiple of 8")
         if self.reader_threads < 1:
             raise ConfigError("reader_threads must be at least 1")
+        if self.outbox_max_attempts < 1:
+            raise ConfigError("outbox_max_attempts must be at least 1")
+        if self.memory_queue_max_ops < 0:
+            raise ConfigError("memory_queue_max_ops must not be negative")
+        if self.max_memories_per_user < 0 or self.max_new_users_per_minute < 0:
+            raise ConfigError("max_memories_per_user and max_new_users_per_minute must not be "
+                              "negative (0 means unlimited)")
 
     def with_changes(self, **changes: Any) -> MemoryConfig:
         return replace(self, **changes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .models import MemoryConfig
-from .ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
+from .ports import Embedder, MemoryCache, MemoryStore, Outbox, TextIndex, VectorIndex
 
 __all__ = ["EngineParts"]
 
@@ -23,6 +23,8 @@ class EngineParts:
     text: TextIndex
     embedder: Embedder
     cache: MemoryCache | None = None
+    # The queue of write-behind ops; shares the store's transactions (None: no write-behind).
+    outbox: Outbox | None = None
 
     def invalidate(self, memory_id: str) -> None:
         """Drop a cached copy after its row changed."""

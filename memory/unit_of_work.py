@@ -3,13 +3,17 @@
 Every method runs on the writer thread inside the caller's transaction, so a row, its vector,
 its full-text entry and its audit event commit or roll back together. The policies live here:
 an exact or near-identical fact reinforces the memory it repeats (and may widen its scope, or
-bubble it up to the user level when it becomes important enough); a supersede closes the old row
-and indexes its successor; a forget takes a memory off every current read path. The rules on
-the rows themselves (what a supersede or forget changes) are `temporal`'s pure functions.
+bubble it up to the user level when it becomes important enough), unless the near-identical one
+is a *changed* fact (another number, date, name, or a negation: `changed_fact`), which supersedes
+the old memory instead, so the history keeps both and the current value is the new one; a new
+memory must fit the operator's limits (`limits`); a supersede closes the old row and indexes its
+successor; a forget takes a memory off every current read path. The rules on the rows
+themselves (what a supersede or forget changes) are `temporal`'s pure functions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +21,7 @@ import numpy as np
 
 from . import temporal
 from .errors import MemoryNotFoundError, ValidationError
+from .limits import WriteLimits
 from .models import Memory, MemoryCategory, Scope, utcnow
 from .parts import EngineParts
 
@@ -31,9 +36,18 @@ def scope_dict(scope: Scope) -> dict[str, str | None]:
     }
 
 
+CHANGED_FACT = "changed fact"  # the reason a near-duplicate's supersede event records
+
+
 class UnitOfWork:
-    def __init__(self, parts: EngineParts) -> None:
+    def __init__(
+        self, parts: EngineParts, *, limits: WriteLimits | None = None,
+        changed_fact: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.parts = parts
+        self.limits = limits or WriteLimits(parts.config)
+        # (old text, new text) -> whether the new one states a different fact; None: never.
+        self.changed_fact = changed_fact
 
     # --- adding ------------------------------------------------------------------------------
 
@@ -51,8 +65,13 @@ class UnitOfWork:
                 )
                 if hits and hits[0][1] >= p.config.dedup_threshold:
                     existing = p.store.get_by_rowids([hits[0][0]]).get(hits[0][0])
+                    if existing is not None and self._changed(existing, memory):
+                        if memory.created_at >= existing.valid_from:
+                            return self._supersede_changed(existing, memory, vector, request_id)
+                        existing = None  # an older value told late: stored beside the newer one
             if existing is not None:
                 return self.reinforce(existing, memory, request_id)
+        self.limits.check_new_memory(p.store, memory.user_id)
         if temporal.should_bubble(memory, p.config.bubble_importance_threshold):
             origin = memory.scope
             memory = temporal.promote(memory, Scope(memory.user_id))
@@ -64,6 +83,21 @@ class UnitOfWork:
             return memory
         self.index_new(memory, vector, request_id)
         return memory
+
+    def _changed(self, existing: Memory, incoming: Memory) -> bool:
+        return self.changed_fact is not None and self.changed_fact(
+            existing.content, incoming.content
+        )
+
+    def _supersede_changed(
+        self, existing: Memory, incoming: Memory, vector: np.ndarray, request_id: str | None
+    ) -> Memory:
+        """A near-duplicate that states another value: a new version of the old memory."""
+        return self.supersede(
+            existing.id, incoming.content, vector, incoming.created_at, incoming.category,
+            max(existing.importance, incoming.importance), None,
+            incoming.entity_refs or None, existing.user_id, request_id, reason=CHANGED_FACT,
+        )
 
     def index_new(self, memory: Memory, vector: np.ndarray, request_id: str | None) -> int:
         """Insert a row (with its embedding) and, when current, its index entries; returns the
@@ -149,8 +183,10 @@ class UnitOfWork:
         self, old_id: str, content: str, vector: np.ndarray, at: datetime,
         category: MemoryCategory | None, importance: float | None, metadata: dict | None,
         entity_refs: list[str] | None, user_id: str | None, request_id: str | None,
+        *, reason: str | None = None,
     ) -> Memory:
-        """Close `old_id` (valid_until, superseded_by) and index its successor."""
+        """Close `old_id` (valid_until, superseded_by) and index its successor; `reason`, when
+        given, is recorded in the supersede event."""
         if not content.strip():  # the facade checks too; the outbox worker comes here directly
             raise ValidationError("memory content must not be empty")
         if importance is not None and not 0.0 <= importance <= 1.0:
@@ -167,9 +203,12 @@ class UnitOfWork:
         p.vectors.remove([old_rid])
         p.text.remove([old_rid])
         self.index_new(new, vector, request_id)
+        change: dict[str, Any] = {"id": new.id, "content": new.content}
+        if reason is not None:
+            change["reason"] = reason
         p.store.record_event(
             closed.id, closed.user_id, "supersede", old={"content": closed.content},
-            new={"id": new.id, "content": new.content}, request_id=request_id, at=at,
+            new=change, request_id=request_id, at=at,
         )
         p.invalidate(closed.id)
         return new

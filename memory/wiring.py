@@ -1,5 +1,5 @@
-"""Wiring the defaults: the SQLite file, the SQLite store, sqlite-vec vectors, FTS5 text, the
-configured embedder and the LRU cache, from a `MemoryConfig`.
+"""Wiring the defaults: the SQLite file, the SQLite store and its outbox, sqlite-vec vectors,
+FTS5 text, the configured embedder and the LRU cache, from a `MemoryConfig`.
 
 The file is opened on the thread that will be the engine's writer (SQLite connections belong to
 the thread that opened them), and the embedder recorded in the file is checked before anything
@@ -83,7 +83,7 @@ def _build(config: MemoryConfig, embedder: Embedder | None) -> tuple[object, Eng
             vectors = SqliteVecIndex(db, dimension)
         text = FTS5TextIndex(db)
         cache = LRUMemoryCache(config.cache_max_size) if config.cache_enabled else None
-        return db, EngineParts(config, store, vectors, text, embedder, cache)
+        return db, EngineParts(config, store, vectors, text, embedder, cache, store.outbox)
     except BaseException:
         db.close()
         raise
