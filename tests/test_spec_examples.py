@@ -1,5 +1,7 @@
 """The spec's code examples run as written (imports via `headroom.memory`), with the real local
-model. `make_embedder` is pointed at the session's already-loaded MiniLM so it loads once."""
+model. The examples call `HierarchicalMemory.create(config)` with no embedder, so they wire the
+product default themselves (MiniLM on ONNX Runtime, from the export the session already made);
+the test written here passes the session's model in instead."""
 
 from __future__ import annotations
 
@@ -9,27 +11,13 @@ from typing import Any
 
 import pytest
 
-import headroom.memory.embedders
-from headroom.memory.models import EmbedderBackend as _Backend
+from headroom.memory.embedders import OnnxEmbedder
 from headroom.memory.ports import Embedder
-
-
-@pytest.fixture
-def built_configs(monkeypatch: pytest.MonkeyPatch, local_embedder: Embedder) -> list[Any]:
-    """Every MemoryConfig `HierarchicalMemory.create` builds an embedder for, in order."""
-    seen: list[Any] = []
-
-    def make_embedder(config: Any) -> Embedder:
-        seen.append(config)
-        return local_embedder
-
-    monkeypatch.setattr(headroom.memory.embedders, "make_embedder", make_embedder)
-    return seen
 
 
 def test_advanced_usage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    built_configs: list[Any],
+    local_embedder: OnnxEmbedder,
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the example's relative db_path lands here
     out: dict[str, Any] = {}
@@ -102,8 +90,10 @@ def test_advanced_usage(
 
     asyncio.run(main())
 
-    assert [c.embedder_backend for c in built_configs] == [_Backend.LOCAL]
-    assert built_configs[0].embedder_model == "all-MiniLM-L6-v2"
+    # the configured LOCAL backend is the product default: MiniLM on ONNX Runtime
+    wired = out["memory"].embedder
+    assert isinstance(wired, OnnxEmbedder) and wired is not local_embedder
+    assert wired.model_id == "local:all-MiniLM-L6-v2"
     assert (tmp_path / "my_memory.db").exists()
     mem = out["mem"]
     assert out["memory"].cache.max_size == 2000
@@ -124,7 +114,7 @@ def test_advanced_usage(
     assert out["VectorFilter"] is MemoryFilter
 
 
-def test_temporal_versioning(built_configs: list[Any], tmp_path: Path) -> None:
+def test_temporal_versioning(tmp_path: Path) -> None:
     from headroom.memory import HierarchicalMemory, MemoryCategory, MemoryFilter
 
     async def example() -> dict[str, Any]:
@@ -162,13 +152,15 @@ def test_temporal_versioning(built_configs: list[Any], tmp_path: Path) -> None:
         chain = await memory.get_history(new.id)
         # ------------------------------------------------------------------------------------
         db_path = Path(str(memory.config.db_path))
+        model_id = memory.embedder.model_id
         await memory.close()
         return {"orig": orig, "new": new, "current": current, "history": history,
-                "chain": chain, "db_path": db_path}
+                "chain": chain, "db_path": db_path, "model_id": model_id}
 
     out = asyncio.run(example())
     # no db_path: the default data directory, which the test environment points into tmp_path
     assert out["db_path"].is_relative_to(tmp_path)
+    assert out["model_id"] == "local:all-MiniLM-L6-v2"
     assert [m.content for m in out["current"]] == ["User now works at Anthropic"]
     assert sorted(m.content for m in out["history"]) == [
         "User now works at Anthropic", "User works at Google"
@@ -183,14 +175,16 @@ def test_temporal_versioning(built_configs: list[Any], tmp_path: Path) -> None:
     assert chain[0].superseded_by == out["new"].id and chain[1].supersedes == out["orig"].id
 
 
-def test_go_preference_with_the_real_model(built_configs: list[Any], tmp_path: Path) -> None:
+def test_go_preference_with_the_real_model(local_embedder: Embedder, tmp_path: Path) -> None:
     """The multi-session example's recall, with MiniLM: a question that shares no keyword
     with the stored preference still finds it from another session."""
     from headroom.memory import HierarchicalMemory, MemoryConfig, Scope, ScopeLevel
     from headroom.memory.models import AddOp, MemoryOps
 
     async def example() -> list:
-        memory = await HierarchicalMemory.create(MemoryConfig(db_path=tmp_path / "m.db"))
+        memory = await HierarchicalMemory.create(
+            MemoryConfig(db_path=tmp_path / "m.db"), embedder=local_embedder
+        )
         try:
             await memory.start()
             await memory.submit(
