@@ -4,7 +4,7 @@ authentication, the tenant binding, the operator-key route allowlist and per-key
 What a request goes through, in order:
 1. its raw path (`raw_path`, before any normalisation) must be `/v1/...`, `/admin/v1/...`,
    `/healthz` or `/readyz`, with no dot segments (also percent-encoded), no `//`, no encoded
-   `/`, `\\` or `%`, and not in absolute form: else 400;
+   `.`, `\\`, `%` or NUL, and not in absolute form: else 400;
 2. an `Origin` (or `Sec-Fetch-Site: cross-site`) outside the allowlist (`--cors-origin`, empty by
    default) is a 403; `OPTIONS` preflights are answered here from that policy, never forwarded;
 3. memory-bearing requests with a body must be `application/json` (else 415), so a cross-site
@@ -75,7 +75,9 @@ DEFAULT_UPSTREAM_ROUTES: tuple[str, ...] = (
 MEMORY_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 _ADMIN_PREFIX = "/admin/v1/"
-_ENCODED_FORBIDDEN = re.compile(rb"%(2e|2f|5c|25|00)", re.IGNORECASE)
+# An encoded `/` stays (model ids such as meta-llama%2FLlama-3); the dot-segment check below runs
+# on the decoded path, so `..%2F..` is refused all the same.
+_ENCODED_FORBIDDEN = re.compile(rb"%(2e|5c|25|00)", re.IGNORECASE)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _PREFLIGHT_MAX_AGE = "600"
 _EXPOSED = (
@@ -190,13 +192,13 @@ def check_path(raw: bytes) -> str:
         raise BadRequestError("request target must be a path (no absolute form)",
                               code="invalid_path")
     if b"//" in raw or b"\\" in raw or _ENCODED_FORBIDDEN.search(raw):
-        raise BadRequestError("request path must not contain '//', '\\' or encoded '.', '/', "
-                              "'\\' or '%'", code="invalid_path")
+        raise BadRequestError("request path must not contain '//', '\\' or an encoded '.', "
+                              "'\\', '%' or NUL", code="invalid_path")
     decoded = unquote_to_bytes(raw)
     if any(b < 0x20 or b == 0x7F for b in decoded):
         raise BadRequestError("request path must not contain control characters",
                               code="invalid_path")
-    if any(part in (b".", b"..") for part in decoded.split(b"/")):
+    if b"//" in decoded or any(part in (b".", b"..") for part in decoded.split(b"/")):
         raise BadRequestError("request path must not contain dot segments", code="invalid_path")
     path = decoded.decode("utf-8", errors="replace")
     if not (path.startswith("/v1/") or path.startswith(_ADMIN_PREFIX) or path in _PUBLIC_PATHS):
@@ -271,7 +273,8 @@ class AuthMiddleware:
     async def _admit(
         self, scope: Scope, origin: str | None, allowed_origin: str | None
     ) -> Principal | None:
-        path = check_path(scope.get("raw_path") or scope["path"].encode())
+        raw = scope.get("raw_path") or scope["path"].encode()
+        path = check_path(raw)
         method = scope["method"].upper()
         if origin is not None and allowed_origin is None:
             raise PermissionDeniedError(
@@ -298,7 +301,8 @@ class AuthMiddleware:
                 raise PermissionDeniedError("the admin API needs an admin key",
                                             code="admin_key_required")
         elif principal.authenticated or self.policy.open_relay:
-            self._attach_operator_key(scope, principal, method, path)
+            # Matched on the path as sent (and forwarded): `%2F` inside a model id is one segment.
+            self._attach_operator_key(scope, principal, method, raw.decode("latin-1"))
         if principal.key_id is not None:
             limit = principal.requests_per_minute
             if limit is None:
