@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import typer
 
 from ._cli import doctor, keys, memories, outbox, root, serve, stats
+from ._cli.banner import startup_summary
 from ._cli.errors import RootGroup
-from ._cli.serve import startup_summary
 
 __all__ = ["app", "main", "startup_summary"]
 

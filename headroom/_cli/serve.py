@@ -1,20 +1,18 @@
 """`headroom serve`: build the proxy's config from flags and HEADROOM_* variables, print what it is
-about to do, and run it."""
+about to do (banner.py), and run it."""
 
 import dataclasses
 import enum
-import sys
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
-from ..memory.errors import HeadroomMemoryError
-from ..memory.models import MemoryConfig
+from ..proxy.auth import AuthConfigError
 from ..proxy.config import ProxyConfig
-from . import output
-from .engine import engine, run
+from .banner import print_summary, startup_summary
+from .keys import KeyDbOpt
 from .options import (
     DbOpt,
     EmbedOptions,
@@ -23,11 +21,11 @@ from .options import (
     with_embedder_options,
     with_upstream_options,
 )
-from .root import version
 
-__all__ = ["serve", "startup_summary"]
+__all__ = ["serve"]
 
 _LIMITS = "Timeouts and limits"
+_AUTH = "Auth"
 
 
 class LogLevel(enum.StrEnum):
@@ -94,98 +92,102 @@ DurableWaitOpt = _seconds(
 )
 
 
-def _client_url(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
-    elif ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+class AuthMode(enum.StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
 
 
-async def _counts(db: Path) -> dict[str, Any]:
-    async with engine(db) as mem:
-        return await mem.stats()
+AuthOpt = Annotated[
+    AuthMode,
+    typer.Option(
+        "--auth", envvar="HEADROOM_AUTH", case_sensitive=False, rich_help_panel=_AUTH,
+        help="Require proxy keys: auto (when listening beyond loopback or holding an upstream "
+        "key), on or off.",
+    ),
+]
+AllowUnauthenticatedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unauthenticated", envvar="HEADROOM_ALLOW_UNAUTHENTICATED",
+        rich_help_panel=_AUTH,
+        help="Let --auth off stand on a public bind or with an upstream key (logged loudly).",
+    ),
+]
+CorsOriginOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--cors-origin", envvar="HEADROOM_CORS_ORIGINS", rich_help_panel=_AUTH,
+        metavar="ORIGIN", show_default=False,
+        help="A web origin allowed to call the proxy, e.g. https://app.example (repeatable; "
+        "the variable takes several, space-separated). Default: none.",
+    ),
+]
+UpstreamRoutesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--upstream-routes", envvar="HEADROOM_UPSTREAM_ROUTES", rich_help_panel=_AUTH,
+        metavar="ROUTES", show_default=False,
+        help="Routes requests with the operator's key may take, comma-separated "
+        "\"METHOD /v1/path\" (`*` is one segment). Default: chat completions, responses, "
+        "embeddings, models.",
+    ),
+]
+TenantKeysOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tenant-upstream-keys-file", envvar="HEADROOM_TENANT_UPSTREAM_KEYS_FILE",
+        exists=True, dir_okay=False, readable=True, rich_help_panel=_AUTH, metavar="PATH",
+        show_default=False,
+        help="A JSON object of tenant to upstream key: each tenant's requests use its own key.",
+    ),
+]
 
 
-def _model_id(config: MemoryConfig) -> str:
-    """The id of the embedder `config` names, without loading it (nothing heavy is built)."""
-    from ..memory import embedders
-
-    embedder = embedders.make_embedder(config)
-    closer = getattr(embedder, "close", None)
-    if callable(closer):
-        closer()
-    return embedder.model_id
+def _per_minute(flag: str, env: str, text: str) -> Any:
+    return Annotated[
+        int | None,
+        typer.Option(flag, envvar=env, min=0, rich_help_panel=_AUTH, show_default=False,
+                     help=text),
+    ]
 
 
-def startup_summary(config: ProxyConfig) -> dict[str, Any]:
-    """What `serve` prints before it starts: where it listens, what it forwards to, which
-    database and embedder, how many memories the database holds, and warnings about what would
-    keep memory off (the server then passes requests through untouched). Loads no model."""
-    memory_config = config.memory_config()
-    db = Path(config.db_path)
-    base = _client_url(config.host, config.port)
-    warnings: list[str] = []
+KeyRequestsOpt = _per_minute(
+    "--key-requests-per-minute", "HEADROOM_KEY_REQUESTS_PER_MINUTE",
+    "Requests per minute per proxy key, unless the key sets its own. Default: no limit.",
+)
+KeyMemoriesOpt = _per_minute(
+    "--key-memories-per-minute", "HEADROOM_KEY_MEMORIES_PER_MINUTE",
+    "New memories per minute per proxy key, unless the key sets its own. Default: no limit.",
+)
+
+
+def _routes(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    routes = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not routes:
+        raise typer.BadParameter("no route given", param_hint="'--upstream-routes'")
+    return {"upstream_routes": routes}
+
+
+def _tenant_keys(path: Path | None) -> dict[str, str]:
+    """Keys are secrets: they come from a file, never the command line."""
+    if path is None:
+        return {}
+    hint = "'--tenant-upstream-keys-file'"
     try:
-        embedder = _model_id(memory_config)
-    except HeadroomMemoryError as exc:
-        embedder = f"{memory_config.embedder_backend.value}:{memory_config.embedder_model}"
-        warnings.append(f"the embedder cannot start, memory stays off: {exc}")
-    summary: dict[str, Any] = {
-        "listen": f"http://{config.host}:{config.port}",
-        "client_base_url": f"{base}/v1",
-        "upstream": config.upstream_base,
-        "upstream_key": config.upstream_key is not None,
-        "db": str(db),
-        "db_exists": db.exists(),
-        "embedder": embedder,
-        "memories": {"current": 0, "superseded": 0, "forgotten": 0, "users": 0,
-                     "outbox_pending": 0},
-        "db_bytes": 0,
-        "warnings": warnings,
-    }
-    if summary["db_exists"]:
-        stats = run(_counts(db))
-        summary["memories"] = {
-            "current": stats["current"], "superseded": stats["superseded"],
-            "forgotten": stats["forgotten"], "users": len(stats["users"]),
-            "outbox_pending": stats["outbox_pending"],
-        }
-        summary["db_bytes"] = stats["db_bytes"]
-        if stats["embedding_model"] != embedder:
-            warnings.append(
-                f"{db} was built with {stats['embedding_model']}, not {embedder}: memory stays "
-                "off until they match (see `headroom doctor`)"
-            )
-    return summary
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    console = output.out()
-    counts = summary["memories"]
-    if summary["db_exists"]:
-        held = (
-            f"{counts['current']} current, {counts['superseded']} superseded, "
-            f"{counts['forgotten']} forgotten memories of {counts['users']} users; "
-            f"{output.size(summary['db_bytes'])}"
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"{path} is not JSON: {exc}", param_hint=hint) from None
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in data.items()
+    ):
+        raise typer.BadParameter(
+            f"{path} must hold a JSON object of tenant to key (non-empty strings)",
+            param_hint=hint,
         )
-        if counts["outbox_pending"]:
-            held += f"; {counts['outbox_pending']} queued writes to replay"
-    else:
-        held = "new, created on start"
-    key = "server key set" if summary["upstream_key"] else "clients' own Authorization forwarded"
-    console.print(f"[bold]Headroom Memory {version()}[/bold] proxy")
-    console.print(f"  listening  {summary['listen']}")
-    console.print(f"  upstream   {escape(summary['upstream'])} ({key})")
-    console.print(f"  database   {escape(summary['db'])} ({held})")
-    console.print(f"  embedder   {escape(summary['embedder'])} (loads in the background)")
-    for warning in summary["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-    console.print(f"Point a client at it:  OPENAI_BASE_URL={summary['client_base_url']}")
-    console.print(
-        "Memory is per user: send the X-Headroom-User-Id header (or the body's `user`)."
-    )
-    sys.stdout.flush()
+    return data
 
 
 @with_upstream_options
@@ -217,6 +219,14 @@ def serve(
     body_read_timeout: BodyReadOpt = None,
     header_read_timeout: HeaderReadOpt = None,
     durable_wait: DurableWaitOpt = None,
+    auth: AuthOpt = AuthMode.AUTO,
+    allow_unauthenticated: AllowUnauthenticatedOpt = False,
+    key_db: KeyDbOpt = None,
+    cors_origin: CorsOriginOpt = None,
+    upstream_routes: UpstreamRoutesOpt = None,
+    tenant_upstream_keys_file: TenantKeysOpt = None,
+    key_requests_per_minute: KeyRequestsOpt = None,
+    key_memories_per_minute: KeyMemoriesOpt = None,
     *,
     upstream: UpstreamOptions,
     embed: EmbedOptions,
@@ -240,10 +250,20 @@ def serve(
         openai_api_key=embed.openai_api_key, ollama_base_url=embed.ollama_url,
         torch_threads=embed.torch_threads, embedder_runtime=embed.runtime, top_k=top_k,
         token_budget=token_budget, log_level=log_level.value,
+        auth=auth.value, allow_unauthenticated=allow_unauthenticated, key_db_path=key_db,
+        cors_origins=tuple(cors_origin or ()),
+        tenant_upstream_keys=_tenant_keys(tenant_upstream_keys_file),
+        key_requests_per_minute=key_requests_per_minute,
+        key_memories_per_minute=key_memories_per_minute,
+        **_routes(upstream_routes),
         # Unset timeouts keep ProxyConfig's defaults, which are the one place they are written.
         **{name: value for name, value in given.items() if value is not None},
     )
-    _print_summary(startup_summary(config))
+    try:
+        summary = startup_summary(config)
+    except AuthConfigError as exc:  # a setting the server would refuse: say so before starting
+        raise typer.BadParameter(str(exc)) from None
+    print_summary(summary)
     from ..proxy.server import serve as run_server
 
     run_server(config)
