@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from email.utils import formatdate
 
 import h11
 import orjson
@@ -71,7 +72,7 @@ class HeaderTimeoutProtocol(H11Protocol):
         if partial:
             log.info("closing a connection from %s: request headers incomplete after %gs",
                      _peer(self.client), self.header_timeout_s)
-            self.transport.write(_REQUEST_TIMEOUT)
+            self.transport.write(_request_timeout_response())
         self.transport.close()
 
 
@@ -80,16 +81,15 @@ def _peer(client: tuple[str, int] | None) -> str:
 
 
 def _request_timeout_response() -> bytes:
+    """Written by hand: h11 cannot send a response before it has read a request."""
     error = RequestTimeoutError("the request headers did not arrive in time")
     body = orjson.dumps(error_body(error.message, error.type, error.code))
     head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-        f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+        f"HTTP/1.1 408 Request Timeout\r\ndate: {formatdate(usegmt=True)}\r\n"
+        "content-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
-
-
-_REQUEST_TIMEOUT = _request_timeout_response()
 
 
 def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:

@@ -3,13 +3,21 @@ process (SIGTERM, logging) and readiness, each against a real server where it ma
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
+import re
+import signal
 import socket
 import socketserver
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +29,15 @@ import pytest
 from headroom.proxy.body import MAX_DEPTH, parse_json_body
 from headroom.proxy.errors import BadRequestError, error_response
 from tests.fakes import FakeEmbedder
-from tests.servers import Proxy, Reply, memory_block, running_proxy
+from tests.servers import (
+    FakeUpstream,
+    Proxy,
+    Reply,
+    free_port,
+    memory_block,
+    running_proxy,
+    running_upstream,
+)
 
 
 def _nested(depth: int) -> bytes:
@@ -289,3 +305,209 @@ def test_every_response_has_exactly_one_date_header(proxy: Proxy) -> None:
     assert [r.status_code for r in responses] == [200, 200, 429, 200, 200, 200, 200, 400]
     for response in responses:
         assert len(response.headers.get_list("date")) == 1, response.request.url
+
+
+# --- a real server process: read timeouts, logs, SIGTERM ------------------------------------------
+
+_SERVE = """
+import json, sys
+from headroom.proxy.config import ProxyConfig
+from headroom.proxy.server import serve
+serve(ProxyConfig(**json.loads(sys.argv[1])))
+"""
+
+_LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+    r"(?P<name>[\w.]+): \S"
+)
+
+
+@dataclass
+class Served:
+    """`headroom.proxy.server.serve` in its own process (the real model, the real logging
+    setup), in front of a FakeUpstream in this one."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    upstream: FakeUpstream
+    db_path: Path
+    stderr_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def raw(self, data: bytes) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        if data:
+            conn.sendall(data)
+        return conn
+
+
+def _wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _ready(served: Served) -> bool:
+    if served.process.poll() is not None:
+        raise AssertionError(f"server exited {served.process.returncode}:\n{served.stderr()}")
+    try:
+        return httpx.get(f"{served.url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("served")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    for quieted_by_the_server in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(quieted_by_the_server, None)
+    with running_upstream() as (upstream_root, fake), (tmp / "stderr.txt").open("wb") as err:
+        port = free_port()
+        config = {"port": port, "db_path": str(tmp / "p.db"), "upstream_url": upstream_root,
+                  "header_read_timeout_s": 1.0, "body_read_timeout_s": 1.0,
+                  "drain_timeout_s": 20.0}
+        process = subprocess.Popen([sys.executable, "-c", _SERVE, json.dumps(config)],
+                                   stdout=subprocess.DEVNULL, stderr=err, env=env)
+        served = Served(process, port, fake, tmp / "p.db", tmp / "stderr.txt")
+        try:
+            _wait_until(lambda: _ready(served), 180, "the server to be ready")
+            yield served
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(30)
+
+
+def _read_until_closed(conn: socket.socket) -> bytes:
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_request_line_that_stalls_gets_a_408_and_the_connection_closes(served: Served) -> None:
+    started = time.monotonic()
+    with served.raw(b"POST /v1/chat/comp") as conn:
+        answer = _read_until_closed(conn)
+    assert 0.9 < time.monotonic() - started < 5
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    # Headers begun but never finished: the same.
+    with served.raw(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-slow: ") as conn:
+        assert _read_until_closed(conn).startswith(b"HTTP/1.1 408 ")
+    # A connection that never says anything is closed without a word.
+    started = time.monotonic()
+    with served.raw(b"") as conn:
+        assert _read_until_closed(conn) == b""
+    assert time.monotonic() - started < 5
+
+
+def test_a_kept_alive_connection_is_not_cut_by_the_header_timeout(served: Served) -> None:
+    """The timer restarts per request: requests spread over longer than the header timeout
+    on one connection all go through."""
+    with httpx.Client(base_url=served.url) as client:
+        for _ in range(3):
+            assert client.get("/healthz").status_code == 200
+            time.sleep(0.6)
+
+
+def test_a_body_that_stalls_gets_a_408_in_the_openai_shape(served: Served) -> None:
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+            b"\r\nx-headroom-user-id: stall\r\ncontent-length: 200\r\n\r\n")
+    for path_head in (head, head.replace(b"/chat/completions", b"/embeddings")):
+        started = time.monotonic()
+        with served.raw(path_head + b'{"model": "m", "mess') as conn:
+            answer = _read_until_closed(conn)
+        assert 0.9 < time.monotonic() - started < 5
+        head_bytes, body = answer.split(b"\r\n\r\n", 1)
+        assert head_bytes.startswith(b"HTTP/1.1 408 ")
+        assert b"connection: close" in head_bytes.lower()
+        error = json.loads(body)["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "request_timeout")
+
+
+def test_one_date_header_from_the_real_server(served: Served) -> None:
+    served.upstream.queue(Reply("Hi"))
+    chat = httpx.post(f"{served.url}/v1/chat/completions", json=CHAT, headers=USER)
+    models = httpx.get(f"{served.url}/v1/models")
+    for response in (chat, models, httpx.get(f"{served.url}/healthz")):
+        assert response.status_code == 200
+        assert len(response.headers.get_list("date")) == 1
+        assert len(response.headers.get_list("server")) <= 1  # the upstream's, relayed
+
+
+def test_client_disconnects_are_one_info_line_each(served: Served) -> None:
+    before = served.stderr()
+    # Gone mid-body.
+    with served.raw(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                    b"content-type: application/json\r\nx-headroom-user-id: gone\r\n"
+                    b"content-length: 100\r\n\r\n{\"mo"):
+        time.sleep(0.2)
+    # Gone mid-stream.
+    served.upstream.queue(Reply("A long answer that keeps coming. " * 10, event_delay_s=0.02))
+    with httpx.stream("POST", f"{served.url}/v1/chat/completions",
+                      json={**CHAT, "stream": True}, headers=USER) as response:
+        next(response.iter_raw())
+    _wait_until(lambda: "client left" in served.stderr()[len(before):], 10,
+                "the stream's disconnect to be logged")
+    time.sleep(0.3)
+    new = served.stderr()[len(before):].splitlines()
+    assert [line for line in new if "the client disconnected" in line and " INFO " in line]
+    assert len([line for line in new if "disconnected" in line or "client left" in line]) == 2
+    assert not [line for line in new if " ERROR " in line or "Traceback" in line]
+
+
+def test_server_logs_have_one_format_and_no_noise(served: Served) -> None:
+    served.upstream.queue(Reply("Hi"))
+    assert httpx.post(f"{served.url}/v1/chat/completions", json=CHAT,
+                      headers=USER).status_code == 200
+    time.sleep(0.3)
+    lines = served.stderr().splitlines()
+    assert any("embedding model ready" in line for line in lines)  # the model was loaded
+    assert any("uvicorn.access" in line for line in lines)  # uvicorn's through the same format
+    names = set()
+    for line in lines:
+        match = _LOG_LINE.match(line)
+        assert match, f"not in the one format: {line!r}"
+        names.add(match["name"])
+    assert {n.split(".")[0] for n in names} <= {"headroom", "uvicorn"}, names
+    assert not any("HTTP Request:" in line for line in lines)  # httpx's per-request line
+    assert not any("it/s" in line or "%|" in line for line in lines)  # progress bars
+
+
+def test_sigterm_drains_in_flight_work_and_exits_0(served: Served) -> None:
+    """Last in this module: it stops the module's server. A stream in flight at SIGTERM
+    finishes, its memory block is stored before the process ends, and the exit code is 0."""
+    served.upstream.queue(Reply("Let me think. " * 10 + memory_block(["Stopped gracefully"]),
+                               event_delay_s=0.03))
+    received: list[bytes] = []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{served.url}/v1/chat/completions",
+                          json={**CHAT, "stream": True},
+                          headers={"x-headroom-user-id": "sigterm-user"}, timeout=30) as r:
+            received.extend(r.iter_raw())
+
+    client = threading.Thread(target=stream)
+    client.start()
+    _wait_until(lambda: bool(received), 10, "the stream to begin")
+    served.process.send_signal(signal.SIGTERM)
+    client.join(30)
+    assert served.process.wait(60) == 0, served.stderr()
+    assert b"".join(received).rstrip().endswith(b"data: [DONE]")
+    log = served.stderr()
+    assert "shutdown complete" in log and "Traceback" not in log
+    with contextlib.closing(sqlite3.connect(served.db_path)) as db:
+        rows = db.execute("SELECT content FROM memories WHERE user_id = ?",
+                          ("sigterm-user",)).fetchall()
+    assert rows == [("Stopped gracefully",)]
