@@ -68,7 +68,7 @@ async def _counts(db: Path) -> dict[str, Any]:
 async def _oldest_dead_error(db: Path) -> str | None:
     async with engine(db) as mem:
         letters = await mem.dead_letters(1)
-    return letters[0].error if letters else None
+    return str(letters[0]["error"]) if letters else None
 
 
 def _check_database(db: Path, configured: str | None) -> tuple[Check, dict[str, Any] | None]:

@@ -6,12 +6,12 @@ row and the server's writer applies it (at once if a server runs, else on its ne
 """
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from ..memory.ports import DeadLetter
 from . import output
 from .engine import engine, run
 from .errors import CommandError
@@ -25,13 +25,8 @@ app = typer.Typer(
 )
 
 
-def _letter_dict(letter: DeadLetter) -> dict[str, Any]:
-    return {
-        "id": letter.id, "outbox_id": letter.outbox_id, "user_id": letter.user_id,
-        "attempts": letter.attempts, "error": letter.error,
-        "created_at": letter.created_at.isoformat(), "dead_at": letter.dead_at.isoformat(),
-        "payload": letter.payload,
-    }
+def _count(value: int | None) -> str:
+    return "unreadable" if value is None else str(value)
 
 
 def _ops_summary(payload: dict[str, Any]) -> str:
@@ -46,7 +41,11 @@ def _ops_summary(payload: dict[str, Any]) -> str:
 
 @app.command()
 def status(db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """How many writes are queued and how many are parked as dead letters."""
+    """How many writes are queued and how many are parked as dead letters.
+
+    The status is the engine's health as this process sees the file (degraded while storage
+    fails); dead letters do not degrade it, they wait for an operator (see `headroom doctor`).
+    """
 
     async def go() -> dict[str, Any]:
         async with engine(db_path(db)) as mem:
@@ -60,8 +59,8 @@ def status(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     console = output.out()
     colour = "green" if data["status"] == "ok" else "yellow"
     console.print(f"status         [{colour}]{data['status']}[/{colour}]")
-    console.print(f"queued writes  {data['outbox_pending']}")
-    console.print(f"dead letters   {data['dead_letters']}")
+    console.print(f"queued writes  {_count(data['outbox_pending'])}")
+    console.print(f"dead letters   {_count(data['dead_letters'])}")
     for reason in data["reasons"]:
         console.print(f"  - {escape(str(reason))}")
     if data["dead_letters"]:
@@ -79,13 +78,13 @@ def dead(
 ) -> None:
     """List the dead letters, oldest first: who, what, how often it failed and why."""
 
-    async def go() -> list[DeadLetter]:
+    async def go() -> list[dict[str, Any]]:
         async with engine(db_path(db)) as mem:
             return await mem.dead_letters(limit)
 
     letters = run(go())
     if as_json:
-        output.print_json([_letter_dict(letter) for letter in letters])
+        output.print_json(letters)
         return
     if not letters:
         output.err().print("no dead letters")
@@ -96,9 +95,9 @@ def dead(
     grid.add_column("error", min_width=16, ratio=1)
     for letter in letters:
         grid.add_row(
-            str(letter.id), escape(letter.user_id), _ops_summary(letter.payload),
-            str(letter.attempts), output.when(letter.dead_at),
-            escape(output.short(letter.error, 160)),
+            str(letter["id"]), escape(letter["user_id"]), _ops_summary(letter["payload"]),
+            str(letter["attempts"]), output.when(datetime.fromisoformat(letter["dead_at"])),
+            escape(output.short(letter["error"], 160)),
         )
     output.out().print(grid)
     if len(letters) == limit:
@@ -146,8 +145,8 @@ def redrive(
 _ALL = 1_000_000
 
 
-def _check_known(wanted: Sequence[int], letters: Sequence[DeadLetter]) -> None:
-    known = {letter.id for letter in letters}
+def _check_known(wanted: Sequence[int], letters: Sequence[dict[str, Any]]) -> None:
+    known = {letter["id"] for letter in letters}
     unknown = [i for i in wanted if i not in known]
     if unknown:
         listed = ", ".join(map(str, unknown))
