@@ -342,6 +342,17 @@ def test_import_reembeds_and_shows_progress(hr: Invoke, tmp_path: Path) -> None:
     assert hits[0]["memory"]["content"] == "Fact number 3"
 
 
+def test_slow_work_shows_a_spinner_on_a_terminal_only(hr: Invoke) -> None:
+    on_terminal = hr("memories", "add", "Lives in Lisbon", "--user", "alice",
+                     env={"TTY_COMPATIBLE": "1"})
+    assert "embedding (the first use loads the model)" in on_terminal.stderr
+    assert on_terminal.stdout.startswith("added ")
+    piped = hr("memories", "add", "Works at Google", "--user", "alice")
+    assert piped.stderr == "" and piped.stdout.startswith("added ")
+    purged = hr("memories", "purge", "--user", "alice", "--yes", env={"TTY_COMPATIBLE": "1"})
+    assert "purging 2 memories" in purged.stderr
+
+
 def test_import_bad_line_names_it_and_imports_nothing(hr: Invoke, tmp_path: Path) -> None:
     add(hr, "Works at Google")
     bad = tmp_path / "bad.jsonl"

@@ -192,11 +192,14 @@ def doctor(
     """
     path = db_path(db)
     checks = _check_sqlite()
-    embedder_check, model_id = _check_embedder(embed.memory_config(path))
-    database_check, facts = _check_database(path, model_id)
-    outbox_check = _check_outbox(path, facts)
+    with output.working("loading the embedding model"):
+        embedder_check, model_id = _check_embedder(embed.memory_config(path))
+    with output.working("reading the database"):
+        database_check, facts = _check_database(path, model_id)
+        outbox_check = _check_outbox(path, facts)
     checks += [database_check, *([outbox_check] if outbox_check else []), embedder_check]
-    checks.append(_check_upstream(upstream.url, upstream.key))
+    with output.working(f"asking {upstream.url}"):
+        checks.append(_check_upstream(upstream.url, upstream.key))
     console = output.out()
     for check in checks:
         mark = "[green]ok  [/green]" if check.ok else "[red]fail[/red]"

@@ -145,7 +145,11 @@ def search(
                 )
             return await mem.hybrid_search(query, user, session, agent, None, top_k, cats)
 
-    results = run(go())
+    if mode is SearchMode.TEXT:
+        results = run(go())
+    else:
+        with output.working("searching (the first search loads the embedding model)"):
+            results = run(go())
     if as_json:
         output.print_json([
             {"rank": i, "score": r.score, "similarity": r.similarity, "bm25": r.bm25,

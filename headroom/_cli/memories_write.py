@@ -57,7 +57,8 @@ def add(
                 metadata=meta,
             )
 
-    memory = run(go())
+    with output.working("embedding (the first use loads the model)"):
+        memory = run(go())
     if as_json:
         output.print_json(memory.to_dict())
         return
@@ -120,7 +121,11 @@ def update(
             )
             return old, new
 
-    old, new = run(go())
+    if text is None:
+        old, new = run(go())
+    else:
+        with output.working("embedding the new text (the first use loads the model)"):
+            old, new = run(go())
     if as_json:
         output.print_json(new.to_dict())
     elif new.id == old.id:
@@ -181,7 +186,8 @@ def purge(
                     f"Permanently delete {count} memories of {where}, with their history and "
                     "audit trail?", abort=True, err=True,
                 )
-            return await mem.purge(user, session, agent)
+            with output.working(f"purging {count} memories and their traces"):
+                return await mem.purge(user, session, agent)
 
     counts = run(go())
     if as_json:

@@ -1,8 +1,9 @@
 """What commands print: rich consoles and tables for people, JSON for scripts, progress bars on a
 terminal's stderr."""
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "status",
     "table",
     "when",
+    "working",
 ]
 
 
@@ -123,3 +125,15 @@ def progress(console: Console, label: str) -> Progress:
         TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=console, disable=not console.is_terminal, transient=True,
     )
+
+
+@contextlib.contextmanager
+def working(label: str) -> Iterator[None]:
+    """A spinner with `label` on stderr while slow work runs (a model load, a big purge), drawn
+    only when stderr is a terminal and cleared when done."""
+    console = err()
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(label):
+        yield
