@@ -123,6 +123,7 @@ class AuthPolicy:
     tenant_upstream_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     upstream_routes: tuple[RouteRule, ...] = ()
     requests_per_minute: int | None = None
+    memories_per_minute: int | None = None
 
     @property
     def mode(self) -> str:
@@ -182,6 +183,7 @@ def resolve_auth(config: Any) -> AuthPolicy:
         tenant_upstream_keys=dict(config.tenant_upstream_keys),
         upstream_routes=tuple(RouteRule.parse(r) for r in config.upstream_routes),
         requests_per_minute=config.key_requests_per_minute,
+        memories_per_minute=config.key_memories_per_minute,
     )
 
 
@@ -336,7 +338,10 @@ class AuthMiddleware:
             return Principal(
                 tenant=key.tenant, key_id=key.id, user=key.user, user_prefix=key.user_prefix,
                 admin=key.admin, requests_per_minute=key.requests_per_minute,
-                memories_per_minute=key.memories_per_minute,
+                memories_per_minute=(key.memories_per_minute
+                                     if key.memories_per_minute is not None
+                                     else self.policy.memories_per_minute),
+                limiter=self.limiter,
             )
         if self.policy.required:
             _drop_header(scope, b"authorization")

@@ -24,10 +24,13 @@ import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..memory.models import Scope
 from .errors import BadRequestError, PermissionDeniedError
+
+if TYPE_CHECKING:
+    from .limits import RateLimiter
 
 __all__ = [
     "DEFAULT_TENANT",
@@ -84,9 +87,10 @@ class Principal:
     user_prefix: str | None = None  # ... or for users whose id starts with this
     admin: bool = False
     requests_per_minute: int | None = None  # None: the server's default
-    memories_per_minute: int | None = None
+    memories_per_minute: int | None = None  # resolved: the key's own, else the server's
     skip_memory: str | None = None
     notes: list[str] = field(default_factory=list, compare=False)
+    limiter: RateLimiter | None = field(default=None, compare=False, repr=False)
 
     @property
     def authenticated(self) -> bool:
@@ -186,6 +190,13 @@ def client_user_id(tenant: str, engine_id: str) -> str | None:
     return engine_id[len(prefix):] if engine_id.startswith(prefix) else None
 
 
+def _out_of_new_memories(principal: Principal) -> bool:
+    if principal.limiter is None or principal.key_id is None:
+        return False
+    return not principal.limiter.has(principal.key_id, "memories",
+                                     principal.memories_per_minute)
+
+
 def _optional_id(name: str, value: Any, *, from_header: bool) -> str | None:
     if value is None:
         return None
@@ -229,6 +240,13 @@ def scope_from_request(
     if principal.skip_memory is not None and user_id is not None:
         principal.notes.append(principal.skip_memory)
         mode = MemoryMode.OFF
+    elif mode.extract and user_id is not None and _out_of_new_memories(principal):
+        # Do not even ask the model to write; recall still runs.
+        principal.notes.append(
+            f"memory writes skipped: key over its limit of {principal.memories_per_minute} "
+            "new memories/min"
+        )
+        mode = MemoryMode.READ if mode is MemoryMode.ON else MemoryMode.OFF
     scope = None
     if user_id is not None:
         scope = Scope(
