@@ -17,7 +17,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -158,7 +158,7 @@ class FakeMemoryStore:
         ):
             self.db.define(name, factory)
 
-    def transaction(self) -> Any:
+    def transaction(self) -> AbstractContextManager[Any]:
         return self.db.transaction()
 
     def _rows(self) -> dict[int, Memory]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 
@@ -127,3 +128,21 @@ def test_concurrent_writers_do_not_lose_writes(storage: Storage) -> None:
     assert errors == []
     assert storage.store.count(MemoryFilter(user_id="alice", limit=None)) == 30
     assert (storage.vectors.count("alice"), storage.text.count("alice")) == (30, 30)
+
+
+def test_a_failed_write_restores_what_it_removed(storage: Storage) -> None:
+    """Supersede and forget take the old memory out of both indexes; if the write then fails,
+    the memory must still be findable."""
+    kept = memory("rollback keeps me")
+    rid = put(storage, kept)
+    with pytest.raises(Boom), storage.store.transaction():
+        storage.vectors.remove([rid])
+        storage.text.remove([rid])
+        storage.store.save(replace(kept, valid_until=kept.created_at, forgotten_at=kept.created_at))
+        raise Boom
+    assert storage.store.get(kept.id) == kept
+    assert (storage.vectors.count("alice"), storage.text.count("alice")) == (1, 1)
+    hits = storage.vectors.search(axis(0), "alice", scope_keys=None, categories=None, k=5)
+    assert [r for r, _ in hits] == [rid]
+    text_hits = storage.text.search("rollback", "alice", scope_keys=None, categories=None, k=5)
+    assert [r for r, _ in text_hits] == [rid]
