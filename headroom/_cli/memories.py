@@ -9,6 +9,8 @@ __all__ = ["app"]
 
 app = typer.Typer(
     help="Look into, change and move what the proxy remembers.",
+    epilog="Tables show 8-character ids; with --user they are enough to name a memory "
+    "(show, history, update, forget). Add --json for scripts.",
     no_args_is_help=True,
 )
 app.command("list")(memories_read.list_memories)

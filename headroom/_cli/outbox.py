@@ -21,6 +21,8 @@ __all__ = ["app"]
 
 app = typer.Typer(
     help="Queued memory writes and dead letters: inspect them and queue them again.",
+    epilog="Typical use: `headroom outbox dead` to see what failed and why, fix the cause, "
+    "then `headroom outbox redrive --all`.",
     no_args_is_help=True,
 )
 
@@ -108,7 +110,7 @@ def dead(
 def redrive(
     ids: Annotated[
         list[int] | None,
-        typer.Argument(metavar="[IDS]...", show_default=False,
+        typer.Argument(metavar="IDS", show_default=False,
                        help="Dead letter ids, as `headroom outbox dead` lists them."),
     ] = None,
     every: Annotated[
