@@ -68,6 +68,14 @@ def sqlite_storage(request: pytest.FixtureRequest, dimension: int) -> Storage:
     return Storage(store, vectors, FTS5TextIndex(db), close=db.close)
 
 
+def postgres_storage(request: pytest.FixtureRequest, dimension: int) -> Storage:
+    """PostgreSQL + pgvector in a fresh schema of the session's server (tests/pg.py)."""
+    from headroom.memory.adapters.postgres import open_postgres
+
+    family = open_postgres(request.getfixturevalue("pg_schema_url"), dimension, pool_size=4)
+    return Storage(family.store, family.vectors, family.text, close=family.close)
+
+
 def fake_storage(request: pytest.FixtureRequest, dimension: int) -> Storage:
     db = FakeDatabase()
     return Storage(FakeMemoryStore(db), FakeVectorIndex(db, dimension), FakeTextIndex(db))
@@ -76,6 +84,7 @@ def fake_storage(request: pytest.FixtureRequest, dimension: int) -> Storage:
 STORAGE: dict[str, StorageFactory] = {
     "sqlite": sqlite_storage,
     "fake": fake_storage,
+    "postgres": postgres_storage,
 }
 
 CACHES: dict[str, CacheFactory] = {

@@ -9,6 +9,7 @@ import pytest
 
 from headroom.memory.ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
 from tests.contracts.backends import CACHES, DIMENSION, EMBEDDERS, STORAGE, Storage
+from tests.pg import pg_database, pg_schema_url, pg_server  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(params=sorted(STORAGE))

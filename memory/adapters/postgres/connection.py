@@ -1,0 +1,200 @@
+"""The PostgreSQL connection pool and the per-thread transaction the family's adapters share.
+
+The SQLite family shares one connection per thread, so a write that touches the store and both
+indexes commits as one. Here `PgDatabase.transaction()` borrows one pooled connection for the
+calling thread and every adapter statement on that thread runs on it until the block ends; a
+statement outside a transaction borrows a connection for itself (autocommit). Other threads never
+see a write before its COMMIT (READ COMMITTED).
+
+Failures of the server rather than of the code (cannot connect, connection lost, pool exhausted,
+disk full, read-only standby) leave this module as `StorageError`, like db.py does for SQLite.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ...errors import StorageError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PgDatabase", "is_postgres_url", "redact_url", "storage_error"]
+
+_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(target: object) -> bool:
+    """Whether a `db_path` names a PostgreSQL server rather than a SQLite file."""
+    return isinstance(target, str) and target.startswith(_SCHEMES)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def storage_error(exc: BaseException, where: str) -> StorageError | None:
+    """The `StorageError` for a psycopg exception that means the server failed, else None."""
+    if isinstance(exc, StorageError):
+        return exc
+    reason: str | None = None
+    if isinstance(exc, PoolTimeout):
+        reason = "unavailable"
+    elif isinstance(exc, pg_errors.DiskFull):
+        reason = "disk full"
+    elif isinstance(exc, pg_errors.ReadOnlySqlTransaction):
+        reason = "read-only"
+    elif isinstance(exc, pg_errors.InvalidAuthorizationSpecification | pg_errors.InvalidPassword):
+        reason = "cannot open"
+    elif isinstance(exc, pg_errors.LockNotAvailable | pg_errors.QueryCanceled):
+        reason = "locked"
+    elif isinstance(exc, pg_errors.DataCorrupted | pg_errors.IndexCorrupted):
+        reason = "corrupt"
+    elif isinstance(exc, psycopg.OperationalError):
+        reason = "unavailable"  # connection refused or lost, server shutting down
+    if reason is None:
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StorageError(f"database {where}: {reason} ({text})", reason=reason, path=where)
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    from pgvector.psycopg import register_vector
+
+    # Times come back as UTC, like the SQLite family's fixed-width UTC strings.
+    conn.execute("SET TIME ZONE 'UTC'")
+    register_vector(conn)
+
+
+class PgDatabase:
+    """A pool of connections to one PostgreSQL database (and schema, via the URL's search_path).
+
+    Open it with `schema.open_database`, which runs the migrations first: the pool registers the
+    pgvector type on every connection, and the type exists only after the migration made it.
+    """
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 16,
+                 timeout_s: float = 30.0) -> None:
+        self.url = url
+        self.where = redact_url(url)
+        self._local = threading.local()
+        self._closed = False
+        try:
+            self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+                url, min_size=min_size, max_size=max_size, timeout=timeout_s,
+                kwargs={"autocommit": True}, configure=_configure, open=False,
+                name="headroom",
+            )
+            self.pool.open(wait=True, timeout=timeout_s)
+        except Exception as exc:
+            _reraise(exc, self.where)
+
+    # --- connections and transactions -------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return getattr(self._local, "conn", None) is not None
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The thread's transaction connection, or a pooled one for a single statement."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            yield conn
+            return
+        if self._closed:
+            raise StorageError(f"database {self.where} is closed", path=self.where)
+        try:
+            with self.pool.connection() as pooled:
+                yield pooled
+        except Exception as exc:
+            _reraise(exc, self.where)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction on one connection for everything this thread runs inside the block;
+        a nested block joins the outer one."""
+        if self.in_transaction:
+            yield
+            return
+        with self.connection() as conn:
+            self._local.conn = conn
+            try:
+                with conn.transaction():
+                    yield
+            except Exception as exc:
+                _reraise(exc, self.where)
+            finally:
+                self._local.conn = None
+
+    # --- statements -------------------------------------------------------------------------
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> int:
+        """Run one statement; returns its row count."""
+        with self.connection() as conn:
+            try:
+                return conn.execute(sql, params).rowcount
+            except Exception as exc:
+                _reraise(exc, self.where)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if not rows:
+            return
+        with self.connection() as conn:
+            try:
+                with conn.cursor() as cur:
+                    cur.executemany(sql, rows)
+            except Exception as exc:
+                _reraise(exc, self.where)
+
+    def fetchall(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None, *,
+        dicts: bool = False,
+    ) -> list[Any]:
+        with self.connection() as conn:
+            try:
+                cur = conn.cursor(row_factory=dict_row) if dicts else conn.cursor()
+                with cur:
+                    return cur.execute(sql, params).fetchall()
+            except Exception as exc:
+                _reraise(exc, self.where)
+
+    def fetchone(
+        self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None, *,
+        dicts: bool = False,
+    ) -> Any:
+        rows = self.fetchall(sql, params, dicts=dicts)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Any:
+        row = self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.pool.close()
+        except Exception:  # pragma: no cover - closing a pool whose server is gone
+            log.debug("closing the pool failed", exc_info=True)
+
+
+def _reraise(exc: Exception, where: str) -> NoReturn:
+    """Raise `exc` as a `StorageError` if the server failed, else as itself."""
+    translated = storage_error(exc, where)
+    if translated is None or translated is exc:
+        raise exc
+    raise translated from exc

@@ -1,0 +1,431 @@
+"""The PostgreSQL `MemoryStore`: rows, the audit trail, settings, purge with counts, and stats,
+with the semantics of the SQLite store (memory/adapters/sqlite_store.py) statement for statement."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from ...models import Memory, MemoryCategory, MemoryFilter
+from ..sqlite_store import normalize_content
+from .connection import PgDatabase
+from .outbox import PostgresOutbox
+
+__all__ = ["PostgresMemoryStore", "where_clause"]
+
+_COLUMNS = (
+    "rid, id, user_id, session_id, agent_id, turn_id, content, category, importance, "
+    "entity_refs, metadata, created_at, valid_from, valid_until, supersedes, superseded_by, "
+    "forgotten_at, access_count, last_accessed, embedding_model"
+)
+_VACUUMED = ("memories", "memory_events", "outbox", "outbox_dead", "memory_text", "memory_vectors")
+_PAGE = 1000  # rows per round trip when iterating everything
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _json_list(text: str) -> list[Any]:
+    return [] if text == "[]" else json.loads(text)
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    return {} if text == "{}" else json.loads(text)
+
+
+def _row_to_memory(row: dict[str, Any]) -> Memory:
+    return Memory(
+        id=row["id"],
+        content=row["content"],
+        user_id=row["user_id"],
+        session_id=row["session_id"],
+        agent_id=row["agent_id"],
+        turn_id=row["turn_id"],
+        category=MemoryCategory(row["category"]),
+        importance=row["importance"],
+        entity_refs=_json_list(row["entity_refs"]),
+        metadata=_json_dict(row["metadata"]),
+        created_at=_utc(row["created_at"]),  # type: ignore[arg-type]
+        valid_from=_utc(row["valid_from"]),  # type: ignore[arg-type]
+        valid_until=_utc(row["valid_until"]),
+        supersedes=row["supersedes"],
+        superseded_by=row["superseded_by"],
+        forgotten_at=_utc(row["forgotten_at"]),
+        access_count=row["access_count"],
+        last_accessed=_utc(row["last_accessed"]),
+        embedding_model=row["embedding_model"],
+    )
+
+
+def _vector(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(bytes(blob), dtype=np.float32)
+
+
+def where_clause(flt: MemoryFilter) -> tuple[str, list[Any]]:
+    """SQL conditions for a filter; user isolation and scope are part of the WHERE clause."""
+    clauses = ["user_id = %s"]
+    params: list[Any] = [flt.user_id]
+    if flt.all_scopes:
+        for column in ("session_id", "agent_id", "turn_id"):
+            value = getattr(flt, column)
+            if value is not None:
+                clauses.append(f"{column} = %s")
+                params.append(value)
+    else:
+        clauses.append("scope_key = ANY(%s)")
+        params.append(flt.scope.visible_keys())
+    if flt.as_of is not None:
+        clauses.append("valid_from <= %s AND (valid_until IS NULL OR valid_until > %s)")
+        params.extend([flt.as_of, flt.as_of])
+    elif not flt.include_superseded:
+        clauses.append("valid_until IS NULL")
+    if flt.categories:
+        clauses.append("category = ANY(%s)")
+        params.append([c.value for c in flt.categories])
+    if flt.min_importance is not None:
+        clauses.append("importance >= %s")
+        params.append(flt.min_importance)
+    if flt.created_after is not None:
+        clauses.append("created_at >= %s")
+        params.append(flt.created_after)
+    if flt.created_before is not None:
+        clauses.append("created_at < %s")
+        params.append(flt.created_before)
+    return " AND ".join(clauses), params
+
+
+class PostgresMemoryStore:
+    def __init__(self, db: PgDatabase) -> None:
+        self.db = db
+        self.outbox = PostgresOutbox(db)
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return self.db.transaction()
+
+    # --- settings ---------------------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        return self.db.scalar("SELECT value FROM settings WHERE key = %s", (key,))  # type: ignore[no-any-return]
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO settings(key, value) VALUES (%s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # --- rows -------------------------------------------------------------------------------
+
+    def insert(self, memory: Memory) -> int:
+        embedding = (
+            None
+            if memory.embedding is None
+            else np.asarray(memory.embedding, dtype=np.float32).tobytes()
+        )
+        rid = self.db.scalar(
+            "INSERT INTO memories (id, user_id, session_id, agent_id, turn_id, scope_key, content,"
+            " content_norm, category, importance, entity_refs, metadata, created_at, valid_from,"
+            " valid_until, supersedes, superseded_by, forgotten_at, access_count, last_accessed,"
+            " embedding, embedding_model)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+            " RETURNING rid",
+            (
+                memory.id, memory.user_id, memory.session_id, memory.agent_id, memory.turn_id,
+                memory.scope.key, memory.content, normalize_content(memory.content),
+                memory.category.value, memory.importance, json.dumps(memory.entity_refs),
+                json.dumps(memory.metadata), _utc(memory.created_at), _utc(memory.valid_from),
+                _utc(memory.valid_until), memory.supersedes, memory.superseded_by,
+                _utc(memory.forgotten_at), memory.access_count,
+                _utc(memory.last_accessed), embedding, memory.embedding_model,
+            ),
+        )
+        return int(rid)
+
+    def save(self, memory: Memory) -> None:
+        self.db.execute(
+            "UPDATE memories SET session_id = %s, agent_id = %s, turn_id = %s, scope_key = %s,"
+            " category = %s, importance = %s, entity_refs = %s, metadata = %s, valid_until = %s,"
+            " superseded_by = %s, forgotten_at = %s, access_count = %s, last_accessed = %s"
+            " WHERE id = %s",
+            (
+                memory.session_id, memory.agent_id, memory.turn_id, memory.scope.key,
+                memory.category.value, memory.importance, json.dumps(memory.entity_refs),
+                json.dumps(memory.metadata), _utc(memory.valid_until),
+                memory.superseded_by, _utc(memory.forgotten_at), memory.access_count,
+                _utc(memory.last_accessed), memory.id,
+            ),
+        )
+
+    def touch(self, memory_ids: Sequence[str], when: datetime) -> None:
+        if not memory_ids:
+            return
+        self.db.execute(
+            "UPDATE memories SET access_count = access_count + 1, last_accessed = %s"
+            " WHERE id = ANY(%s)",
+            (_utc(when), list(memory_ids)),
+        )
+
+    def get(self, memory_id: str) -> Memory | None:
+        row = self.db.fetchone(
+            f"SELECT {_COLUMNS} FROM memories WHERE id = %s", (memory_id,), dicts=True
+        )
+        return None if row is None else _row_to_memory(row)
+
+    def get_embedding(self, memory_id: str) -> np.ndarray | None:
+        return _vector(self.db.scalar("SELECT embedding FROM memories WHERE id = %s", (memory_id,)))
+
+    def embeddings_by_rowids(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
+        if not rowids:
+            return {}
+        rows = self.db.fetchall(
+            "SELECT rid, embedding FROM memories WHERE rid = ANY(%s) AND embedding IS NOT NULL",
+            ([int(r) for r in rowids],),
+        )
+        return {int(rid): _vector(blob) for rid, blob in rows}  # type: ignore[misc]
+
+    def rowid_of(self, memory_id: str) -> int | None:
+        rid = self.db.scalar("SELECT rid FROM memories WHERE id = %s", (memory_id,))
+        return None if rid is None else int(rid)
+
+    def get_by_rowids(self, rowids: Sequence[int]) -> dict[int, Memory]:
+        if not rowids:
+            return {}
+        rows = self.db.fetchall(
+            f"SELECT {_COLUMNS} FROM memories WHERE rid = ANY(%s)",
+            ([int(r) for r in rowids],), dicts=True,
+        )
+        return {int(row["rid"]): _row_to_memory(row) for row in rows}
+
+    def query(self, flt: MemoryFilter) -> list[Memory]:
+        where, params = where_clause(flt)
+        sql = f"SELECT {_COLUMNS} FROM memories WHERE {where} ORDER BY created_at DESC, rid DESC"
+        if flt.limit is not None:
+            sql += " LIMIT %s"
+            params.append(flt.limit)
+        if flt.offset:
+            sql += " OFFSET %s"
+            params.append(flt.offset)
+        return [_row_to_memory(r) for r in self.db.fetchall(sql, params, dicts=True)]
+
+    def count(self, flt: MemoryFilter) -> int:
+        where, params = where_clause(flt)
+        return int(self.db.scalar(f"SELECT count(*) FROM memories WHERE {where}", params))
+
+    def recent_contents(self, user_id: str, limit: int) -> list[str]:
+        rows = self.db.fetchall(
+            "SELECT content FROM memories WHERE user_id = %s AND valid_until IS NULL"
+            " ORDER BY created_at DESC LIMIT %s",
+            (user_id, limit),
+        )
+        return [r[0] for r in rows]
+
+    def find_current_by_content(self, user_id: str, content: str) -> Memory | None:
+        row = self.db.fetchone(
+            f"SELECT {_COLUMNS} FROM memories WHERE user_id = %s AND content_norm = %s"
+            " AND valid_until IS NULL ORDER BY rid LIMIT 1",
+            (user_id, normalize_content(content)), dicts=True,
+        )
+        return None if row is None else _row_to_memory(row)
+
+    def chain(self, memory_id: str) -> list[Memory]:
+        start = self.get(memory_id)
+        if start is None:
+            return []
+        older: list[Memory] = []
+        seen = {start.id}
+        cursor = start
+        while cursor.supersedes and cursor.supersedes not in seen:
+            prev = self.get(cursor.supersedes)
+            if prev is None:
+                break
+            older.append(prev)
+            seen.add(prev.id)
+            cursor = prev
+        newer: list[Memory] = []
+        cursor = start
+        while cursor.superseded_by and cursor.superseded_by not in seen:
+            nxt = self.get(cursor.superseded_by)
+            if nxt is None:
+                break
+            newer.append(nxt)
+            seen.add(nxt.id)
+            cursor = nxt
+        return [*reversed(older), start, *newer]
+
+    def embeddings_as_of(self, flt: MemoryFilter) -> list[tuple[int, np.ndarray]]:
+        where, params = where_clause(flt)
+        rows = self.db.fetchall(
+            f"SELECT rid, embedding FROM memories WHERE {where} AND embedding IS NOT NULL", params
+        )
+        return [(int(r[0]), _vector(r[1])) for r in rows]  # type: ignore[misc]
+
+    def iter_all(self, user_id: str | None = None) -> Iterator[Memory]:
+        """Every row in insertion order, a page per round trip (keyset paging: no server-side
+        cursor, so no transaction is held open while the caller works)."""
+        last = 0
+        cond, params = ("AND user_id = %s", [user_id]) if user_id is not None else ("", [])
+        while True:
+            rows = self.db.fetchall(
+                f"SELECT {_COLUMNS}, embedding FROM memories WHERE rid > %s {cond}"
+                " ORDER BY rid LIMIT %s",
+                [last, *params, _PAGE], dicts=True,
+            )
+            for row in rows:
+                memory = _row_to_memory(row)
+                vector = _vector(row["embedding"])
+                if vector is not None:
+                    memory.embedding = vector.tolist()
+                yield memory
+            if len(rows) < _PAGE:
+                return
+            last = int(rows[-1]["rid"])
+
+    # --- audit trail ------------------------------------------------------------------------
+
+    def record_event(
+        self, memory_id: str, user_id: str, op: str, *, old: Any = None, new: Any = None,
+        request_id: str | None = None, at: datetime | None = None,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO memory_events(memory_id, user_id, op, at, request_id, old, new)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                memory_id, user_id, op, _utc(at) or datetime.now(UTC), request_id,
+                None if old is None else json.dumps(old, default=str),
+                None if new is None else json.dumps(new, default=str),
+            ),
+        )
+
+    def events(self, memory_id: str) -> list[dict[str, Any]]:
+        rows = self.db.fetchall(
+            "SELECT op, at, request_id, old, new FROM memory_events WHERE memory_id = %s"
+            " ORDER BY id",
+            (memory_id,), dicts=True,
+        )
+        return [
+            {
+                "op": r["op"],
+                "at": _utc(r["at"]),
+                "request_id": r["request_id"],
+                "old": None if r["old"] is None else json.loads(r["old"]),
+                "new": None if r["new"] is None else json.loads(r["new"]),
+            }
+            for r in rows
+        ]
+
+    # --- outbox (the legacy surface; `self.outbox` is the leased port) ----------------------
+
+    def outbox_put(self, payload: dict[str, Any]) -> int:
+        return self.outbox.put(payload)
+
+    def outbox_pending(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        rows = self.db.fetchall("SELECT id, payload FROM outbox ORDER BY id LIMIT %s", (limit,))
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
+
+    def outbox_done(self, ids: Sequence[int]) -> None:
+        if ids:
+            self.db.execute("DELETE FROM outbox WHERE id = ANY(%s)", ([int(i) for i in ids],))
+
+    def outbox_size(self) -> int:
+        return self.outbox.size()
+
+    # --- purge and stats --------------------------------------------------------------------
+
+    def purge(self, flt: MemoryFilter) -> tuple[list[int], dict[str, int]]:
+        flt = MemoryFilter(
+            user_id=flt.user_id, session_id=flt.session_id, agent_id=flt.agent_id,
+            turn_id=flt.turn_id, all_scopes=True, include_superseded=True, limit=None,
+        )
+        where, params = where_clause(flt)
+        db = self.db
+        with db.transaction():
+            rows = db.fetchall(f"DELETE FROM memories WHERE {where} RETURNING rid, id", params)
+            rids = [int(r[0]) for r in rows]
+            ids = [r[1] for r in rows]
+            whole_user = flt.session_id is None and flt.agent_id is None and flt.turn_id is None
+            if whole_user:
+                events = db.execute("DELETE FROM memory_events WHERE user_id = %s", (flt.user_id,))
+            else:
+                events = db.execute(
+                    "DELETE FROM memory_events WHERE user_id = %s AND memory_id = ANY(%s)",
+                    (flt.user_id, ids),
+                ) if ids else 0
+            outbox = 0
+            for table in ("outbox", "outbox_dead"):  # parked rows hold the user's words too
+                doomed = [
+                    oid
+                    for oid, payload in db.fetchall(
+                        f"SELECT id, payload FROM {table} WHERE user_id = %s", (flt.user_id,)
+                    )
+                    if _in_scope(json.loads(payload).get("scope", {}), flt)
+                ]
+                if doomed:
+                    outbox += db.execute(f"DELETE FROM {table} WHERE id = ANY(%s)", (doomed,))
+        return rids, {"memories": len(rids), "events": events, "outbox": outbox}
+
+    def checkpoint(self) -> None:
+        """VACUUM the tables a purge touched, so the deleted rows' space is reclaimed in the table
+        files instead of waiting for autovacuum. PostgreSQL keeps older copies in its WAL until
+        it is recycled (and in any base backup): see the deployment notes."""
+        with self.db.connection() as conn:
+            for table in _VACUUMED:
+                exists = conn.execute(
+                    "SELECT to_regclass(quote_ident(current_schema()) || '.' || %s)", (table,)
+                ).fetchone()
+                if exists is not None and exists[0] is not None:
+                    conn.execute(f"VACUUM {table}")
+
+    def stats(self, user_id: str | None = None) -> dict[str, Any]:
+        db = self.db
+        cond, params = ("WHERE user_id = %s", [user_id]) if user_id is not None else ("", [])
+        current = f"{cond} {'AND' if cond else 'WHERE'} valid_until IS NULL"
+        row = db.fetchone(
+            "SELECT count(*),"
+            " count(*) FILTER (WHERE valid_until IS NULL),"
+            " count(*) FILTER (WHERE valid_until IS NOT NULL AND forgotten_at IS NULL),"
+            " count(*) FILTER (WHERE forgotten_at IS NOT NULL)"
+            f" FROM memories {cond}",
+            params,
+        )
+        rows, n_current, n_superseded, n_forgotten = (int(v or 0) for v in row)
+
+        def grouped(expr: str) -> dict[str, int]:
+            return {
+                str(k): int(v)
+                for k, v in db.fetchall(
+                    f"SELECT {expr}, count(*) FROM memories {current} GROUP BY 1 ORDER BY 2 DESC",
+                    params,
+                )
+            }
+
+        by_scope = grouped(
+            "CASE WHEN turn_id IS NOT NULL THEN 'turn' WHEN agent_id IS NOT NULL THEN 'agent'"
+            " WHEN session_id IS NOT NULL THEN 'session' ELSE 'user' END"
+        )
+        return {
+            "total": n_current,
+            "current": n_current,
+            "superseded": n_superseded,
+            "forgotten": n_forgotten,
+            "rows": rows,
+            "categories": grouped("category"),
+            "scopes": {lvl: by_scope.get(lvl, 0) for lvl in ("user", "session", "agent", "turn")},
+            "users": grouped("user_id") if user_id is None else {user_id: n_current},
+            "outbox_pending": self.outbox.size(),
+            "outbox_dead": self.outbox.dead_count(),
+        }
+
+
+def _in_scope(scope: dict[str, Any], flt: MemoryFilter) -> bool:
+    return all(
+        getattr(flt, key) is None or scope.get(key) == getattr(flt, key)
+        for key in ("session_id", "agent_id", "turn_id")
+    )
