@@ -80,6 +80,7 @@ _ADMIN_PREFIX = "/admin/v1/"
 _ENCODED_FORBIDDEN = re.compile(rb"%(2e|5c|25|00)", re.IGNORECASE)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _PREFLIGHT_MAX_AGE = "600"
+_NOTES = b"x-headroom-memory-notes"
 _EXPOSED = (
     "x-headroom-request-id, x-headroom-memories-injected, x-headroom-memory-overhead-ms, "
     "x-headroom-memory-notes"
@@ -261,9 +262,11 @@ class AuthMiddleware:
                 headers = list(message.get("headers", []))
                 for name, value in extra.items():
                     headers.append((name.encode(), value.encode()))
-                if principal.notes:
-                    headers.append((b"x-headroom-memory-notes",
-                                    "; ".join(principal.notes).encode()))
+                if principal.notes:  # merged into the turn's own notes, if it wrote any
+                    ours = "; ".join(principal.notes).encode()
+                    theirs = [v for k, v in headers if k.lower() == _NOTES]
+                    headers = [(k, v) for k, v in headers if k.lower() != _NOTES]
+                    headers.append((_NOTES, b"; ".join([*theirs, ours])))
                 message = {**message, "headers": headers}
             await send(message)
 

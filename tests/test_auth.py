@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from headroom.proxy.auth import AuthConfigError, resolve_auth
+from headroom.proxy.auth import AuthConfigError, log_policy, resolve_auth
 from headroom.proxy.config import ProxyConfig
 from headroom.proxy.keys import KeyStore
 from tests.servers import Proxy, Reply, instructed, memory_block, recalled, running_proxy
@@ -301,3 +301,30 @@ def test_startup_mode_and_why() -> None:
         assert not allowed.required and allowed.reason.startswith("--auth off although")
     with pytest.raises(AuthConfigError):
         policy(upstream_routes=("GET /files",))
+
+
+def test_each_tenant_can_spend_its_own_upstream_key(tmp_path: Path, local_embedder: Any) -> None:
+    keys = make_keys(tmp_path / "p.keys.db")
+    with running_proxy(tmp_path / "p.db", local_embedder,
+                       tenant_upstream_keys={"globex": "sk-globex-own"}) as proxy:
+        assert proxy.app.state.auth.required  # a tenant key alone means auth is on
+        seen = proxy.upstream.received_headers
+        proxy.client("u1", api_key=keys.globex).chat.completions.create(**CHAT)
+        assert seen[-1]["authorization"] == "Bearer sk-globex-own"
+        proxy.client("u1", api_key=keys.acme).chat.completions.create(**CHAT)
+        assert "authorization" not in seen[-1]  # acme has none, and the proxy key stays here
+        response = httpx.get(proxy.base_url + "/files", headers=bearer(keys.globex))
+        assert_error(response, 403, "permission_error", "route_not_allowed")
+        assert httpx.get(proxy.base_url + "/files", headers=bearer(keys.acme)).status_code == 200
+        assert "authorization" not in seen[-1]
+
+
+def test_risky_modes_are_logged_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    log_policy(resolve_auth(ProxyConfig(db_path="/tmp/x.db", host="0.0.0.0", auth="off",
+                                        allow_unauthenticated=True, upstream_key="sk-x")))
+    record = caplog.records[-1]
+    assert record.levelno == logging.WARNING and record.getMessage().startswith("AUTH OFF")
+    assert "spend the upstream key" in record.getMessage() and "sk-x" not in record.getMessage()
+    log_policy(resolve_auth(ProxyConfig(db_path="/tmp/x.db")))
+    assert caplog.records[-1].levelno == logging.INFO

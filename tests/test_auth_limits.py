@@ -3,9 +3,18 @@ block's ops go through, and the request scope a key over its memory limit gets."
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.datastructures import Headers
+
 from headroom.memory.models import AddOp, ForgetOp, MemoryOps, UpdateOp
+from headroom.proxy.auth import AuthMiddleware, resolve_auth
+from headroom.proxy.config import ProxyConfig
+from headroom.proxy.keys import KeyStore
 from headroom.proxy.limits import RateLimiter, admit_new_memories
-from headroom.proxy.scope import KEYLESS, MemoryMode, Principal, scope_from_request
+from headroom.proxy.scope import KEYLESS, MemoryMode, Principal, RequestScope, scope_from_request
 
 
 class Clock:
@@ -62,3 +71,25 @@ def test_a_key_out_of_new_memories_gets_recall_only() -> None:
     assert write_only.mode is MemoryMode.OFF
     assert scope_from_request({**headers, "x-headroom-memory": "read"}, None,
                               who).mode is MemoryMode.READ
+
+
+async def test_the_gates_notes_join_the_turns_own(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "k.db")
+    _, key = store.create("acme", requests_per_minute=0)
+    seen: list[RequestScope] = []
+
+    async def turn(scope: Any, receive: Any, send: Any) -> None:  # stands in for the pipeline
+        seen.append(scope_from_request(Headers(scope=scope), None))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-headroom-memory-notes", b"recall off: not ready")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    config = ProxyConfig(db_path=tmp_path / "m.db", key_db_path=tmp_path / "k.db", auth="on")
+    gate = AuthMiddleware(turn, resolve_auth(config), store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(gate), base_url="http://t") as c:
+        response = await c.post("/v1/chat/completions", json={},
+                                headers={"authorization": f"Bearer {key}",
+                                         "x-headroom-user-id": "alice"})
+    assert response.headers.get_list("x-headroom-memory-notes") == [
+        "recall off: not ready; memory skipped: key over its limit of 0 requests/min"]
+    assert seen[0].mode is MemoryMode.OFF and seen[0].scope is not None
