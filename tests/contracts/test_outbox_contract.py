@@ -39,7 +39,7 @@ class Backend:
     clock: ManualClock
 
 
-@pytest.fixture(params=["sqlite", "in-memory"])
+@pytest.fixture(params=["sqlite", "in-memory", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     clock = ManualClock()
     if request.param == "sqlite":
@@ -47,6 +47,12 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         store = SQLiteMemoryStore(db)
         yield Backend(SQLiteOutbox(db, clock=clock), store.transaction, clock)
         db.close()
+    elif request.param == "postgres":  # tests/pg.py's server, a fresh schema
+        from headroom.memory.adapters.postgres import PostgresOutbox, open_database
+
+        pg = open_database(request.getfixturevalue("pg_schema_url"), pool_size=8)
+        yield Backend(PostgresOutbox(pg, clock=clock), pg.transaction, clock)
+        pg.close()
     else:
         fake = InMemoryOutbox(clock=clock)
         yield Backend(fake, fake.transaction, clock)
