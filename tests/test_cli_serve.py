@@ -123,3 +123,18 @@ def test_secrets_are_not_printed(tmp_path: Path, served: list[ProxyConfig]) -> N
                     "--openai-api-key", "sk-embedder-secret")
     assert served[0].upstream_key == "sk-very-secret-operator-key"
     assert "sk-very-secret" not in result.output and "sk-embedder-secret" not in result.output
+
+
+def test_every_serve_flag_and_variable_is_in_the_readme() -> None:
+    import typer
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    serve = typer.main.get_command(cli.app).commands["serve"]  # type: ignore[attr-defined]
+    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
+    for param in serve.params:
+        if param.name == "help":
+            continue
+        flag = max(param.opts, key=len)
+        row = next((r for r in rows if r.startswith(f"| `{flag}`")), None)
+        assert row is not None, f"README's serve table has no row for {flag}"
+        assert param.envvar is None or f"`{param.envvar}`" in row, (flag, param.envvar)
