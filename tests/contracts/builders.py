@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -71,3 +74,25 @@ def index_vector(
 
 def ids(memories: list[Memory]) -> list[str]:
     return [m.id for m in memories]
+
+
+def run_in_threads(work: Callable[[int], None], n: int, timeout_s: float = 60.0) -> None:
+    """Run `work(0)` ... `work(n - 1)` on n threads at once; fail if one is still running after
+    `timeout_s`, and re-raise the first error a thread met."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"a thread is still running after {timeout_s}s"
+    if errors:
+        raise errors[0]

@@ -7,11 +7,10 @@ stays consistent when reader threads share it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 from headroom.memory.ports import MemoryCache
-from tests.contracts.builders import memory
+from tests.contracts.builders import memory, run_in_threads
 
 MakeCache = Callable[[int], MemoryCache]
 
@@ -93,24 +92,13 @@ def test_capacity_zero_caches_nothing(make_cache: MakeCache) -> None:
 def test_threads_sharing_the_cache_keep_it_consistent(make_cache: MakeCache) -> None:
     cache = make_cache(16)
     mems = [memory(f"m{i}") for i in range(40)]
-    errors: list[BaseException] = []
-
     def work(offset: int) -> None:
-        try:
-            for round_ in range(25):
-                mem = mems[(offset + round_) % len(mems)]
-                cache.put(mem)
-                got = cache.get(mem.id)
-                assert got is None or got == mem
-                cache.invalidate(mems[(offset * 7 + round_) % len(mems)].id)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for round_ in range(25):
+            mem = mems[(offset + round_) % len(mems)]
+            cache.put(mem)
+            got = cache.get(mem.id)
+            assert got is None or got == mem
+            cache.invalidate(mems[(offset * 7 + round_) % len(mems)].id)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads), "a cache user is stuck"
-    assert errors == []
+    run_in_threads(work, 4, timeout_s=30)
     assert len(cache) <= 16

@@ -8,7 +8,6 @@ and other threads see a write only once it has committed.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -16,7 +15,7 @@ import pytest
 
 from headroom.memory.models import MemoryFilter
 from tests.contracts.backends import Storage
-from tests.contracts.builders import axis, memory, put
+from tests.contracts.builders import axis, memory, put, run_in_threads
 
 READ_TIMEOUT_S = 10.0
 
@@ -109,23 +108,13 @@ def test_other_threads_see_a_write_only_after_it_commits(storage: Storage) -> No
 
 def test_concurrent_writers_do_not_lose_writes(storage: Storage) -> None:
     """Writes from several threads, each in its own transaction, all land (none overwritten)."""
-    errors: list[BaseException] = []
 
     def write(n: int) -> None:
-        try:
-            for i in range(10):
-                with storage.store.transaction():
-                    write_everything(storage, f"writer {n} item {i}")
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(10):
+            with storage.store.transaction():
+                write_everything(storage, f"writer {n} item {i}")
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a writer is stuck"
-    assert errors == []
+    run_in_threads(write, 3)
     assert storage.store.count(MemoryFilter(user_id="alice", limit=None)) == 30
     assert (storage.vectors.count("alice"), storage.text.count("alice")) == (30, 30)
 
