@@ -17,10 +17,13 @@ returns a fresh, empty backend; `close` runs after the test.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import httpx
 import pytest
+import respx
 
 from headroom.memory.adapters import (
     FTS5TextIndex,
@@ -29,7 +32,7 @@ from headroom.memory.adapters import (
     SqliteVecIndex,
 )
 from headroom.memory.db import Database
-from headroom.memory.embedders import CachedEmbedder
+from headroom.memory.embedders import CachedEmbedder, OllamaEmbedder, OpenAIEmbedder
 from headroom.memory.ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
 from tests.fakes import (
     FakeDatabase,
@@ -92,9 +95,53 @@ CACHES: dict[str, CacheFactory] = {
     "fake": lambda request, max_size: FakeMemoryCache(max_size),
 }
 
+def _served_vectors(texts: list[str]) -> list[list[float]]:
+    """What the fake embedding servers answer: the fake's vectors, scaled so that the client's own
+    normalisation is what makes them unit length."""
+    return (FakeEmbedder(16).embed(texts) * 3.0).tolist()
+
+
+def _mock_server(request: pytest.FixtureRequest) -> respx.MockRouter:
+    router = respx.mock(assert_all_called=False)
+    router.start()
+    request.addfinalizer(router.stop)
+    return router
+
+
+def openai_over_http(request: pytest.FixtureRequest) -> Embedder:
+    def reply(req: httpx.Request) -> httpx.Response:
+        vectors = _served_vectors(json.loads(req.content)["input"])
+        data = [{"index": i, "embedding": v} for i, v in enumerate(vectors)]
+        return httpx.Response(200, json={"data": data[::-1]})  # the API does not promise order
+
+    _mock_server(request).post("https://embeddings.test/v1/embeddings").mock(side_effect=reply)
+    embedder = OpenAIEmbedder(
+        "contract-model", api_key="sk-test", base_url="https://embeddings.test/v1", batch_size=2
+    )
+    request.addfinalizer(embedder.close)
+    return embedder
+
+
+def ollama_over_http(request: pytest.FixtureRequest) -> Embedder:
+    def reply(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, json={"embeddings": _served_vectors(json.loads(req.content)["input"])}
+        )
+
+    _mock_server(request).post("http://ollama.test:11434/api/embed").mock(side_effect=reply)
+    embedder = OllamaEmbedder(
+        "contract-model", base_url="http://ollama.test:11434", batch_size=2
+    )
+    request.addfinalizer(embedder.close)
+    return embedder
+
+
 EMBEDDERS: dict[str, EmbedderFactory] = {
     "fake": lambda request: FakeEmbedder(),
     "cached-fake": lambda request: CachedEmbedder(FakeEmbedder(), max_size=4),
+    # The HTTP clients against a fake server (respx): batching, ordering, normalisation.
+    "openai": openai_over_http,
+    "ollama": ollama_over_http,
     # The real MiniLM on both local runtimes, loaded once per session (tests/conftest.py).
     "onnx": lambda request: request.getfixturevalue("local_embedder"),
     "torch": lambda request: request.getfixturevalue("torch_embedder"),

@@ -1,5 +1,6 @@
 """The `Embedder` contract, run over every embedder in tests/contracts/backends.py (the fake, the
-query cache in front of it, and the real MiniLM on ONNX Runtime and on torch).
+query cache in front of it, the OpenAI and Ollama clients against a fake server, and the real
+MiniLM on ONNX Runtime and on torch).
 
 An embedder passes when it names its model, returns one L2-normalised float32 row per text in the
 input's order, gives the same vector for a text alone or in any batch, handles empty, non-ASCII and
