@@ -81,6 +81,7 @@ _ENCODED_FORBIDDEN = re.compile(rb"%(2e|5c|25|00)", re.IGNORECASE)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _PREFLIGHT_MAX_AGE = "600"
 _NOTES = b"x-headroom-memory-notes"
+_ALT_KEYS = (b"x-api-key", b"api-key")
 _EXPOSED = (
     "x-headroom-request-id, x-headroom-memories-injected, x-headroom-memory-overhead-ms, "
     "x-headroom-memory-notes"
@@ -328,8 +329,22 @@ class AuthMiddleware:
 
     async def _authenticate(self, scope: Scope) -> Principal:
         token = _bearer(_one(scope, b"authorization"))
-        if token is not None and token.startswith(KEY_PREFIX):
-            _drop_header(scope, b"authorization")  # a proxy key never goes upstream
+        # SDKs put their api_key in Authorization (OpenAI), x-api-key (Anthropic) or api-key
+        # (Azure): a proxy key counts in any of them, and none of them goes upstream.
+        presented: dict[bytes, str] = {}
+        if token and token.startswith(KEY_PREFIX):
+            presented[b"authorization"] = token
+        for name in _ALT_KEYS:
+            value = (_one(scope, name) or b"").decode("latin-1").strip()
+            if value.startswith(KEY_PREFIX):
+                presented[name] = value
+        if len(set(presented.values())) > 1:
+            raise BadRequestError("two different proxy keys in one request",
+                                  code="invalid_header")
+        if presented:
+            for name in presented:
+                _drop_header(scope, name)
+            token = next(iter(presented.values()))
             check = await asyncio.to_thread(self.keys.verify, token)
             if not check.ok or check.key is None:
                 reason = check.reason or "unknown"

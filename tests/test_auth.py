@@ -328,3 +328,21 @@ def test_risky_modes_are_logged_loudly(caplog: pytest.LogCaptureFixture) -> None
     assert "spend the upstream key" in record.getMessage() and "sk-x" not in record.getMessage()
     log_policy(resolve_auth(ProxyConfig(db_path="/tmp/x.db")))
     assert caplog.records[-1].levelno == logging.INFO
+
+
+def test_a_proxy_key_in_x_api_key_or_api_key_counts_and_stays_here(
+    gated: tuple[Proxy, Keys],
+) -> None:
+    proxy, keys = gated
+    for header in ("x-api-key", "api-key"):
+        response = httpx.post(proxy.base_url + "/embeddings", json={"input": "x"},
+                              headers={header: keys.acme})
+        assert response.status_code == 200
+        sent = proxy.upstream.received_headers[-1]
+        assert header not in sent and sent["authorization"] == f"Bearer {OPERATOR_KEY}"
+        assert_error(httpx.post(proxy.base_url + "/embeddings", json={"input": "x"},
+                                headers={header: keys.revoked}),
+                     401, "authentication_error", "api_key_revoked")
+    both = httpx.post(proxy.base_url + "/embeddings", json={"input": "x"},
+                      headers={**bearer(keys.acme), "x-api-key": keys.globex})
+    assert_error(both, 400, "invalid_request_error", "invalid_header")
