@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import temporal
+from .dedup import is_changed_fact
 from .errors import MemoryNotFoundError, ValidationError
 from .limits import WriteLimits
 from .models import Memory, MemoryCategory, Scope, utcnow
@@ -42,11 +43,12 @@ CHANGED_FACT = "changed fact"  # the reason a near-duplicate's supersede event r
 class UnitOfWork:
     def __init__(
         self, parts: EngineParts, *, limits: WriteLimits | None = None,
-        changed_fact: Callable[[str, str], bool] | None = None,
+        changed_fact: Callable[[str, str], bool] | None = is_changed_fact,
     ) -> None:
         self.parts = parts
         self.limits = limits or WriteLimits(parts.config)
-        # (old text, new text) -> whether the new one states a different fact; None: never.
+        # (old text, new text) -> whether the new one states a different fact (`dedup`); None
+        # treats every near-duplicate as a restatement.
         self.changed_fact = changed_fact
 
     # --- adding ------------------------------------------------------------------------------

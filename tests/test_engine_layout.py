@@ -137,7 +137,7 @@ def test_the_facades_parts_never_import_it() -> None:
 )
 def test_no_module_reaches_into_the_facade(module: str) -> None:
     privates = _facade_privates()
-    assert {"_parts", "_executors", "_write_behind"} <= privates  # the scan finds the facade's state
+    assert {"_parts", "_executors", "_write_behind"} <= privates  # the scan sees its state
     _, tree = SOURCES[module]
     reaches = sorted(
         f"line {node.lineno}: .{node.attr}"
