@@ -129,10 +129,28 @@ def m003_outbox_leases(conn: Any) -> None:
     )
 
 
+def m004_compact_vectors(conn: Any) -> None:
+    """Vectors of users with few memories, searched exactly, so a new user costs a row instead
+    of a sqlite-vec partition chunk (~200 KiB at 128 x 384 floats). See sqlite_vec_index.py."""
+    conn.executescript(
+        """
+        CREATE TABLE memory_vectors_compact (
+            rowid INTEGER PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            scope_key TEXT NOT NULL,
+            category TEXT NOT NULL,
+            embedding BLOB NOT NULL
+        );
+        CREATE INDEX memory_vectors_compact_user ON memory_vectors_compact(user_id);
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
     ("m002_fts_secure_delete", m002_fts_secure_delete),
     ("m003_outbox_leases", m003_outbox_leases),
+    ("m004_compact_vectors", m004_compact_vectors),
 ]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from headroom.memory.adapters.sqlite_vec_index import COMPACT_LIMIT
 from headroom.memory.db import connect
 from headroom.memory.errors import ConfigError
 from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
@@ -15,12 +16,16 @@ from headroom.memory.models import MemoryConfig
 from tests.fakes import FakeEmbedder
 
 
-async def _fill_many_users(path: Path, chunk_size: int, users: int = 60) -> int:
+async def _fill_many_users(path: Path, chunk_size: int, users: int, per_user: int) -> int:
     mem = await HierarchicalMemory.create(
         MemoryConfig(db_path=path, vector_chunk_size=chunk_size), embedder=FakeEmbedder()
     )
     await mem.add_many(
-        [MemoryDraft(f"fact number {i}", user_id=f"user-{i}", dedup=False) for i in range(users)]
+        [
+            MemoryDraft(f"fact number {i} of {u}", user_id=f"user-{u}", dedup=False)
+            for u in range(users)
+            for i in range(per_user)
+        ]
     )
     await mem.close()
     conn = connect(path)
@@ -34,10 +39,13 @@ async def _fill_many_users(path: Path, chunk_size: int, users: int = 60) -> int:
 
 
 async def test_vector_chunk_size_bounds_per_user_storage(tmp_path: Path) -> None:
-    small = await _fill_many_users(tmp_path / "small.db", 8)
-    large = await _fill_many_users(tmp_path / "large.db", 1024)
-    # 60 users x one chunk each: 1024-vector chunks of 64 floats cost ~15 MB, 8-vector ones ~0.1 MB
-    assert large > 10 * small
+    # Users move into sqlite-vec partitions once they hold COMPACT_LIMIT vectors; from then on
+    # each partition takes its chunks whole: 1024 slots of 64 floats where 8-slot chunks fit.
+    users = 4
+    small = await _fill_many_users(tmp_path / "small.db", 8, users, COMPACT_LIMIT)
+    large = await _fill_many_users(tmp_path / "large.db", 1024, users, COMPACT_LIMIT)
+    unused_slots = users * (1024 - COMPACT_LIMIT)
+    assert large - small > 0.9 * unused_slots * 64 * 4
 
 
 def test_vector_chunk_size_must_be_a_multiple_of_8() -> None:

@@ -28,7 +28,12 @@ TABLES = ("memories", "memory_events", "memory_vectors", "memories_fts", "outbox
 def raw_counts(path: Path) -> dict[str, int]:
     conn = connect(path)
     try:
-        return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+        counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+        # Vectors of users with few memories sit in the compact table, not yet in vec0.
+        counts["memory_vectors"] += conn.execute(
+            "SELECT count(*) FROM memory_vectors_compact"
+        ).fetchone()[0]
+        return counts
     finally:
         conn.close()
 

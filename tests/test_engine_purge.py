@@ -24,7 +24,8 @@ def traces(path: Path, user: str, word: str | None = None) -> dict[str, int]:
             "memories": one("SELECT count(*) FROM memories WHERE user_id = ?", user),
             "events": one("SELECT count(*) FROM memory_events WHERE user_id = ?", user),
             "outbox": one("SELECT count(*) FROM outbox WHERE user_id = ?", user),
-            "vectors": one("SELECT count(*) FROM memory_vectors WHERE user_id = ?", user),
+            "vectors": one("SELECT count(*) FROM memory_vectors WHERE user_id = ?", user)
+            + one("SELECT count(*) FROM memory_vectors_compact WHERE user_id = ?", user),
             "fts": one(
                 "SELECT count(*) FROM memories_fts WHERE memories_fts MATCH ?",
                 f"user_key:{user_token(user)}",
