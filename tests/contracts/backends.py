@@ -1,18 +1,12 @@
 """Which implementations the contract suites run over: one registry of factories per port.
 
 Every contract test takes its implementation from a fixture parametrised over a registry, so a new
-backend joins every suite with one entry. For a storage family (store and both indexes on one
-database, sharing its transactions), write a factory and register it:
+backend joins every suite (and tests/contracts/test_engine_over_ports.py) with one entry. For a
+storage family (a store and both indexes on one database, sharing its transactions), write a
+factory like `postgres_storage` below and add it to `STORAGE`.
 
-    def postgres_storage(request: pytest.FixtureRequest, dimension: int) -> Storage:
-        url = request.getfixturevalue("postgres_url")  # e.g. a session fixture running pgserver
-        ...
-        return Storage(store, vectors, text, close=pool.close)
-
-    STORAGE["postgres"] = postgres_storage  # in this module
-
-A factory receives the requesting test's `request` (for `tmp_path` or session fixtures) and
-returns a fresh, empty backend; `close` runs after the test.
+A factory receives the requesting test's `request` (for `tmp_path` or session fixtures such as a
+database server) and returns a fresh, empty backend; `close` runs after the test.
 """
 
 from __future__ import annotations
