@@ -140,21 +140,32 @@ def _ensure_vector_extension(conn: psycopg.Connection[Any], where: str) -> None:
         ) from exc
 
 
+def _applied(conn: psycopg.Connection[Any]) -> set[str]:
+    exists = conn.execute(
+        "SELECT to_regclass(quote_ident(current_schema()) || '.schema_version')"
+    ).fetchone()
+    if exists is None or exists[0] is None:
+        return set()
+    return {row[0] for row in conn.execute("SELECT name FROM schema_version").fetchall()}
+
+
 def migrate(conn: psycopg.Connection[Any]) -> list[str]:
     """Apply pending migrations to the connection's schema; returns the names applied."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version"
-        " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-    )
-    done = {row[0] for row in conn.execute("SELECT name FROM schema_version").fetchall()}
+    if {name for name, _ in MIGRATIONS} <= _applied(conn):
+        return []  # no lock when nothing is pending: opening never waits on another replica
     applied: list[str] = []
-    for name, statements in MIGRATIONS:
-        if name in done:
-            continue  # no lock when nothing is pending: opening never waits on another replica
-        with conn.transaction():
-            _lock(conn, "migrate")
-            if conn.execute("SELECT 1 FROM schema_version WHERE name = %s", (name,)).fetchone():
-                continue  # another replica applied it while we waited for the lock
+    with conn.transaction():
+        # Even the bookkeeping table is created under the lock: two replicas' CREATE TABLE IF
+        # NOT EXISTS race on the catalog otherwise.
+        _lock(conn, "migrate")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version"
+            " (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = _applied(conn)  # what another replica applied while we waited for the lock
+        for name, statements in MIGRATIONS:
+            if name in done:
+                continue
             for statement in statements:
                 conn.execute(statement)
             conn.execute("INSERT INTO schema_version(name) VALUES (%s)", (name,))
