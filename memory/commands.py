@@ -14,6 +14,7 @@ from .errors import ValidationError
 from .executors import Executors
 from .models import Memory, MemoryCategory, MemoryDraft, as_utc, utcnow
 from .parts import EngineParts
+from .text import clean_text
 from .unit_of_work import UnitOfWork
 
 __all__ = ["Commands"]
@@ -70,7 +71,7 @@ class Commands:
         entity_refs: list[str] | None, user_id: str | None, at: datetime | None,
         request_id: str | None,
     ) -> Memory:
-        content = (new_content or "").strip()
+        content = clean_text(new_content or "").strip()
         if not content:
             raise ValidationError("memory content must not be empty")
         _check_importance(importance)

@@ -55,7 +55,10 @@ log = logging.getLogger("headroom.writer")
 __all__ = ["OutboxWorker", "WorkerCounters"]
 
 _BATCH = 32
-_LEASE_S = 30.0
+# Long enough for one batch's embedding and apply; short, so rows a killed process had claimed
+# come back soon. A lease that runs out mid-batch costs only work: `complete` then fails for the
+# rows another worker took over, and this worker rolls them back.
+_LEASE_S = 10.0
 _IDLE_POLL_S = 2.0  # look for rows other processes queued or left behind
 _BUSY_POLL_S = 0.2  # rows wait for a retry delay or another owner's lease
 _STORAGE_BACKOFF_MAX_S = 5.0
