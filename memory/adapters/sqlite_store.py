@@ -1,4 +1,5 @@
-"""The SQLite `MemoryStore`: rows, the audit trail, the outbox, purge with counts, and stats."""
+"""The SQLite `MemoryStore`: rows, the audit trail, purge with counts, and stats; its `outbox`
+is the `SQLiteOutbox` on the same file."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class SQLiteMemoryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         migrate(db.conn)
-        self.outbox = SQLiteOutbox(db)
+        self.outbox = SQLiteOutbox(db)  # the Outbox port on the same file and connections
 
     def transaction(self) -> AbstractContextManager[None]:
         return self.db.transaction()
@@ -321,23 +322,6 @@ class SQLiteMemoryStore:
             }
             for r in rows
         ]
-
-    # --- outbox (the legacy surface; `self.outbox` is the leased port) ----------------------
-
-    def outbox_put(self, payload: dict[str, Any]) -> int:
-        return self.outbox.put(payload)
-
-    def outbox_pending(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
-        rows = self.db.conn.execute(
-            "SELECT id, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
-        ).fetchall()
-        return [(int(r[0]), json.loads(r[1])) for r in rows]
-
-    def outbox_done(self, ids: Sequence[int]) -> None:
-        self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
-
-    def outbox_size(self) -> int:
-        return self.outbox.size()
 
     # --- purge and stats --------------------------------------------------------------------
 

@@ -11,9 +11,9 @@ could fill the disk by inventing user ids). So a user's vectors first go to a pl
 once a user holds `compact_limit` vectors there they move into the user's vec0 partition in one
 go, filling a chunk. A search reads both tables and merges them, so a vector is found wherever it
 is. Measured on the 2-core Xeon (384 dimensions, k=10): an exact search over 128 compact rows
-~0.3 ms (512 rows 1.3 ms, 1,024 rows 6.4 ms, hence the limit of 128); bytes per new user with
-one memory ~209 KB before, ~4 KB after; a 10k-memory user's search unchanged (vec0, plus at
-most 127 compact rows).
+~0.3 ms (512 rows 1.3 ms, 1,024 rows 6.4 ms, hence the limit of 128); the file grows by
+~209 KB per new user with one memory before, ~4.7 KB after; a 10k-memory user's KNN p50 is the
+same (22.9 ms before, 21.1 ms after, same top 10 for 300 of 300 queries, interleaved runs).
 """
 
 from __future__ import annotations
