@@ -13,6 +13,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .adapters import FTS5TextIndex, LRUMemoryCache, SQLiteMemoryStore, SqliteVecIndex
+from .db import Database
+from .embedders import make_embedder
 from .errors import ConfigError
 from .models import MemoryConfig
 from .parts import EngineParts
@@ -52,16 +55,11 @@ async def open_defaults(config: MemoryConfig, embedder: Embedder | None) -> Defa
     return DefaultEngine(parts, writer, close)
 
 
-def _build(config: MemoryConfig, embedder: Embedder | None) -> tuple[object, EngineParts]:
-    from .adapters import FTS5TextIndex, LRUMemoryCache, SQLiteMemoryStore, SqliteVecIndex
-    from .db import Database
-
+def _build(config: MemoryConfig, embedder: Embedder | None) -> tuple[Database, EngineParts]:
     db = Database(config.db_path)  # type: ignore[arg-type]
     try:
         store = SQLiteMemoryStore(db)
         if embedder is None:
-            from .embedders import make_embedder
-
             embedder = make_embedder(config)
         recorded_model = store.get_setting("embedding_model")
         recorded_dim = store.get_setting("vector_dimension")
