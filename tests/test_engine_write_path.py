@@ -397,6 +397,22 @@ async def test_two_processes_apply_every_row_exactly_once(tmp_path: Path) -> Non
         await mem.close()
 
 
+async def test_rows_a_dead_worker_had_claimed_are_applied_once_its_lease_runs_out(
+    tmp_path: Path,
+) -> None:
+    mem = await open_memory(tmp_path / "m.db")
+    try:
+        await mem.submit(add("claimed by a worker that died"), Scope("ann"), request_id="r1")
+        outbox = mem.store.outbox  # type: ignore[attr-defined]
+        assert [row[0] for row in outbox.claim(10, "host:1:dead", 0.5)] != []
+        await mem.start()
+        await mem.drain(timeout=20)
+        assert await contents(mem, "ann") == ["claimed by a worker that died"]
+        assert await events_by_request(mem, "ann") == Counter({("r1", "add"): 1})
+    finally:
+        await mem.close()
+
+
 # --- changed facts ---------------------------------------------------------------------------
 
 
