@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from headroom.memory.adapters import LRUMemoryCache
-from headroom.memory.adapters.postgres import PostgresOutbox, open_database, open_postgres
+from headroom.memory.adapters.postgres import (
+    PgNotifyCache,
+    PostgresOutbox,
+    open_database,
+    open_postgres,
+)
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import AddOp, MemoryConfig, MemoryFilter, MemoryOps, Scope
 from tests.fakes import FakeEmbedder
@@ -31,7 +35,8 @@ DRAIN_S = 60.0
 async def open_engine(url: str, tmp_path: Path) -> HierarchicalMemory:
     family = await asyncio.to_thread(open_postgres, url, DIMENSION, pool_size=6)
     return HierarchicalMemory(
-        family.store, family.vectors, family.text, FakeEmbedder(DIMENSION), LRUMemoryCache(100),
+        family.store, family.vectors, family.text, FakeEmbedder(DIMENSION),
+        PgNotifyCache(family.db, 100),
         config=MemoryConfig(db_path=tmp_path / "unused.db"), on_close=family.close,
         outbox=family.outbox,
     )
@@ -90,6 +95,27 @@ async def test_a_fact_written_through_one_replica_is_recalled_through_another(
     await third.forget(newer.id, user_id="ann")
     assert await writer.query(MemoryFilter(user_id="ann")) == []
     assert await reader.search("peanuts", "ann") == []
+
+
+async def test_no_replica_serves_a_cached_copy_another_replica_changed(
+    replicas: list[HierarchicalMemory],
+) -> None:
+    one, two, _ = replicas
+    fact = await one.add("Lives in Paris", "ann")
+    assert (await two.get(fact.id)).is_current  # now cached on `two`
+    assert (await two.get(fact.id)).is_current
+    await one.supersede(fact.id, "Lives in Rome")
+    deadline = time.monotonic() + 5  # the notice travels asynchronously
+    while (await two.get(fact.id)).is_current and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not (await two.get(fact.id)).is_current
+    newer = (await two.query(MemoryFilter(user_id="ann")))[0]
+    assert (await two.get(newer.id)).content == "Lives in Rome"
+    await one.forget(newer.id, user_id="ann")
+    deadline = time.monotonic() + 5
+    while (await two.get(newer.id)).is_current and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert (await two.get(newer.id)).forgotten_at is not None
 
 
 _CLAIMER = textwrap.dedent(

@@ -78,6 +78,15 @@ def fake_storage(request: pytest.FixtureRequest, dimension: int) -> Storage:
     return Storage(FakeMemoryStore(db), FakeVectorIndex(db, dimension), FakeTextIndex(db))
 
 
+def postgres_cache(request: pytest.FixtureRequest, max_size: int) -> MemoryCache:
+    """The replicas' cache: LRU invalidated across processes by NOTIFY (a fresh schema)."""
+    from headroom.memory.adapters.postgres import PgNotifyCache, open_database
+
+    db = open_database(request.getfixturevalue("pg_schema_url"), pool_size=2)
+    request.addfinalizer(db.close)
+    return PgNotifyCache(db, max_size)
+
+
 STORAGE: dict[str, StorageFactory] = {
     "sqlite": sqlite_storage,
     "fake": fake_storage,
@@ -87,6 +96,7 @@ STORAGE: dict[str, StorageFactory] = {
 CACHES: dict[str, CacheFactory] = {
     "lru": lambda request, max_size: LRUMemoryCache(max_size),
     "fake": lambda request, max_size: FakeMemoryCache(max_size),
+    "postgres": postgres_cache,
 }
 
 def _served_vectors(texts: list[str]) -> list[list[float]]:

@@ -2,13 +2,15 @@
 GIN, BM25) and outbox on one database, sharing one transaction per thread.
 
 Needs the `postgres` extra (`pip install 'headroom-memory[postgres]'`): psycopg 3 with its pool
-and the `pgvector` package. `open_postgres(url, dimension)` builds the whole family.
+and the `pgvector` package. `open_postgres(url, dimension)` builds the whole family;
+`PgNotifyCache(family.db)` is the cache for replicas sharing the database.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .cache import PgNotifyCache
 from .connection import PgDatabase, is_postgres_url, redact_url
 from .outbox import PostgresOutbox
 from .schema import ensure_vector_table, migrate, open_database
@@ -17,9 +19,9 @@ from .text import PgTextIndex
 from .vectors import PgVectorIndex
 
 __all__ = [
-    "PgDatabase", "PgTextIndex", "PgVectorIndex", "PostgresFamily", "PostgresMemoryStore",
-    "PostgresOutbox", "ensure_vector_table", "is_postgres_url", "migrate", "open_database",
-    "open_postgres", "redact_url",
+    "PgDatabase", "PgNotifyCache", "PgTextIndex", "PgVectorIndex", "PostgresFamily",
+    "PostgresMemoryStore", "PostgresOutbox", "ensure_vector_table", "is_postgres_url", "migrate",
+    "open_database", "open_postgres", "redact_url",
 ]
 
 

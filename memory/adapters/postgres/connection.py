@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -93,6 +93,7 @@ class PgDatabase:
         self.where = redact_url(url)
         self._local = threading.local()
         self._closed = False
+        self._closers: list[Callable[[], None]] = []
         try:
             self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
                 url, min_size=min_size, max_size=max_size, timeout=timeout_s,
@@ -184,8 +185,14 @@ class PgDatabase:
         row = self.fetchone(sql, params)
         return None if row is None else row[0]
 
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Run `closer` when the database closes (before the pool does)."""
+        self._closers.append(closer)
+
     def close(self) -> None:
         self._closed = True
+        for closer in self._closers:
+            closer()
         try:
             self.pool.close()
         except Exception:  # pragma: no cover - closing a pool whose server is gone
