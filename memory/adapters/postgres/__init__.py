@@ -15,13 +15,24 @@ from .connection import PgDatabase, is_postgres_url, redact_url
 from .outbox import PostgresOutbox
 from .schema import ensure_vector_table, migrate, open_database
 from .store import PostgresMemoryStore
-from .text import PgTextIndex
+from .text import PgTextIndex, fold_diacritics
 from .vectors import PgVectorIndex
 
 __all__ = [
-    "PgDatabase", "PgNotifyCache", "PgTextIndex", "PgVectorIndex", "PostgresFamily",
-    "PostgresMemoryStore", "PostgresOutbox", "ensure_vector_table", "is_postgres_url", "migrate",
-    "open_database", "open_postgres", "redact_url",
+    "PgDatabase",
+    "PgNotifyCache",
+    "PgTextIndex",
+    "PgVectorIndex",
+    "PostgresFamily",
+    "PostgresMemoryStore",
+    "PostgresOutbox",
+    "ensure_vector_table",
+    "fold_diacritics",
+    "is_postgres_url",
+    "migrate",
+    "open_database",
+    "open_postgres",
+    "redact_url",
 ]
 
 
