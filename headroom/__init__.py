@@ -25,9 +25,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # with_memory pulls in the proxy pipeline; import it only when asked for.
+    # with_memory starts nothing, but it imports the turn core: only when asked for.
     if name == "with_memory":
-        from .proxy.wrapper import with_memory
+        from .wrapper import with_memory
 
         return with_memory
     raise AttributeError(name)

@@ -15,13 +15,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..memory.ports import Embedder
+from ..turn.service import MemoryService
 from .admin import admin_routes
 from .auth import AuthMiddleware, log_policy, resolve_auth
 from .config import ProxyConfig
 from .errors import ProxyError, error_body, error_response
 from .passthrough import forward
 from .pipeline import chat_completions
-from .service import MemoryService
 from .upstream import Upstream
 
 log = logging.getLogger("headroom.proxy")

@@ -423,7 +423,7 @@ def memory_block(add: list[Any] | None = None, update: list[Any] | None = None,
 
 def recalled(body: dict[str, Any]) -> str | None:
     """The content of the injected memory message in an upstream request body, if any."""
-    from headroom.proxy.inject import MEMORY_PREAMBLE
+    from headroom.turn.inject import MEMORY_PREAMBLE
 
     for message in body.get("messages", []):
         content = message.get("content")
@@ -436,7 +436,7 @@ def recalled(body: dict[str, Any]) -> str | None:
 
 def instructed(body: dict[str, Any]) -> bool:
     """True when the upstream request carries the extraction instruction (anywhere)."""
-    from headroom.proxy.inject import EXTRACTION_INSTRUCTION
+    from headroom.turn.inject import EXTRACTION_INSTRUCTION
 
     return any(m.get("content") == EXTRACTION_INSTRUCTION for m in body.get("messages", []))
 

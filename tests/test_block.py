@@ -1,4 +1,4 @@
-"""Parsing the `<memory>` block into ops (proxy/block.py): every tolerance, never an exception."""
+"""Parsing the `<memory>` block into ops (headroom/turn/block.py): every tolerance, no raise."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from headroom.memory.models import AddOp, ForgetOp, MemoryCategory, MemoryOps, ScopeLevel, UpdateOp
-from headroom.proxy.block import MAX_ITEMS, MAX_TEXT_CHARS, ParsedBlock, parse_ops, split_block
+from headroom.turn.block import MAX_ITEMS, MAX_TEXT_CHARS, ParsedBlock, parse_ops
+from headroom.turn.stripper import split_block
 
 FAST = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

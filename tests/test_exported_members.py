@@ -13,9 +13,10 @@ import headroom
 import headroom.memory
 import headroom.memory.adapters
 import headroom.memory.ports
+import headroom.turn
 
 # Packages whose __init__ only re-exports; ordinary modules are checked by the test below.
-FACADES = [headroom, headroom.memory, headroom.memory.adapters]
+FACADES = [headroom, headroom.memory, headroom.memory.adapters, headroom.turn]
 
 
 def public_names(module: types.ModuleType) -> list[str]:
@@ -39,7 +40,7 @@ def test_all_imports_are_exported(module: types.ModuleType) -> None:
 
 def test_headroom_with_memory_is_importable() -> None:
     from headroom import with_memory
-    from headroom.proxy.wrapper import with_memory as defined
+    from headroom.wrapper import with_memory as defined
 
     assert with_memory is defined and callable(with_memory)
     with pytest.raises(AttributeError):

@@ -1,4 +1,4 @@
-"""What the proxy adds to the messages (proxy/inject.py)."""
+"""What a turn adds to the messages (headroom/turn/inject.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headroom.memory.models import Memory, MemoryCategory
-from headroom.proxy.block import parse_ops, split_block
-from headroom.proxy.inject import (
+from headroom.turn.block import parse_ops
+from headroom.turn.inject import (
     EXTRACTION_INSTRUCTION,
     MEMORY_PREAMBLE,
     estimate_tokens,
@@ -20,6 +20,7 @@ from headroom.proxy.inject import (
     inject,
     query_text,
 )
+from headroom.turn.stripper import split_block
 
 FAST = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from headroom.memory.models import MemoryCategory
-from headroom.proxy.inject import EXTRACTION_INSTRUCTION
+from headroom.turn.inject import EXTRACTION_INSTRUCTION
 from tests.servers import Proxy, Reply, instructed, memory_block, recalled, running_proxy
 
 GO = "Prefers Go for performance-critical code"

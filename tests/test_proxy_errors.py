@@ -228,8 +228,8 @@ def test_embedder_failure_never_fails_the_request(
 
 
 def test_locked_database_never_fails_the_request(proxy: Proxy) -> None:
-    """Another process holds the write lock: the answer goes out at once, the write lands after
-    the lock is released."""
+    """Another process holds the write lock: the answer waits only its bounded durable wait
+    (ProxyConfig.durable_wait_s, 1 s), the write lands after the lock is released."""
     db_path = proxy.service.config.db_path
     proxy.upstream.queue(Reply("Noted. " + memory_block(["Collects vinyl records"])))
     locker = connect(db_path)
@@ -238,7 +238,8 @@ def test_locked_database_never_fails_the_request(proxy: Proxy) -> None:
         started = time.monotonic()
         answer = proxy.client("wes").chat.completions.create(**CHAT)
         assert answer.choices[0].message.content == "Noted."
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 1.0 + 1.0
+        assert proxy.service.counters["ops_answered_before_durable"] == 1
         time.sleep(0.5)
         assert proxy.service.counters["ops_queued"] == 0  # still waiting for the lock
     finally:

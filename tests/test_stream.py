@@ -1,4 +1,5 @@
-"""The SSE reader, the per-choice stripper and the chunk rewriter (proxy/stream.py).
+"""The per-choice stripper (headroom/turn/stripper.py), the SSE reader (proxy/sse.py), and chat
+completion chunks through both (headroom/turn/chat.py under proxy/stream.py).
 
 The central property: for any answer and any split into chunks, the client sees exactly what the
 non-streaming path would show, and no byte of a real block reaches it."""
@@ -14,17 +15,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from headroom.proxy.block import split_block
-from headroom.proxy.stream import (
-    Block,
-    BlockStripper,
-    ChunkRewriter,
-    SSEDecoder,
-    SSEEvent,
-    StreamStripper,
-    pick_block,
-    strip_completion,
-)
+from headroom.proxy.sse import SSEDecoder, SSEEvent
+from headroom.proxy.stream import SSEStripper
+from headroom.turn.chat import ChunkRewriter, strip_completion
+from headroom.turn.stripper import Block, BlockStripper, pick_block, split_block
 
 FAST = settings(
     max_examples=100,
@@ -294,11 +288,11 @@ def sse(obj: dict[str, Any] | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
 
 
-def run(wire: bytes, pieces: int = 1) -> tuple[bytes, StreamStripper]:
-    s = StreamStripper()
+def run(wire: bytes, pieces: int = 1) -> tuple[bytes, SSEStripper]:
+    s = SSEStripper(ChunkRewriter())
     step = max(1, len(wire) // pieces)
     out = b"".join(s.feed(wire[i : i + step]) for i in range(0, len(wire), step))
-    return out + s.finish(), s
+    return out + s.finish() + s.release(), s
 
 
 def parsed(wire: bytes) -> Iterator[dict[str, Any] | str]:
@@ -356,7 +350,7 @@ def test_stream_equals_non_stream_for_every_choice(
     expected = {i: split_block(t, cut_off=finish == "length") for i, t in enumerate(texts)}
     assert contents(out) == {i: e[0] for i, e in expected.items()}
     blocks = {i: Block(i, e[1], e[2]) for i, e in expected.items() if e[1] is not None}
-    assert s.rewriter.blocks == blocks
+    assert s.stripper.blocks == blocks
     assert s.chosen_block == pick_block(blocks)
     assert list(parsed(out))[-1] == "[DONE]"
 
@@ -424,18 +418,49 @@ def test_done_flushes_a_choice_that_never_finished() -> None:
 
 
 def test_after_done_everything_passes() -> None:
+    late = sse(chunk(choice(content="<memory>{}</memory>")))
+    wire = b"data: [DONE]\n\n" + late
+    out, s = run(wire)
+    assert out == wire and s.chosen_block is None
     rw = ChunkRewriter()
-    assert rw.feed(SSEEvent.from_data("[DONE]")) == [SSEEvent.from_data("[DONE]")]
-    late = SSEEvent.from_data(json.dumps(chunk(choice(content="<memory>{}</memory>"))))
-    assert rw.feed(late) == [late]
     assert rw.finish() == []
+    data = chunk(choice(content="<memory>{}</memory>"))
+    assert rw.feed(data)[0] is data
 
 
 def test_content_after_finish_reason_is_forwarded_unchanged() -> None:
     rw = ChunkRewriter()
-    rw.feed(SSEEvent.from_data(json.dumps(chunk(choice(finish="stop")))))
-    late = SSEEvent.from_data(json.dumps(chunk(choice(content=" <memory>"))))
-    assert rw.feed(late) == [late]
+    rw.feed(chunk(choice(finish="stop")))
+    late = chunk(choice(content=" <memory>"))
+    (out,) = rw.feed(late)
+    assert out is late
+
+
+def test_done_and_what_follows_are_held_until_released() -> None:
+    """The caller makes the block durable between `done` and `release()`."""
+    s = SSEStripper(ChunkRewriter())
+    head = sse(chunk(choice(content="Hi <memory>{}</memory>", finish="stop")))
+    out = s.feed(head + b"data: [DONE]\n\n: after\n\n")
+    assert list(parsed(out)) == [chunk(choice(content="Hi", finish="stop"))]
+    assert s.done and s.chosen_block == Block(0, "{}", False)
+    assert s.feed(b": more\n\n") == b""
+    assert s.release() == b"data: [DONE]\n\n: after\n\n: more\n\n"
+    assert s.feed(b": later\n\n") == b": later\n\n"
+
+
+def test_rewritten_chunks_are_compact_utf8() -> None:
+    """orjson re-serialises a changed chunk: non-ASCII text stays UTF-8, never \\u escapes."""
+    wire = sse(chunk(choice(content="日本語の答え <mem"))) + sse(chunk(choice(finish="stop")))
+    out, _ = run(wire)
+    assert "日本語の答え".encode() in out and b"\\u" not in out
+
+
+def test_a_chunk_orjson_refuses_is_still_stripped() -> None:
+    """A lone surrogate escape is valid JSON that orjson refuses: the block must not leak."""
+    wire = b'data: {"choices":[{"index":0,"delta":{"content":"a\\ud800 <memory>{}</memory>"},'
+    wire += b'"finish_reason":"stop"}]}\n\n'
+    out, s = run(wire)
+    assert b"memory" not in out and s.chosen_block == Block(0, "{}", False)
 
 
 def test_choices_are_independent_and_choice_zero_is_preferred() -> None:
@@ -449,12 +474,11 @@ def test_choices_are_independent_and_choice_zero_is_preferred() -> None:
 
 
 def test_rewritten_event_keeps_its_other_sse_fields() -> None:
-    rw = ChunkRewriter()
     data = json.dumps(chunk(choice(content="a <mem")))
-    event = SSEEvent(b"", ("id: 4", f"data: {data}"))
-    (out,) = rw.feed(event)
-    assert out.lines[0] == "id: 4"
-    assert json.loads(out.data or "")["choices"][0]["delta"]["content"] == "a"
+    out, _ = run(f"id: 4\ndata: {data}\n\n".encode())
+    first = out.split(b"\n\n")[0].split(b"\n")
+    assert first[0] == b"id: 4"
+    assert json.loads(first[1][6:])["choices"][0]["delta"]["content"] == "a"
 
 
 # --- the non-streaming path ----------------------------------------------------------------------
@@ -498,4 +522,4 @@ def test_several_choices_in_one_chunk() -> None:
         [None, None],
     ]
     assert objs[1]["choices"][0]["index"] == 0
-    assert s.rewriter.blocks == {1: Block(1, "{}", False)}
+    assert s.stripper.blocks == {1: Block(1, "{}", False)}

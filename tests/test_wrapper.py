@@ -14,7 +14,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from headroom import MemoryCategory, with_memory
-from headroom.proxy import wrapper
+from headroom import wrapper
 from tests.servers import FakeUpstream, Reply, instructed, memory_block, recalled, running_upstream
 
 GO = "Prefers Go for performance-critical code"

@@ -1,26 +1,31 @@
-"""`with_memory(client, user_id=...)`: the proxy's pipeline in-process, around any OpenAI-compatible
-client object with `.chat.completions.create` (sync or async, streaming or not).
+"""`with_memory(client, user_id=...)`: a turn with memory around every chat completion of any
+OpenAI-compatible client object with `.chat.completions.create` (sync or async, streaming or
+not), in-process. It imports neither the HTTP proxy nor its web stack.
 
-The engine lives on one background thread with its own event loop, shared by every wrapper on
-the same database (one model load, one writer). Calls reach it with `run_coroutine_threadsafe`,
-so the wrapper works from plain scripts, async code and from inside a running event loop alike.
-Streams are stripped by the same `ChunkRewriter` state machine the HTTP proxy uses.
+One engine per database (one model load, one writer) runs on a background thread with its own
+event loop, shared by every wrapper on that database; each wrapper keeps its own recall settings
+(top_k, token_budget, preset, timeout). Calls reach the engine with `run_coroutine_threadsafe`, so
+the wrapper works from plain scripts, async code and from inside a running event loop alike.
+Memory trouble is logged and the call goes on without memory: the client's own answer and its
+own errors always reach the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import inspect
-import json
 import logging
 import threading
+import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..memory.models import (
+from .memory.errors import ConfigError
+from .memory.models import (
     EmbedderBackend,
     Memory,
     MemoryCategory,
@@ -29,40 +34,43 @@ from ..memory.models import (
     Scope,
     ScopeLevel,
 )
-from ..memory.ports import Embedder
-from .pipeline import Prepared, prepare, store_block
-from .scope import MemoryMode, RequestScope
-from .service import MemoryService
-from .stream import Block, ChunkRewriter, SSEEvent, pick_block, strip_completion
+from .memory.ports import Embedder
+from .memory.recall import get_preset
+from .turn.chat import CHAT_COMPLETIONS
+from .turn.format import AnswerStreamStripper
+from .turn.service import MemoryService, RecallSettings
+from .turn.stripper import Block
+from .turn.turn import Turn
 
-log = logging.getLogger("headroom.wrapper")
+log = logging.getLogger(__name__)
 
-__all__ = ["MemoryClient", "with_memory"]
+__all__ = ["AsyncMemoryAPI", "MemoryAPI", "MemoryClient", "with_memory"]
 
 T = TypeVar("T")
 
-# How long a recall waits for this process's own queued writes (read-your-writes).
+# How long a call waits for this process's own queued writes before recalling (read-your-writes),
+# and how long it stops waiting after such a wait ran out (the writer is stuck: embedder down).
 _FLUSH_BEFORE_RECALL_S = 5.0
+_FLUSH_PAUSE_S = 30.0
 
 
 class _Runtime:
     """A background event loop owning one MemoryService."""
 
-    def __init__(self, config: MemoryConfig, top_k: int, token_budget: int,
-                 embedder: Embedder | None) -> None:
+    def __init__(self, config: MemoryConfig, embedder: Embedder | None) -> None:
+        self.config = config
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="headroom-memory",
                                        daemon=True)
         self.thread.start()
-        self.service = MemoryService(
-            config, top_k=top_k, token_budget=token_budget, recall_timeout_s=30.0,
-            embedder=embedder,
-        )
+        self.service = MemoryService(config, embedder=embedder)
         # In-process there is no "listen first" to protect: load the model on first use.
         self.run(self.service.start(warm=False))
         if self.service.engine is None:
+            self.close()
             raise RuntimeError(f"cannot open memory database: {self.service.open_error}")
         self.closed = False
+        self._no_flush_until = 0.0
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -70,11 +78,23 @@ class _Runtime:
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    def store(self, block: Any, prepared: Prepared, rs: RequestScope) -> None:
-        self.loop.call_soon_threadsafe(store_block, block, prepared, rs, self.service)
+    async def read_own_writes(self) -> None:
+        """Wait (bounded) for queued writes; never raises."""
+        if time.monotonic() < self._no_flush_until:
+            return
+        try:
+            await self.service.flush(_FLUSH_BEFORE_RECALL_S)
+        except TimeoutError:
+            self._no_flush_until = time.monotonic() + _FLUSH_PAUSE_S
+            self.service.counters["flush_timeouts"] += 1
+            log.warning("queued memory writes not applied within %.0fs (is the embedder down?); "
+                        "recalling without them for %.0fs", _FLUSH_BEFORE_RECALL_S,
+                        _FLUSH_PAUSE_S)
+        except Exception:
+            log.exception("waiting for queued memory writes failed; recalling without them")
 
     def close(self) -> None:
-        if self.closed:
+        if getattr(self, "closed", False):
             return
         self.closed = True
         try:
@@ -88,16 +108,36 @@ _runtimes: dict[tuple[str, str, str], _Runtime] = {}
 _runtimes_lock = threading.Lock()
 
 
-def _runtime_for(config: MemoryConfig, top_k: int, token_budget: int,
-                 embedder: Embedder | None) -> _Runtime:
-    key = (str(Path(str(config.db_path)).resolve()), config.embedder_backend.value,
-           str(config.embedder_model))
+def _resolved(path: Any) -> str:
+    return str(Path(str(path)).resolve())
+
+
+def _runtime_for(config: MemoryConfig, embedder: Embedder | None) -> _Runtime:
+    key = (_resolved(config.db_path), config.embedder_backend.value, str(config.embedder_model))
     with _runtimes_lock:
         runtime = _runtimes.get(key)
         if runtime is None or runtime.closed:
-            runtime = _Runtime(config, top_k, token_budget, embedder)
+            runtime = _Runtime(config, embedder)
             _runtimes[key] = runtime
-        return runtime
+            return runtime
+    _check_same_engine(runtime.config, config)
+    return runtime
+
+
+def _check_same_engine(running: MemoryConfig, wanted: MemoryConfig) -> None:
+    """Engine settings are the database's (one engine per file in a process): a second wrapper
+    asking for different ones is refused rather than silently given the first one's. Recall
+    settings are per wrapper and may differ."""
+    per_client = {"db_path", "recall_preset"}
+    differ = [
+        f.name for f in dataclasses.fields(MemoryConfig)
+        if f.name not in per_client and getattr(running, f.name) != getattr(wanted, f.name)
+    ]
+    if differ:
+        raise ConfigError(
+            f"{wanted.db_path} is already open in this process with other engine settings "
+            f"({', '.join(differ)}); use the same ones, or another database"
+        )
 
 
 def _close_all() -> None:
@@ -129,10 +169,16 @@ def with_memory(
     *,
     embedder_model: str | None = None,
     token_budget: int = 800,
+    recall_preset: str | None = None,
+    recall_timeout_s: float = 10.0,
     config: MemoryConfig | None = None,
     embedder: Embedder | None = None,
 ) -> MemoryClient:
-    """Wrap `client` so every chat completion recalls and stores memories for `user_id`."""
+    """Wrap `client` so every chat completion recalls and stores memories for `user_id`.
+
+    `top_k`, `token_budget`, `recall_preset` (default: `config.recall_preset`, else the engine's)
+    and `recall_timeout_s` (past it the call goes on without memories) belong to this wrapper,
+    also when another wrapper shares its database."""
     if config is None:
         config = MemoryConfig(db_path=db_path, embedder_backend=embedder_backend,
                               embedder_model=embedder_model)
@@ -141,9 +187,17 @@ def with_memory(
         raise TypeError(
             "with_memory needs an OpenAI-compatible client with chat.completions.create"
         )
+    preset = recall_preset if recall_preset is not None else config.recall_preset
+    get_preset(preset)  # an unknown preset fails here, not on the first call
+    runtime = _runtime_for(config, embedder)
+    settings = RecallSettings(
+        top_k=top_k, token_budget=token_budget,
+        # The engine's own preset needs no naming (and keeps its cached query vectors).
+        preset=None if preset == runtime.config.recall_preset else preset,
+        timeout_s=recall_timeout_s,
+    )
     scope = Scope(user_id, session_id, agent_id)
-    runtime = _runtime_for(config, top_k, token_budget, embedder)
-    return MemoryClient(client, scope, runtime, is_async=_is_async(create))
+    return MemoryClient(client, scope, runtime, settings, is_async=_is_async(create))
 
 
 def _is_async(create: Any) -> bool:
@@ -158,11 +212,13 @@ def _is_async(create: Any) -> bool:
 class MemoryClient:
     """The wrapped client: `.chat.completions.create` remembers; everything else is the client's."""
 
-    def __init__(self, client: Any, scope: Scope, runtime: _Runtime, *, is_async: bool) -> None:
+    def __init__(self, client: Any, scope: Scope, runtime: _Runtime, settings: RecallSettings,
+                 *, is_async: bool) -> None:
         self._client = client
         self._scope = scope
         self._runtime = runtime
-        completions = _Completions(client.chat.completions, scope, runtime, is_async)
+        self.settings = settings
+        completions = _Completions(client.chat.completions, scope, runtime, settings, is_async)
         self.chat = _Namespace(client.chat, completions=completions)
         self.memory: MemoryAPI | AsyncMemoryAPI = (
             AsyncMemoryAPI(scope, runtime) if is_async else MemoryAPI(scope, runtime)
@@ -182,38 +238,48 @@ class _Namespace:
 
 
 class _Completions:
-    def __init__(self, inner: Any, scope: Scope, runtime: _Runtime, is_async: bool) -> None:
+    def __init__(self, inner: Any, scope: Scope, runtime: _Runtime, settings: RecallSettings,
+                 is_async: bool) -> None:
         self._inner = inner
         self._scope = scope
         self._runtime = runtime
+        self._settings = settings
         self.create = self._acreate if is_async else self._create
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def _request_scope(self) -> RequestScope:
-        return RequestScope("hr-" + uuid.uuid4().hex[:20], self._scope, MemoryMode.ON)
+    def _turn(self) -> Turn:
+        return Turn(CHAT_COMPLETIONS, self._runtime.service, self._scope,
+                    request_id="hr-" + uuid.uuid4().hex[:20], settings=self._settings)
 
-    async def _prepare(self, kwargs: dict[str, Any], rs: RequestScope) -> Prepared:
-        await self._runtime.service.flush(_FLUSH_BEFORE_RECALL_S)
-        return await prepare(kwargs, rs, self._runtime.service)
+    async def _prepare(self, turn: Turn, kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            await self._runtime.read_own_writes()
+            return await turn.prepare(kwargs)
+        except Exception:  # every step fails open already; this guards the promise regardless
+            log.exception("memory could not prepare the request; sending it unchanged")
+            turn.extraction = False
+            return kwargs
 
     def _create(self, **kwargs: Any) -> Any:
-        rs = self._request_scope()
-        prepared = self._runtime.run(self._prepare(kwargs, rs))
-        response = self._inner.create(**prepared.body)
-        if kwargs.get("stream"):
-            return _SyncStream(response, lambda b: self._runtime.store(b, prepared, rs))
-        self._runtime.store(_strip_response(response), prepared, rs)
+        turn = self._turn()
+        body = self._runtime.run(self._prepare(turn, kwargs))
+        response = self._inner.create(**body)
+        if CHAT_COMPLETIONS.streams(kwargs):
+            return _SyncStream(response, _ChunkStripper(turn.stream_stripper()),
+                               lambda b: self._runtime.run(turn.store(b)))
+        self._runtime.run(turn.store(_strip_response(turn, response)))
         return response
 
     async def _acreate(self, **kwargs: Any) -> Any:
-        rs = self._request_scope()
-        prepared = await self._runtime.arun(self._prepare(kwargs, rs))
-        response = await self._inner.create(**prepared.body)
-        if kwargs.get("stream"):
-            return _AsyncStream(response, lambda b: self._runtime.store(b, prepared, rs))
-        self._runtime.store(_strip_response(response), prepared, rs)
+        turn = self._turn()
+        body = await self._runtime.arun(self._prepare(turn, kwargs))
+        response = await self._inner.create(**body)
+        if CHAT_COMPLETIONS.streams(kwargs):
+            return _AsyncStream(response, _ChunkStripper(turn.stream_stripper()),
+                                lambda b: self._runtime.arun(turn.store(b)))
+        await self._runtime.arun(turn.store(_strip_response(turn, response)))
         return response
 
 
@@ -226,10 +292,10 @@ def _dump(obj: Any) -> dict[str, Any]:
     raise TypeError(f"cannot read a chat completion of type {type(obj).__name__}")
 
 
-def _strip_response(response: Any) -> Any:
+def _strip_response(turn: Turn, response: Any) -> Block | None:
     """Remove the block from every choice of a non-streaming response, in place; returns the
     block to store."""
-    clean, blocks = strip_completion(_dump(response))
+    clean, block = turn.strip_answer(_dump(response))
     for position, choice in enumerate(clean.get("choices") or []):
         content = (choice.get("message") or {}).get("content")
         target = response["choices"][position] if isinstance(response, dict) else (
@@ -239,7 +305,33 @@ def _strip_response(response: Any) -> Any:
             target["message"]["content"] = content
         elif target.message is not None and isinstance(content, str):
             target.message.content = content
-    return pick_block(blocks)
+    return block
+
+
+class _ChunkStripper:
+    """SDK chunk objects in, chunk objects out, through the turn's chunk stripper (the same one
+    the HTTP proxy runs over SSE). An unchanged chunk is the caller's own object."""
+
+    def __init__(self, stripper: AnswerStreamStripper) -> None:
+        self.stripper = stripper
+        self.template: Any = None
+
+    def feed(self, chunk: Any) -> list[Any]:
+        self.template = chunk
+        data = _dump(chunk)
+        return [chunk if item is data else _rebuild(chunk, item)
+                for item in self.stripper.feed(data)]
+
+    def finish(self) -> list[Any]:
+        if self.template is None:
+            return []
+        return [_rebuild(self.template, item) for item in self.stripper.finish()]
+
+    def chosen_block(self) -> Block | None:
+        """The block to store, also when the caller stopped reading early: a block that had
+        fully arrived before the finish chunk still counts (as when a proxy client leaves)."""
+        self.stripper.finish()  # idempotent
+        return self.stripper.chosen_block
 
 
 def _rebuild(template: Any, data: dict[str, Any]) -> Any:
@@ -248,50 +340,20 @@ def _rebuild(template: Any, data: dict[str, Any]) -> Any:
     return type(template).model_validate(data)
 
 
-class _ChunkStripper:
-    """Chunk objects in, chunk objects out, through the proxy's own SSE `ChunkRewriter`."""
-
-    def __init__(self) -> None:
-        self.rewriter = ChunkRewriter()
-        self.template: Any = None
-
-    def feed(self, chunk: Any) -> list[Any]:
-        self.template = chunk
-        events = self.rewriter.feed(SSEEvent.from_data(json.dumps(_dump(chunk))))
-        return [self._to_chunk(e, chunk) for e in events]
-
-    def finish(self) -> list[Any]:
-        if self.template is None:
-            return []
-        return [self._to_chunk(e, self.template) for e in self.rewriter.finish()]
-
-    def chosen_block(self) -> Block | None:
-        """The block to store, also when the caller stopped reading early: a block that had
-        fully arrived before the finish chunk still counts (as when a proxy client leaves)."""
-        self.rewriter.finish()  # idempotent
-        return self.rewriter.chosen_block
-
-    @staticmethod
-    def _to_chunk(event: SSEEvent, template: Any) -> Any:
-        data = event.data
-        if data is None or data.strip() == "[DONE]":
-            return None
-        return _rebuild(template, json.loads(data))
-
-
 class _SyncStream:
-    def __init__(self, inner: Any, on_done: Any) -> None:
+    def __init__(self, inner: Any, stripper: _ChunkStripper,
+                 store: Callable[[Block | None], None]) -> None:
         self._inner = inner
-        self._on_done = on_done
-        self._stripper = _ChunkStripper()
+        self._stripper = stripper
+        self._store = store
 
     def __iter__(self) -> Iterator[Any]:
         try:
             for chunk in self._inner:
-                yield from (c for c in self._stripper.feed(chunk) if c is not None)
-            yield from (c for c in self._stripper.finish() if c is not None)
+                yield from self._stripper.feed(chunk)
+            yield from self._stripper.finish()
         finally:
-            self._on_done(self._stripper.chosen_block())
+            self._store(self._stripper.chosen_block())
 
     def __enter__(self) -> _SyncStream:
         return self
@@ -309,22 +371,21 @@ class _SyncStream:
 
 
 class _AsyncStream:
-    def __init__(self, inner: Any, on_done: Any) -> None:
+    def __init__(self, inner: Any, stripper: _ChunkStripper,
+                 store: Callable[[Block | None], Coroutine[Any, Any, None]]) -> None:
         self._inner = inner
-        self._on_done = on_done
-        self._stripper = _ChunkStripper()
+        self._stripper = stripper
+        self._store = store
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         try:
             async for chunk in self._inner:
                 for c in self._stripper.feed(chunk):
-                    if c is not None:
-                        yield c
-            for c in self._stripper.finish():
-                if c is not None:
                     yield c
+            for c in self._stripper.finish():
+                yield c
         finally:
-            self._on_done(self._stripper.chosen_block())
+            await self._store(self._stripper.chosen_block())
 
     async def __aenter__(self) -> _AsyncStream:
         return self
@@ -356,7 +417,7 @@ class _MemoryOps:
 
     async def search(self, query: str, top_k: int = 5) -> list[Memory]:
         s = self.scope
-        await self.runtime.service.flush(_FLUSH_BEFORE_RECALL_S)
+        await self.runtime.read_own_writes()
         results = await self.engine.search(query, s.user_id, s.session_id, s.agent_id,
                                            top_k=top_k)
         return [r.memory for r in results]
@@ -370,17 +431,17 @@ class _MemoryOps:
                                      **kwargs)
 
     async def get_all(self) -> list[Memory]:
-        await self.runtime.service.flush(_FLUSH_BEFORE_RECALL_S)
+        await self.runtime.read_own_writes()
         return await self.engine.query(
             MemoryFilter(user_id=self.scope.user_id, all_scopes=True, limit=None)
         )
 
     async def clear(self) -> dict[str, int]:
-        await self.runtime.service.flush(_FLUSH_BEFORE_RECALL_S)
+        await self.runtime.read_own_writes()
         return await self.engine.purge(self.scope.user_id)
 
     async def stats(self) -> dict[str, Any]:
-        await self.runtime.service.flush(_FLUSH_BEFORE_RECALL_S)
+        await self.runtime.read_own_writes()
         return await self.engine.stats(self.scope.user_id)
 
     async def flush(self, timeout: float | None = 30.0) -> None:

@@ -1,5 +1,9 @@
-"""What the proxy adds to a request's messages: the fixed extraction instruction and the recalled
-memories with their per-request aliases. Pure: messages in, new messages out.
+"""What a turn adds to a request: the fixed extraction instruction and the recalled memories with
+their per-request aliases, and the text recall searches with. Pure: messages in, new messages out.
+
+`render_memories` is format-free (the memory message's text and its aliases); `inject` and
+`query_text` work on a chat-style message list, which chat completions (and Anthropic's Messages)
+share; other formats place the same text where their requests keep it.
 
 Placement, chosen for providers' prompt caches (they match on an exact prefix):
 - The instruction is the very first message, a system message with the same bytes on every
@@ -25,13 +29,22 @@ from ..memory.models import Memory
 
 __all__ = [
     "EXTRACTION_INSTRUCTION",
+    "MAX_QUERY_CHARS",
     "MEMORY_PREAMBLE",
     "Injection",
+    "RenderedMemories",
+    "cap_query",
     "estimate_tokens",
     "format_memory_line",
     "inject",
     "query_text",
+    "render_memories",
 ]
+
+# What recall embeds and searches with. Embedding cost grows with the text (the model reads at
+# most 256 tokens anyway) and one pasted 20 MB file stalled recall for every user: the head says
+# what a message is about, the tail usually asks the question.
+MAX_QUERY_CHARS = 2000
 
 EXTRACTION_INSTRUCTION = (
     "You have long-term memory about the user. When your answer reveals something worth "
@@ -77,18 +90,17 @@ def format_memory_line(alias: str, memory: Memory) -> str:
     return f"[{alias}] ({date}, {category}) {text}"
 
 
-def inject(
-    messages: Sequence[Any],
-    memories: Sequence[Memory],
-    *,
-    extraction: bool,
-    budget_tokens: int,
-) -> Injection:
-    """A new message list (the input and its dicts are never modified) with the instruction
-    first when `extraction`, and the memories that fit in `budget_tokens` (best first, in the
-    order given; the first one that does not fit ends the list) before the latest user message.
-    The budget counts the memory lines, not the fixed preamble around them."""
-    out: list[Any] = list(messages)
+@dataclass(frozen=True)
+class RenderedMemories:
+    content: str | None  # the memory message's text, None when no memory fits
+    aliases: dict[str, str]  # alias (m1, m2, ...) -> memory id, for the block parser
+    count: int
+
+
+def render_memories(memories: Sequence[Memory], budget_tokens: int) -> RenderedMemories:
+    """The memories that fit in `budget_tokens` (best first, in the order given; the first one
+    that does not fit ends the list) as one message text. The budget counts the memory lines,
+    not the fixed preamble around them."""
     aliases: dict[str, str] = {}
     lines: list[str] = []
     used = 0
@@ -103,12 +115,29 @@ def inject(
         used += cost
         lines.append(line)
         aliases[alias] = memory.id
-    if lines:
-        content = f"{MEMORY_PREAMBLE}\n<memories>\n" + "\n".join(lines) + "\n</memories>"
-        out.insert(_last_user_index(out), {"role": "system", "content": content})
+    if not lines:
+        return RenderedMemories(None, aliases, 0)
+    content = f"{MEMORY_PREAMBLE}\n<memories>\n" + "\n".join(lines) + "\n</memories>"
+    return RenderedMemories(content, aliases, len(lines))
+
+
+def inject(
+    messages: Sequence[Any],
+    memories: Sequence[Memory],
+    *,
+    extraction: bool,
+    budget_tokens: int,
+) -> Injection:
+    """A new message list (the input and its dicts are never modified) with the instruction
+    first when `extraction`, and the memories that fit in `budget_tokens` before the latest user
+    message (see `render_memories`)."""
+    out: list[Any] = list(messages)
+    rendered = render_memories(memories, budget_tokens)
+    if rendered.content is not None:
+        out.insert(_last_user_index(out), {"role": "system", "content": rendered.content})
     if extraction:
         out.insert(0, {"role": "system", "content": EXTRACTION_INSTRUCTION})
-    return Injection(out, aliases, len(lines))
+    return Injection(out, rendered.aliases, rendered.count)
 
 
 def _last_user_index(messages: Sequence[Any]) -> int:
@@ -132,3 +161,11 @@ def query_text(messages: Sequence[Any]) -> str:
         parts = [p.get("text") if isinstance(p, dict) else p for p in content]
         return "\n".join(p for p in parts if isinstance(p, str) and p)
     return ""
+
+
+def cap_query(text: str, limit: int = MAX_QUERY_CHARS) -> str:
+    """`text` cut to at most `limit` characters: its head and its tail, joined by a newline."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return text[:half] + "\n" + text[len(text) - (limit - 1 - half) :]

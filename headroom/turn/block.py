@@ -1,4 +1,4 @@
-"""The `<memory>` block: split it off an answer and parse its JSON into `MemoryOps`. Pure.
+"""The `<memory>` block's JSON parsed into `MemoryOps`. Pure.
 
 Models write imperfect JSON, so parsing is tolerant and never raises: code fences, text around
 the object, trailing commas, single items instead of lists, `forget` items as strings or
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..memory.models import AddOp, ForgetOp, MemoryCategory, MemoryOps, ScopeLevel, UpdateOp
-from .stream import BlockStripper
 
-__all__ = ["MAX_ITEMS", "MAX_TEXT_CHARS", "ParsedBlock", "parse_ops", "split_block"]
+__all__ = ["MAX_ITEMS", "MAX_TEXT_CHARS", "ParsedBlock", "parse_ops"]
 
 MAX_ITEMS = 50  # per op kind; a block asking for more is runaway generation, not memory
 MAX_TEXT_CHARS = 2000
@@ -33,14 +32,6 @@ _DEFAULT_IMPORTANCE = 0.5
 _FORGET_SYNONYMS = ("forget", "delete", "remove")
 # strict=False: models put raw newlines and tabs inside strings.
 _DECODER = json.JSONDecoder(strict=False)
-
-
-def split_block(text: str, *, cut_off: bool = False) -> tuple[str, str | None, bool]:
-    """(visible text, block body or None, truncated) for a whole answer. The streaming path runs
-    the same `BlockStripper`, so both agree for every chunking."""
-    stripper = BlockStripper()
-    visible = stripper.feed(text) + stripper.finish(cut_off=cut_off)
-    return visible, stripper.block, stripper.truncated
 
 
 @dataclass(frozen=True)

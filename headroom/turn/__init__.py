@@ -1,0 +1,38 @@
+"""One turn with memory, free of any transport: recall → inject → (the model answers) → strip →
+store. The HTTP proxy (`headroom.proxy`) and the in-process wrapper (`headroom.wrapper`) both run
+it; a wire-format adapter (`chat.py`: chat completions) maps its requests and answers onto it.
+
+    stripper.py  the `<memory>` block's text state machine (feed/finish), format-free
+    block.py     the block's JSON parsed into MemoryOps, tolerantly
+    inject.py    the instruction, the memory message and its aliases, the query text
+    format.py    the WireFormat protocol an API adapter implements
+    chat.py      the chat completions adapter over plain dicts
+    service.py   MemoryService, the engine's fail-open face, and RecallSettings
+    turn.py      Turn: prepare, strip, store, receipt
+"""
+
+from .block import ParsedBlock, parse_ops
+from .chat import CHAT_COMPLETIONS, ChatCompletions, ChunkRewriter, strip_completion
+from .format import AnswerStreamStripper, Injected, WireFormat
+from .service import MemoryService, RecallSettings
+from .stripper import Block, BlockStripper, pick_block, split_block
+from .turn import Turn
+
+__all__ = [
+    "AnswerStreamStripper",
+    "Block",
+    "BlockStripper",
+    "CHAT_COMPLETIONS",
+    "ChatCompletions",
+    "ChunkRewriter",
+    "Injected",
+    "MemoryService",
+    "parse_ops",
+    "ParsedBlock",
+    "pick_block",
+    "RecallSettings",
+    "split_block",
+    "strip_completion",
+    "Turn",
+    "WireFormat",
+]
