@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,12 +19,13 @@ import pytest
 
 from headroom.memory.adapters.postgres import (
     PgNotifyCache,
+    PostgresMemoryStore,
     PostgresOutbox,
     open_database,
     open_postgres,
 )
 from headroom.memory.hierarchical import HierarchicalMemory
-from headroom.memory.models import AddOp, MemoryConfig, MemoryFilter, MemoryOps, Scope
+from headroom.memory.models import AddOp, Memory, MemoryConfig, MemoryFilter, MemoryOps, Scope
 from tests.fakes import FakeEmbedder
 from tests.pg import pg_database, pg_schema_url, pg_server  # noqa: F401 (fixtures)
 
@@ -116,6 +118,37 @@ async def test_no_replica_serves_a_cached_copy_another_replica_changed(
     while (await two.get(newer.id)).is_current and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert (await two.get(newer.id)).forgotten_at is not None
+
+
+def test_writers_of_one_user_on_two_replicas_see_each_others_rows(pg_schema_url: str) -> None:  # noqa: F811
+    """Check-then-insert (dedup, per-user limits) stays true across replicas: the second
+    writer's check waits for the first writer's commit and then sees its row."""
+    first_db, second_db = (open_database(pg_schema_url, pool_size=2) for _ in range(2))
+    first, second = PostgresMemoryStore(first_db), PostgresMemoryStore(second_db)
+    checked, found = threading.Event(), []
+
+    def write_first() -> None:
+        with first.transaction():
+            assert first.find_current_by_content("ann", "Owns a boat") is None
+            checked.set()
+            time.sleep(0.5)  # the other replica checks meanwhile
+            first.insert(Memory(content="Owns a boat", user_id="ann"))
+
+    def write_second() -> None:
+        assert checked.wait(timeout=30)
+        with second.transaction():
+            found.append(second.find_current_by_content("ann", "owns a boat."))
+            # Another user's writer never waits for ann's.
+            assert second.find_current_by_content("bob", "Owns a boat") is None
+
+    threads = [threading.Thread(target=write_first), threading.Thread(target=write_second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(found) == 1 and found[0] is not None and found[0].content == "Owns a boat"
+    first_db.close()
+    second_db.close()
 
 
 _CLAIMER = textwrap.dedent(

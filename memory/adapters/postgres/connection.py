@@ -134,6 +134,7 @@ class PgDatabase:
             return
         with self.connection() as conn:
             self._local.conn = conn
+            self._local.locked_users = set()
             try:
                 with conn.transaction():
                     yield
@@ -141,6 +142,25 @@ class PgDatabase:
                 _reraise(exc, self.where)
             finally:
                 self._local.conn = None
+                self._local.locked_users = set()
+
+    def lock_user(self, user_id: str) -> None:
+        """Serialise this transaction's writes for `user_id` with every other replica's, until
+        COMMIT. SQLite's BEGIN IMMEDIATE serialises all writers of a file, which is what keeps a
+        check-then-insert (dedup, per-user limits) true across processes; here only writers of
+        the same user wait for each other. Statements after the lock see what the previous
+        holder committed (READ COMMITTED takes a new snapshot per statement). Outside a
+        transaction there is nothing to hold the lock for."""
+        if not self.in_transaction:
+            return
+        locked: set[str] = self._local.locked_users
+        if user_id in locked:
+            return
+        self.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('headroom:user:' || %s, 0))",
+            (user_id,),
+        )
+        locked.add(user_id)
 
     # --- statements -------------------------------------------------------------------------
 

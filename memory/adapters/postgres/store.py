@@ -125,6 +125,7 @@ class PostgresMemoryStore:
     # --- rows -------------------------------------------------------------------------------
 
     def insert(self, memory: Memory) -> int:
+        self.db.lock_user(memory.user_id)
         embedding = (
             None
             if memory.embedding is None
@@ -150,6 +151,7 @@ class PostgresMemoryStore:
         return int(rid)
 
     def save(self, memory: Memory) -> None:
+        self.db.lock_user(memory.user_id)
         self.db.execute(
             "UPDATE memories SET session_id = %s, agent_id = %s, turn_id = %s, scope_key = %s,"
             " category = %s, importance = %s, entity_refs = %s, metadata = %s, valid_until = %s,"
@@ -216,6 +218,8 @@ class PostgresMemoryStore:
         return [_row_to_memory(r) for r in self.db.fetchall(sql, params, dicts=True)]
 
     def count(self, flt: MemoryFilter) -> int:
+        if flt.user_id is not None:
+            self.db.lock_user(flt.user_id)  # per-user limits count inside the write path
         where, params = where_clause(flt)
         return int(self.db.scalar(f"SELECT count(*) FROM memories WHERE {where}", params))
 
@@ -228,6 +232,7 @@ class PostgresMemoryStore:
         return [r[0] for r in rows]
 
     def find_current_by_content(self, user_id: str, content: str) -> Memory | None:
+        self.db.lock_user(user_id)  # the write path's first read: what it finds stays true
         row = self.db.fetchone(
             f"SELECT {_COLUMNS} FROM memories WHERE user_id = %s AND content_norm = %s"
             " AND valid_until IS NULL ORDER BY rid LIMIT 1",
@@ -321,22 +326,6 @@ class PostgresMemoryStore:
             for r in rows
         ]
 
-    # --- outbox (the legacy surface; `self.outbox` is the leased port) ----------------------
-
-    def outbox_put(self, payload: dict[str, Any]) -> int:
-        return self.outbox.put(payload)
-
-    def outbox_pending(self, limit: int) -> list[tuple[int, dict[str, Any]]]:
-        rows = self.db.fetchall("SELECT id, payload FROM outbox ORDER BY id LIMIT %s", (limit,))
-        return [(int(r[0]), json.loads(r[1])) for r in rows]
-
-    def outbox_done(self, ids: Sequence[int]) -> None:
-        if ids:
-            self.db.execute("DELETE FROM outbox WHERE id = ANY(%s)", ([int(i) for i in ids],))
-
-    def outbox_size(self) -> int:
-        return self.outbox.size()
-
     # --- purge and stats --------------------------------------------------------------------
 
     def purge(self, flt: MemoryFilter) -> tuple[list[int], dict[str, int]]:
@@ -347,6 +336,7 @@ class PostgresMemoryStore:
         where, params = where_clause(flt)
         db = self.db
         with db.transaction():
+            db.lock_user(flt.user_id)  # type: ignore[arg-type]
             rows = db.fetchall(f"DELETE FROM memories WHERE {where} RETURNING rid, id", params)
             rids = [int(r[0]) for r in rows]
             ids = [r[1] for r in rows]
