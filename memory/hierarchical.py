@@ -342,12 +342,14 @@ class HierarchicalMemory:
         categories: Sequence[MemoryCategory | str] | None = None,
         now: datetime | None = None,
         touch: bool = True,
+        preset: str | RecallPreset | None = None,
     ) -> list[Memory]:
-        """The memories most worth showing for `query`, best first, within `token_budget`."""
+        """The memories most worth showing for `query`, best first, within `token_budget`;
+        `preset` overrides the configured recall preset for this call."""
         scope = Scope(user_id, session_id, agent_id, turn_id)
         return await self._retrieval.recall(
             query, scope, top_k, token_budget=token_budget, categories=categories, now=now,
-            touch=touch,
+            touch=touch, preset=preset,
         )
 
     # --- removal, stats -------------------------------------------------------------------------

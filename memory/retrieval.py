@@ -83,9 +83,11 @@ class Retrieval:
     async def recall(
         self, query: str, scope: Scope, top_k: int, *, token_budget: int | None,
         categories: Sequence[MemoryCategory | str] | None, now: datetime | None, touch: bool,
+        preset: str | RecallPreset | None = None,
     ) -> list[Memory]:
         """The memories most worth showing for `query`, best first, within `token_budget`."""
-        results = await self.hybrid_search(query, scope, top_k, categories, now=now)
+        results = await self.hybrid_search(query, scope, top_k, categories, now=now,
+                                           preset=preset)
         memories = apply_budget([r.memory for r in results], token_budget)
         if touch and memories:
             # Access counts are bookkeeping: never make the caller wait for the write.

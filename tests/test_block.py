@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from headroom.memory.models import AddOp, ForgetOp, MemoryCategory, MemoryOps, ScopeLevel, UpdateOp
+from headroom.memory.text import clean_text
 from headroom.turn.block import MAX_ITEMS, MAX_TEXT_CHARS, ParsedBlock, parse_ops
 from headroom.turn.stripper import split_block
 
@@ -256,22 +257,29 @@ blocks = st.fixed_dictionaries(
 )
 
 
+def normal(text: str) -> str:
+    """Text as stored: made valid (clean_text), whitespace runs as one space."""
+    return " ".join(clean_text(text).split())
+
+
 def expected_ops(block: dict[str, Any]) -> MemoryOps:
     """What a well-formed block means, computed independently of the parser."""
     updates: dict[str, UpdateOp] = {}
     for u in block.get("update", []):
         memory_id = ALIASES[u["id"]]
-        updates.setdefault(memory_id, UpdateOp(memory_id, " ".join(u["text"].split())))
+        if normal(u["text"]):
+            updates.setdefault(memory_id, UpdateOp(memory_id, normal(u["text"])))
     forgets = dict.fromkeys(ALIASES[f] for f in block.get("forget", []))
     return MemoryOps(
         add=tuple(
             AddOp(
-                " ".join(a["text"].split()),
+                normal(a["text"]),
                 MemoryCategory(a.get("category", "fact")),
                 a.get("importance", 0.5),
                 ScopeLevel(a.get("scope", "user")),
             )
             for a in block.get("add", [])
+            if normal(a["text"])
         ),
         update=tuple(updates.values()),
         forget=tuple(ForgetOp(i) for i in forgets if i not in updates),
@@ -308,3 +316,11 @@ def test_any_truncation_keeps_a_prefix_of_the_items(
 def test_never_raises(body: str, truncated: bool) -> None:
     result = parse(body, truncated=truncated)
     assert isinstance(result.ops, MemoryOps)
+
+
+def test_text_is_made_valid_at_parse_time() -> None:
+    """Issue 9: `"\\ud800"` is valid JSON but no UTF-8 text; such a memory stopped every write."""
+    (add,) = ops('{"add":[{"text":"poison \\ud800 tok","entities":["Bo\\udc00b"]}]}').add
+    assert add.text == "poison \ufffd tok" and add.entity_refs == ("Bo\ufffdb",)
+    add.text.encode()  # encodable
+    assert ops('{"add":["a\\u0000b\\r\\nc"]}').add[0].text == "ab c"

@@ -10,7 +10,10 @@ caller may log:
 - importance missing -> 0.5, not a number -> 0.5 with a warning, out of range -> clamped to 0..1;
 - unknown scope -> "user" (the engine later clamps it to the scopes the request has);
 - empty text, over-long text, and update/forget on an alias that was not shown in this request
-  are dropped: the proxy accepts ops only on memories the model was shown.
+  are dropped: the proxy accepts ops only on memories the model was shown;
+- text is made valid first (`headroom.memory.text.clean_text`: lone surrogates such as JSON's
+  `"\\ud800"` become U+FFFD, control characters go), so no op carries text that cannot be
+  encoded, embedded or stored.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..memory.models import AddOp, ForgetOp, MemoryCategory, MemoryOps, ScopeLevel, UpdateOp
+from ..memory.text import clean_text
 
 __all__ = ["MAX_ITEMS", "MAX_TEXT_CHARS", "ParsedBlock", "parse_ops"]
 
@@ -206,7 +210,7 @@ def _text(value: Any, kind: str, warnings: list[str]) -> str | None:
     if not isinstance(value, str):
         warnings.append(f"{kind} without a text string dropped")
         return None
-    text = " ".join(value.split())
+    text = " ".join(clean_text(value).split())
     if not text:
         warnings.append(f"{kind} with empty text dropped")
         return None
@@ -319,5 +323,5 @@ def _scope(value: Any, warnings: list[str]) -> ScopeLevel:
 
 def _entities(value: Any) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    names = (" ".join(i.split()) for i in items if isinstance(i, str))
+    names = (" ".join(clean_text(i).split()) for i in items if isinstance(i, str))
     return tuple(dict.fromkeys(name for name in names if name))

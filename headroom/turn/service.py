@@ -113,13 +113,11 @@ class MemoryService:
             self.counters["recall_skipped_not_ready"] += 1
             log.info("recall skipped: the embedding model is still loading")
             return []
-        # Only a caller with a preset of its own names one; the rest get the engine's.
-        chosen = {"preset": settings.preset} if settings.preset is not None else {}
         try:
             return await asyncio.wait_for(
                 self.engine.recall(
                     query, scope.user_id, scope.session_id, scope.agent_id, scope.turn_id,
-                    top_k=settings.top_k, **chosen,
+                    top_k=settings.top_k, preset=settings.preset,
                 ),
                 settings.timeout_s,
             )
@@ -166,15 +164,21 @@ class MemoryService:
             while True:
                 attempt += 1
                 try:
-                    await self.engine.submit(ops, scope, request_id=request_id)
-                    self.counters["ops_queued"] += 1
-                    return True
+                    outbox_id = await self.engine.submit(ops, scope, request_id=request_id)
                 except Exception as exc:
                     self.counters["ops_submit_retries"] += 1
                     log.warning("queueing memory ops of %s failed (attempt %d), retrying in "
                                 "%.1fs: %s", request_id, attempt, delay, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, _RETRY_MAX_S)
+                    continue
+                if outbox_id is None:
+                    # The database took no insert; the engine holds the ops in memory and
+                    # writes them once it can. Not durable yet.
+                    self.counters["ops_queued_in_engine_memory"] += 1
+                    return False
+                self.counters["ops_queued"] += 1
+                return True
         except asyncio.CancelledError:
             self.counters["ops_lost"] += 1
             # The one place a write can be lost: say exactly what, so an operator can re-add it.
