@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 # How long a call waits for this process's own queued writes before recalling (read-your-writes),
 # and how long it stops waiting after such a wait ran out (the writer is stuck: embedder down).
-_FLUSH_BEFORE_RECALL_S = 5.0
+_FLUSH_BEFORE_RECALL_S = 2.0
 _FLUSH_PAUSE_S = 30.0
 
 

@@ -5,6 +5,10 @@ real MiniLM, sqlite-vec and FTS5 underneath; plus the `.memory` API of the spec.
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +17,18 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from headroom import MemoryCategory, with_memory
-from headroom import wrapper
-from tests.servers import FakeUpstream, Reply, instructed, memory_block, recalled, running_upstream
+from headroom import MemoryCategory, MemoryConfig, with_memory, wrapper
+from headroom.memory.errors import ConfigError
+from tests.fakes import FakeEmbedder
+from tests.servers import (
+    FakeUpstream,
+    GatedEmbedder,
+    Reply,
+    instructed,
+    memory_block,
+    recalled,
+    running_upstream,
+)
 
 GO = "Prefers Go for performance-critical code"
 
@@ -224,3 +237,113 @@ def test_stream_closed_early_keeps_a_block_that_had_arrived(
                 break
     assert text == "Short answer."
     assert [m.content for m in client.memory.get_all()] == ["Leaves streams early"]
+
+
+# --- fail open, and settings per wrapper (issue 9, item 8) ----------------------------------------
+
+
+def test_importing_the_wrapper_loads_no_web_stack() -> None:
+    code = (
+        "import sys\n"
+        "import headroom.wrapper\n"
+        "from headroom import with_memory\n"
+        "loaded = [m for m in sys.modules if m.startswith(('headroom.proxy', 'starlette', "
+        "'uvicorn'))]\n"
+        "print(','.join(loaded))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_embedder_down_the_call_goes_on_without_memory(
+    upstream: tuple[str, FakeUpstream], db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, fake = upstream
+    embedder = FakeEmbedder()
+    client = with_memory(sync_client(url), user_id="hal", db_path=db, embedder=embedder)
+    client.memory.add("Likes green tea", category="preference")
+    embedder.fail_with = RuntimeError("embedding service down")
+    for stream in (False, True, False):
+        fake.queue(Reply("Tea. " + memory_block(["Drinks it at 5pm"]), chunk_seed=1))
+        started = time.monotonic()
+        response = client.chat.completions.create(model="gpt-test", stream=stream,
+                                                  messages=user_says("what do I drink?"))
+        text = ("".join(c.delta.content or "" for chunk in response for c in chunk.choices)
+                if stream else response.choices[0].message.content)
+        assert text == "Tea."
+        assert recalled(fake.last) is None
+        # At most one bounded wait for the writes the stuck writer cannot apply.
+        assert time.monotonic() - started < 4.0
+    assert any("recall failed" in r.getMessage() for r in caplog.records)
+    embedder.fail_with = None
+    client.memory.flush(30)
+    assert sorted(m.content for m in client.memory.get_all()) == [
+        "Drinks it at 5pm", "Likes green tea"
+    ]
+
+
+def test_recall_timing_out_never_raises(
+    upstream: tuple[str, FakeUpstream], db: Path
+) -> None:
+    url, fake = upstream
+    gated = GatedEmbedder(FakeEmbedder(), trigger="slow question")
+    client = with_memory(sync_client(url), user_id="ivy", db_path=db, embedder=gated,
+                         recall_timeout_s=0.3)
+    client.memory.add("Plays the oboe", category="fact")
+    gated.gate.clear()
+    try:
+        fake.queue(Reply("No idea."))
+        started = time.monotonic()
+        response = client.chat.completions.create(model="gpt-test",
+                                                  messages=user_says("a slow question"))
+        assert response.choices[0].message.content == "No idea."
+        assert time.monotonic() - started < 2.0
+        assert recalled(fake.last) is None
+        assert instructed(fake.last)  # still asked for a block: only recall was skipped
+    finally:
+        gated.gate.set()
+
+
+def test_two_wrappers_on_one_database_keep_their_own_settings(
+    upstream: tuple[str, FakeUpstream], db: Path
+) -> None:
+    url, fake = upstream
+    embedder = FakeEmbedder()
+    wide = with_memory(sync_client(url), user_id="jo", db_path=db, embedder=embedder)
+    narrow = with_memory(sync_client(url), user_id="jo", db_path=db, embedder=embedder,
+                         top_k=1, recall_preset="bm25")
+    tiny = with_memory(sync_client(url), user_id="jo", db_path=db, embedder=embedder,
+                       token_budget=5)
+    for text in ("Jo plays chess on Sundays", "Jo plays tennis on Mondays",
+                 "Jo plays cards with friends"):
+        wide.memory.add(text)
+
+    def shown(client: Any, word: str) -> list[str]:
+        fake.queue(Reply("Ok."))
+        before = len(embedder.calls)
+        # A new question each time: query vectors are cached.
+        client.chat.completions.create(model="gpt-test",
+                                       messages=user_says(f"what does jo play {word}"))
+        embedded = [t for batch in embedder.calls[before:] for t in batch]
+        assert bool(embedded) == (client is not narrow)  # bm25 recall embeds no query
+        return re.findall(r"^\[m\d+\] \([^)]*\) (.*)$", recalled(fake.last) or "", re.M)
+
+    assert len(shown(wide, "today")) == 3
+    assert len(shown(narrow, "now")) == 1
+    assert shown(tiny, "again") == []  # not even one line fits in 5 tokens
+    assert len(shown(wide, "lately")) == 3  # the first wrapper's settings are untouched
+
+
+def test_a_second_wrapper_asking_for_other_engine_settings_is_refused(
+    upstream: tuple[str, FakeUpstream], db: Path
+) -> None:
+    url, _ = upstream
+    embedder = FakeEmbedder()
+    with_memory(sync_client(url), user_id="kim", db_path=db, embedder=embedder)
+    with pytest.raises(ConfigError, match="dedup_threshold"):
+        with_memory(sync_client(url), user_id="kim", embedder=embedder,
+                    config=MemoryConfig(db_path=db, dedup_threshold=0.5))
+    with pytest.raises(ConfigError, match="unknown recall preset"):
+        with_memory(sync_client(url), user_id="kim", db_path=db, embedder=embedder,
+                    recall_preset="no-such-preset")
