@@ -20,6 +20,7 @@ from .admin import admin_routes
 from .auth import AuthMiddleware, log_policy, resolve_auth
 from .config import ProxyConfig
 from .errors import ProxyError, error_body, error_response
+from .limits import admit_new_memories
 from .passthrough import forward
 from .pipeline import chat_completions
 from .upstream import Upstream
@@ -45,6 +46,7 @@ def create_app(
         config.memory_config(), top_k=config.top_k, token_budget=config.token_budget,
         recall_timeout_s=config.recall_timeout_s, embedder=embedder,
     )
+    service.admit = admit_new_memories  # a key over its new-memory limit stores only forgets
     upstream = Upstream(config, transport=transport)
 
     @contextlib.asynccontextmanager

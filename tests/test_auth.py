@@ -346,3 +346,27 @@ def test_a_proxy_key_in_x_api_key_or_api_key_counts_and_stays_here(
     both = httpx.post(proxy.base_url + "/embeddings", json={"input": "x"},
                       headers={**bearer(keys.acme), "x-api-key": keys.globex})
     assert_error(both, 400, "invalid_request_error", "invalid_header")
+
+
+def test_over_its_new_memory_limit_a_key_stores_only_forgets(
+    tmp_path: Path, local_embedder: Any
+) -> None:
+    store = KeyStore(tmp_path / "p.keys.db")
+    _, key = store.create("acme", memories_per_minute=2)
+    store.close()
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on") as proxy:
+        client = proxy.client("writer", api_key=key)
+        proxy.upstream.queue(Reply("ok" + memory_block(add=["Fact one", "Fact two", "Fact 3"])))
+        raw = client.chat.completions.with_raw_response.create(**CHAT)
+        assert raw.parse().choices[0].message.content == "ok"  # the answer still flows
+        assert "over its limit of 2 new memories/min" in raw.headers["x-headroom-memory-notes"]
+        assert proxy.memories("acme|writer") == []  # three asked, two allowed: none stored
+        proxy.upstream.queue(Reply("ok" + memory_block(add=["Fact one", "Fact two"])))
+        raw = client.chat.completions.with_raw_response.create(**CHAT)
+        assert "x-headroom-memory-notes" not in raw.headers
+        assert sorted(m.content for m in proxy.memories("acme|writer")) == ["Fact one",
+                                                                            "Fact two"]
+        raw = client.chat.completions.with_raw_response.create(**CHAT)  # out of new memories
+        assert not instructed(proxy.upstream.last)  # the model is not asked to write
+        assert "Fact one" in (recalled(proxy.upstream.last) or "")  # recall still runs
+        assert "new memories/min" in raw.headers["x-headroom-memory-notes"]

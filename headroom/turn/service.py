@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,8 @@ class MemoryService:
         self.model_error: str | None = None
         self.counters: Counter[str] = Counter()
         self._writes: dict[asyncio.Task[bool], MemoryOps] = {}
+        # What of a block may be stored; the proxy sets its per-key new-memory limit here.
+        self.admit: Callable[[MemoryOps], MemoryOps] = lambda ops: ops
         self._warm_task: asyncio.Task[None] | None = None
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -135,6 +138,9 @@ class MemoryService:
         """Queue ops in the outbox, waiting at most `wait_s` for the commit. True when they are
         durable on return; otherwise they stay queued here and are retried (`stop()` waits for
         them), and the caller answers anyway."""
+        ops = self.admit(ops)
+        if not ops:
+            return True  # nothing left to store
         if self.engine is None:
             self.counters["ops_dropped_no_engine"] += 1
             log.error("memory ops of %s dropped, no database: %s", request_id, ops.to_dict())
