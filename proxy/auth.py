@@ -237,6 +237,9 @@ class AuthMiddleware:
         self.limiter = RateLimiter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no route takes one; refuse the handshake here
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -293,7 +296,7 @@ class AuthMiddleware:
         if method == "OPTIONS":
             return None
         if path in _PUBLIC_PATHS:
-            return KEYLESS
+            return _keyless()
         admin = path.startswith(_ADMIN_PREFIX)
         if method in _BODY_METHODS and (admin or path.rstrip("/") in MEMORY_ROUTES):
             media = (_one_or_none(scope, b"content-type") or "").split(";")[0].strip().lower()
@@ -369,7 +372,7 @@ class AuthMiddleware:
                     "(the SDK's api_key)", code="missing_api_key",
                 )
             raise AuthenticationError("invalid API key", code="invalid_api_key")
-        return KEYLESS
+        return _keyless()
 
     def _attach_operator_key(
         self, scope: Scope, principal: Principal, method: str, path: str
@@ -405,6 +408,11 @@ class AuthMiddleware:
             ]
         await send({"type": "http.response.start", "status": 204, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _keyless() -> Principal:
+    """A fresh keyless principal per request: its notes list is this request's own."""
+    return dataclasses.replace(KEYLESS, notes=[])
 
 
 def _one_or_none(scope: Scope, name: bytes) -> str | None:

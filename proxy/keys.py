@@ -244,7 +244,8 @@ class KeyStore:
         """Check a presented key. Never raises on bad input; never logs it."""
         key_id = _key_id(presented)
         row = None
-        if key_id is not None:
+        # No file yet means no keys: a keyless server does not create one for a stray `hk_`.
+        if key_id is not None and (self._conn is not None or self.path.exists()):
             with self._lock:
                 row = self._connection().execute(
                     "SELECT * FROM proxy_keys WHERE id = ?", (key_id,)

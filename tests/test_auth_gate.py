@@ -16,6 +16,8 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from headroom.proxy.auth import AuthMiddleware, resolve_auth
+from headroom.proxy.config import ProxyConfig
 from tests.servers import FakeUpstream, Proxy, Reply, memory_block, running_proxy, running_server
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -192,3 +194,33 @@ def test_an_id_of_max_length_is_accepted(keyless: Proxy) -> None:
     response = httpx.post(keyless.base_url + "/chat/completions",
                           json={**CHAT, "user": "é" * 256})
     assert response.status_code == 200
+
+
+def test_a_stray_proxy_key_on_a_keyless_server_is_refused_not_forwarded(keyless: Proxy) -> None:
+    before = len(keyless.upstream.received_headers)
+    response = httpx.get(keyless.base_url + "/models",
+                         headers={"authorization": "Bearer hk_0123456789ab_not-issued"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert len(keyless.upstream.received_headers) == before
+    key_db = keyless.app.state.auth.key_db
+    assert not key_db.exists()  # checking a key creates no key file
+
+
+async def test_websockets_are_refused(tmp_path: Path) -> None:
+    reached: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope)
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "websocket.connect"}
+
+    gate = AuthMiddleware(app, resolve_auth(ProxyConfig(db_path=tmp_path / "m.db")))
+    await gate({"type": "websocket", "path": "/v1/realtime", "raw_path": b"/v1/realtime",
+                "headers": [], "query_string": b""}, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
