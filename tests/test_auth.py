@@ -370,3 +370,16 @@ def test_over_its_new_memory_limit_a_key_stores_only_forgets(
         assert not instructed(proxy.upstream.last)  # the model is not asked to write
         assert "Fact one" in (recalled(proxy.upstream.last) or "")  # recall still runs
         assert "new memories/min" in raw.headers["x-headroom-memory-notes"]
+
+
+def test_without_an_operator_key_a_client_brings_its_own(tmp_path: Path, local_embedder: Any,
+                                                         ) -> None:
+    keys = make_keys(tmp_path / "p.keys.db")
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on") as proxy:
+        client = proxy.client("own-key-user", api_key="sk-the-clients-own",
+                              **{"X-Api-Key": keys.acme})
+        client.chat.completions.create(**CHAT)
+        sent = proxy.upstream.received_headers[-1]
+        assert sent["authorization"] == "Bearer sk-the-clients-own" and "x-api-key" not in sent
+        with pytest.raises(openai.AuthenticationError):  # its own key alone is no proxy key
+            proxy.client("own-key-user", api_key="sk-the-clients-own").models.list()
