@@ -23,13 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
-import logging
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,12 +38,20 @@ from .errors import (
     UnsupportedMediaTypeError,
     error_response,
 )
-from .keys import KEY_PREFIX, KeyStore, default_key_db_path
+from .keys import KEY_PREFIX, KeyStore
 from .limits import RateLimiter
+from .policy import (
+    DEFAULT_UPSTREAM_ROUTES,
+    AuthConfigError,
+    AuthPolicy,
+    RouteRule,
+    is_loopback,
+    log_policy,
+    resolve_auth,
+)
 from .scope import KEYLESS, Principal, bind_principal, reset_principal
 
-log = logging.getLogger("headroom.proxy")
-
+# The policy's names are re-exported: callers know them as proxy.auth's.
 __all__ = [
     "DEFAULT_UPSTREAM_ROUTES",
     "MEMORY_ROUTES",
@@ -62,15 +65,6 @@ __all__ = [
     "resolve_auth",
 ]
 
-# What a request carrying the operator's key may reach upstream ("METHOD /path", `*` = one
-# segment). Files, batches, fine-tunes, organisation admin: not with the operator's key.
-DEFAULT_UPSTREAM_ROUTES: tuple[str, ...] = (
-    "POST /v1/chat/completions",
-    "POST /v1/responses",
-    "POST /v1/embeddings",
-    "GET /v1/models",
-    "GET /v1/models/*",
-)
 # Routes whose body can carry memory (a user id, messages to recall for and extract from).
 MEMORY_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages"})
 _PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
@@ -86,107 +80,6 @@ _EXPOSED = (
     "x-headroom-request-id, x-headroom-memories-injected, x-headroom-memory-overhead-ms, "
     "x-headroom-memory-notes"
 )
-
-
-class AuthConfigError(ValueError):
-    """A combination of settings that would expose memory or the operator's key."""
-
-
-@dataclass(frozen=True)
-class RouteRule:
-    method: str | None  # None: any method
-    parts: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> RouteRule:
-        method, _, path = text.strip().rpartition(" ")
-        if not path.startswith("/v1/"):
-            raise AuthConfigError(f"an upstream route starts with /v1/: {text!r}")
-        return cls(method.strip().upper() or None, tuple(path.strip("/").split("/")))
-
-    def matches(self, method: str, path: str) -> bool:
-        if self.method is not None and method != self.method:
-            return False
-        parts = path.strip("/").split("/")
-        return len(parts) == len(self.parts) and all(
-            want in ("*", got) for want, got in zip(self.parts, parts, strict=True)
-        )
-
-
-@dataclass(frozen=True)
-class AuthPolicy:
-    required: bool
-    reason: str
-    key_db: Path
-    # auth off although an upstream key is set: anonymous requests get it (explicitly allowed)
-    open_relay: bool = False
-    cors_origins: frozenset[str] = frozenset()
-    upstream_key: str | None = field(default=None, repr=False)
-    tenant_upstream_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
-    upstream_routes: tuple[RouteRule, ...] = ()
-    requests_per_minute: int | None = None
-    memories_per_minute: int | None = None
-
-    @property
-    def mode(self) -> str:
-        return "on" if self.required else "off"
-
-    def operator_key(self, tenant: str | None) -> str | None:
-        if tenant is not None and tenant in self.tenant_upstream_keys:
-            return self.tenant_upstream_keys[tenant]
-        return self.upstream_key
-
-    def route_allowed(self, method: str, path: str) -> bool:
-        return any(rule.matches(method, path) for rule in self.upstream_routes)
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
-
-
-def resolve_auth(config: Any) -> AuthPolicy:
-    """The auth mode and why. `auto` requires keys on a non-loopback bind or when an upstream key
-    is configured; `off` there needs `allow_unauthenticated` (and is logged loudly)."""
-    mode = str(config.auth).lower()
-    if mode not in ("auto", "on", "off"):
-        raise AuthConfigError(f"auth must be auto, on or off (got {config.auth!r})")
-    exposed = [] if is_loopback(config.host) else [f"listening on {config.host}, not loopback"]
-    has_key = bool(config.upstream_key) or bool(config.tenant_upstream_keys)
-    if has_key:
-        exposed.append("an upstream key is configured")
-    if mode == "on":
-        required, reason = True, "--auth on"
-    elif mode == "auto":
-        required = bool(exposed)
-        reason = " and ".join(exposed) if exposed else "loopback bind without an upstream key"
-    else:
-        if exposed and not config.allow_unauthenticated:
-            raise AuthConfigError(
-                f"--auth off refused: {' and '.join(exposed)}; anyone who can connect could "
-                "read and erase every user's memory"
-                + (" and spend the upstream key" if has_key else "")
-                + ". Pass --allow-unauthenticated to do it anyway."
-            )
-        required = False
-        reason = "--auth off" + (f" although {' and '.join(exposed)}" if exposed else "")
-    key_db = Path(config.key_db_path) if config.key_db_path else default_key_db_path(
-        config.db_path
-    )
-    return AuthPolicy(
-        required=required, reason=reason, key_db=key_db,
-        open_relay=not required and has_key,
-        cors_origins=frozenset(o.strip().rstrip("/").lower() for o in config.cors_origins),
-        upstream_key=config.upstream_key or None,
-        tenant_upstream_keys=dict(config.tenant_upstream_keys),
-        upstream_routes=tuple(RouteRule.parse(r) for r in config.upstream_routes),
-        requests_per_minute=config.key_requests_per_minute,
-        memories_per_minute=config.key_memories_per_minute,
-    )
 
 
 def check_path(raw: bytes) -> str:
@@ -229,6 +122,12 @@ def _bearer(value: bytes | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
+class _OverLimit(RateLimitError):
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class AuthMiddleware:
     def __init__(self, app: ASGIApp, policy: AuthPolicy, keys: KeyStore | None = None) -> None:
         self.app = app
@@ -249,9 +148,8 @@ class AuthMiddleware:
             principal = await self._admit(scope, origin, allowed_origin)
         except ProxyError as exc:
             headers = self._cors_headers(allowed_origin)
-            if isinstance(exc, RateLimitError):
-                headers["retry-after"] = exc.param or "60"
-                exc.param = None
+            if isinstance(exc, _OverLimit):
+                headers["retry-after"] = str(exc.retry_after)
             await error_response(exc, headers=headers)(scope, receive, send)
             return
         if principal is None:  # a preflight, answered
@@ -318,10 +216,9 @@ class AuthMiddleware:
                 limit = self.policy.requests_per_minute
             if not self.limiter.take(principal.key_id, "requests", limit):
                 if admin:
-                    retry = self.limiter.retry_after(principal.key_id, "requests", limit)
-                    raise RateLimitError(
+                    raise _OverLimit(
                         f"this key is over its limit of {limit} requests per minute",
-                        param=str(retry),
+                        self.limiter.retry_after(principal.key_id, "requests", limit),
                     )
                 return dataclasses.replace(
                     principal,
@@ -423,15 +320,3 @@ def _one_or_none(scope: Scope, name: bytes) -> str | None:
 def _drop_header(scope: Scope, name: bytes) -> None:
     scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != name]
 
-
-def log_policy(policy: AuthPolicy) -> None:
-    """One line at startup saying which mode is on and why; loud when it is risky."""
-    if policy.required:
-        log.info("auth on (%s): clients need a proxy key (headroom keys create)", policy.reason)
-    elif policy.open_relay or "not loopback" in policy.reason:
-        log.warning(
-            "AUTH OFF (%s): anyone who can connect can read and erase every user's memory%s",
-            policy.reason, " and spend the upstream key" if policy.open_relay else "",
-        )
-    else:
-        log.info("auth off (%s): keyless quick start; proxy keys still work", policy.reason)
