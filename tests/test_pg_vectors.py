@@ -1,8 +1,10 @@
-"""pgvector specifics the contract suite cannot see: the HNSW settings reach the index and the
-search, and a large user's graph search still answers with their own nearest rows."""
+"""pgvector specifics the contract suite cannot see: a large user gets an HNSW graph of their own
+built with the configured settings, searched with `hnsw.ef_search`, answering with their own
+nearest rows."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,6 +15,7 @@ from headroom.memory.adapters.postgres import (
     PgDatabase,
     PgVectorIndex,
     ensure_vector_table,
+    graph_name,
     open_database,
 )
 from headroom.memory.errors import ConfigError
@@ -43,17 +46,47 @@ def fill(index: PgVectorIndex, db: PgDatabase, user: str, vectors: np.ndarray, s
             index.add(start + offset, user, "u", FACT, vector)
 
 
-def test_hnsw_settings_build_the_index(db: PgDatabase) -> None:
-    PgVectorIndex(db, DIMENSION, hnsw_m=8, hnsw_ef_construction=32, hnsw_ef_search=77)
-    options = db.scalar(
-        "SELECT reloptions FROM pg_class WHERE oid = to_regclass('memory_vectors_hnsw')"
+def graph_options(db: PgDatabase, user: str) -> tuple[str, list[str], str] | None:
+    """(access method, reloptions, predicate) of the user's graph, None without one."""
+    row = db.fetchone(
+        "SELECT am.amname, c.reloptions, pg_get_expr(i.indpred, i.indrelid)"
+        " FROM pg_class c JOIN pg_am am ON am.oid = c.relam JOIN pg_index i ON i.indexrelid = c.oid"
+        " WHERE c.oid = to_regclass(%s)",
+        (graph_name(user),),
     )
-    method = db.scalar(
-        "SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam"
-        " WHERE c.oid = to_regclass('memory_vectors_hnsw')"
+    return None if row is None else (row[0], sorted(row[1]), row[2])
+
+
+def test_a_large_user_gets_a_graph_built_with_the_hnsw_settings(db: PgDatabase) -> None:
+    index = PgVectorIndex(db, DIMENSION, hnsw_m=8, hnsw_ef_construction=32, exact_below=20)
+    fill(index, db, "o'big", unit_rows(25, 1), 1)
+    fill(index, db, "small", unit_rows(5, 2), 101)
+    assert index.build_graph("o'big") is True
+    assert graph_options(db, "o'big") == (
+        "hnsw", ["ef_construction=32", "m=8"], "(user_id = 'o''big'::text)"
     )
-    assert method == "hnsw"
-    assert sorted(options) == ["ef_construction=32", "m=8"]
+    assert graph_options(db, "small") is None
+    assert index.has_graph("o'big") and not index.has_graph("small")
+    assert index.build_graph("o'big") is True  # already there: nothing to redo
+
+
+def test_the_first_search_of_a_large_user_builds_their_graph(db: PgDatabase) -> None:
+    index = PgVectorIndex(db, DIMENSION, exact_below=20)
+    mine = unit_rows(30, 3)
+    fill(index, db, "big", mine, 1)
+    query = mine[7]
+    hits = index.search(query, "big", scope_keys=None, categories=None, k=3)
+    assert hits[0][0] == 8  # answered exactly while the graph builds
+    deadline = time.monotonic() + 60
+    while not index.has_graph("big") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert index.has_graph("big")
+    assert index.search(query, "big", scope_keys=None, categories=None, k=3)[0][0] == 8
+
+
+def test_bad_hnsw_settings_are_refused(db: PgDatabase) -> None:
+    with pytest.raises(ConfigError, match="hnsw_ef_construction at least twice hnsw_m"):
+        PgVectorIndex(db, DIMENSION, hnsw_m=16, hnsw_ef_construction=20)
 
 
 def test_another_dimension_is_refused_with_a_fix(db: PgDatabase) -> None:
@@ -68,6 +101,7 @@ def test_a_large_users_graph_search_finds_their_own_nearest(db: PgDatabase) -> N
     mine, theirs = unit_rows(300, 1), unit_rows(300, 2)
     fill(index, db, "big", mine, 1)
     fill(index, db, "other", theirs, 1001)
+    assert index.build_graph("big")
     query = unit_rows(1, 3)[0]
     exact = sorted(range(300), key=lambda i: -float(mine[i] @ query))[:10]
     hits = index.search(query, "big", scope_keys=None, categories=None, k=10)
@@ -75,24 +109,40 @@ def test_a_large_users_graph_search_finds_their_own_nearest(db: PgDatabase) -> N
     assert [round(s, 5) for _, s in hits] == [round(float(mine[i] @ query), 5) for i in exact]
 
 
-def test_a_small_share_of_the_table_still_gets_k_results(db: PgDatabase) -> None:
-    """A user above `exact_below` whose rows are few next to others' would lose rows to the
-    graph walk's post-filter; the exact plan answers instead."""
-    index = PgVectorIndex(db, DIMENSION, hnsw_ef_search=10, exact_below=5)
-    fill(index, db, "crowd", unit_rows(2000, 4), 1)
-    few = unit_rows(8, 5)
-    fill(index, db, "few", few, 5001)
-    query = few[3]
-    hits = index.search(query, "few", scope_keys=None, categories=None, k=8)
-    assert sorted(rid for rid, _ in hits) == list(range(5001, 5009))
-    assert hits[0][0] == 5004 and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+def test_the_graph_search_uses_the_users_own_graph(db: PgDatabase) -> None:
+    index = PgVectorIndex(db, DIMENSION, exact_below=50)
+    fill(index, db, "big", unit_rows(300, 4), 1)
+    assert index.build_graph("big")
+    with db.connection() as conn:
+        conn.execute("ANALYZE memory_vectors")
+        plan = conn.execute(
+            "EXPLAIN SELECT rid FROM memory_vectors WHERE user_id = 'big'"
+            " ORDER BY embedding <=> %s LIMIT 10",
+            (unit_rows(1, 5)[0],),
+        ).fetchall()
+    assert graph_name("big") in " ".join(line for (line,) in plan)
+
+
+def test_scope_filters_on_a_graph_still_get_k_results(db: PgDatabase) -> None:
+    """The walk returns `ef_search` rows before scope filters them; when too few are left the
+    exact plan answers instead."""
+    index = PgVectorIndex(db, DIMENSION, hnsw_ef_search=10, exact_below=50)
+    rows = unit_rows(400, 6)
+    with db.transaction():
+        for i, vector in enumerate(rows):
+            index.add(i + 1, "big", "rare" if i % 50 == 0 else "u", FACT, vector)
+    assert index.build_graph("big")
+    hits = index.search(rows[0], "big", scope_keys=["rare"], categories=None, k=8)
+    assert sorted(rid for rid, _ in hits) == [i + 1 for i in range(0, 400, 50)]
+    assert hits[0] == (1, pytest.approx(1.0, abs=1e-5))
 
 
 def test_ef_search_is_set_only_for_the_search_transaction(db: PgDatabase) -> None:
     index = PgVectorIndex(db, DIMENSION, hnsw_ef_search=123, exact_below=1)
-    fill(index, db, "big", unit_rows(5, 6), 1)
+    fill(index, db, "big", unit_rows(5, 7), 1)
+    assert index.build_graph("big")
     with db.transaction():
-        index.search(unit_rows(1, 7)[0], "big", scope_keys=None, categories=None, k=3)
+        index.search(unit_rows(1, 8)[0], "big", scope_keys=None, categories=None, k=3)
         inside = db.scalar("SELECT current_setting('hnsw.ef_search')")
     with psycopg.connect(db.url) as conn:
         conn.execute("SELECT '[1]'::vector")  # loads pgvector, which defines the setting

@@ -16,7 +16,7 @@ from .outbox import PostgresOutbox
 from .schema import ensure_vector_table, migrate, open_database
 from .store import PostgresMemoryStore
 from .text import PgTextIndex, fold_diacritics
-from .vectors import PgVectorIndex
+from .vectors import PgVectorIndex, graph_name
 
 __all__ = [
     "PgDatabase",
@@ -28,6 +28,7 @@ __all__ = [
     "PostgresOutbox",
     "ensure_vector_table",
     "fold_diacritics",
+    "graph_name",
     "is_postgres_url",
     "migrate",
     "open_database",

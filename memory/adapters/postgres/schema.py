@@ -204,11 +204,10 @@ def open_database(url: str, *, pool_size: int = 16, timeout_s: float = 30.0) -> 
     return PgDatabase(url, max_size=pool_size, timeout_s=timeout_s)
 
 
-def ensure_vector_table(
-    db: PgDatabase, dimension: int, *, m: int = 16, ef_construction: int = 64
-) -> None:
-    """Create the vector table and its HNSW index on first use (the dimension is the embedder's,
-    known only then); refuse a database whose vectors have another dimension."""
+def ensure_vector_table(db: PgDatabase, dimension: int) -> None:
+    """Create the vector table on first use (the dimension is the embedder's, known only then);
+    refuse a database whose vectors have another dimension. Its HNSW graphs are per user and
+    built later (vectors.py)."""
     if dimension <= 0:
         raise ConfigError("the vector dimension must be positive")
     with db.transaction(), db.connection() as conn:
@@ -232,8 +231,3 @@ def ensure_vector_table(
             " NOT NULL)"
         )
         conn.execute("CREATE INDEX memory_vectors_user ON memory_vectors(user_id)")
-        conn.execute(
-            "CREATE INDEX memory_vectors_hnsw ON memory_vectors"
-            f" USING hnsw (embedding vector_cosine_ops) WITH (m = {int(m)},"
-            f" ef_construction = {int(ef_construction)})"
-        )
