@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..memory import embedders
 from ..memory.errors import MemoryNotFoundError
 from ..memory.hierarchical import HierarchicalMemory
 from ..memory.inspect_db import open_without_model
@@ -39,17 +40,26 @@ async def engine(
     db: Path, embed: EmbedOptions | None = None, *, create: bool = False
 ) -> AsyncIterator[HierarchicalMemory]:
     """The engine on `db` (only `create` makes a new file). Without `embed` the command must not
-    embed and nothing loads; with it, the configured embedder is wired."""
+    embed and nothing loads; with it, the embedder the options name is built here (it loads on
+    first use) and handed to the engine through its port, so there is one place that builds it."""
     if not create:
         require_db(db)
-    if embed is None:
-        mem = await open_without_model(db)
-    else:
-        mem = await HierarchicalMemory.create(embed.memory_config(db))
+    embedder: Any = None
     try:
-        yield mem
+        if embed is None:
+            mem = await open_without_model(db)
+        else:
+            config = embed.memory_config(db)
+            embedder = embedders.make_embedder(config)
+            mem = await HierarchicalMemory.create(config, embedder=embedder)
+        try:
+            yield mem
+        finally:
+            await mem.close()
     finally:
-        await mem.close()
+        closer = getattr(embedder, "close", None)
+        if callable(closer):
+            closer()
 
 
 async def resolve(mem: HierarchicalMemory, ident: str, user: str | None) -> Memory:
