@@ -383,3 +383,20 @@ def test_without_an_operator_key_a_client_brings_its_own(tmp_path: Path, local_e
         assert sent["authorization"] == "Bearer sk-the-clients-own" and "x-api-key" not in sent
         with pytest.raises(openai.AuthenticationError):  # its own key alone is no proxy key
             proxy.client("own-key-user", api_key="sk-the-clients-own").models.list()
+
+
+def test_the_new_memory_limit_holds_for_streamed_answers(tmp_path: Path, local_embedder: Any,
+                                                         ) -> None:
+    store = KeyStore(tmp_path / "p.keys.db")
+    _, key = store.create("acme", memories_per_minute=1)
+    store.close()
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on") as proxy:
+        client = proxy.client("streamer", api_key=key)
+        proxy.upstream.queue(Reply("Two facts." + memory_block(add=["Fact A", "Fact B"])),
+                             Reply("One fact." + memory_block(add=["Fact C"])))
+        for expected in ("Two facts.", "One fact."):
+            stream = client.chat.completions.create(**CHAT, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream
+                           if c.choices) == expected
+            proxy.settle()
+        assert [m.content for m in proxy.memories("acme|streamer")] == ["Fact C"]
