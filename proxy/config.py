@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..memory.models import EmbedderBackend, MemoryConfig, default_db_path
-from .auth import DEFAULT_UPSTREAM_ROUTES
+from .policy import DEFAULT_UPSTREAM_ROUTES
 
 __all__ = ["ProxyConfig"]
 
