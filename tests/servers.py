@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import itertools
 import json
 import random
 import socket
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -93,6 +95,11 @@ class Reply:
     hold_before_finish_s: float = 0.0  # streaming: pause after the content, before finish_reason
     extra_chunk_fields: dict[str, Any] | None = None  # unknown fields put in every chunk
     ignore_stream: bool = False  # answer with one JSON body even when asked to stream
+    # streaming: once the text sent so far contains this, set `holding` and pause `hold_mid_s`
+    hold_mid_text: str | None = None
+    hold_mid_s: float = 0.0
+    # "gzip" or "deflate": compress the answer though the proxy asked for identity
+    content_encoding: str | None = None
 
 
 @dataclass
@@ -104,9 +111,19 @@ class FakeUpstream:
     holding: threading.Event = field(default_factory=threading.Event)
     passthrough_bodies: list[dict[str, Any]] = field(default_factory=list)
     received_queries: list[str] = field(default_factory=list)
+    open_streams: int = 0  # SSE answers being sent right now
     # When set, builds the reply from the request body instead of taking the next queued one
     # (concurrent tests, where queue order and request order differ).
     responder: Callable[[dict[str, Any]], Reply] | None = None
+
+    def reset(self) -> None:
+        """Forget every reply, request and stream of earlier tests (a module-scoped upstream)."""
+        self.replies.clear()
+        for seen in (self.received, self.received_headers, self.stream_closed,
+                     self.passthrough_bodies, self.received_queries):
+            seen.clear()
+        self.holding.clear()
+        self.responder = None
 
     def queue(self, *replies: Reply | str) -> None:
         for r in replies:
@@ -190,9 +207,12 @@ class FakeUpstream:
             body.get("n") or 1
         )
         if body.get("stream") and not reply.ignore_stream:
+            events = self._sse(body, reply, contents)
+            encoded = {"content-encoding": reply.content_encoding} if reply.content_encoding else {}
             return StreamingResponse(
-                self._sse(body, reply, contents), media_type="text/event-stream",
-                headers={"x-upstream": "fake", **(reply.headers or {})},
+                _compressed(events, reply.content_encoding) if reply.content_encoding else events,
+                media_type="text/event-stream",
+                headers={"x-upstream": "fake", **encoded, **(reply.headers or {})},
             )
         choices = []
         for i, text in enumerate(contents):
@@ -211,6 +231,12 @@ class FakeUpstream:
                 self._broken(payload[: reply.fail_after_bytes]),
                 media_type="application/json",
             )
+        if reply.content_encoding:
+            chunks = [chunk async for chunk in _compressed(_once(json.dumps(completion).encode()),
+                                                           reply.content_encoding)]
+            return Response(b"".join(chunks), media_type="application/json",
+                            headers={"x-upstream": "fake",
+                                     "content-encoding": reply.content_encoding})
         return JSONResponse(completion, headers={"x-upstream": "fake", **(reply.headers or {})})
 
     @staticmethod
@@ -252,6 +278,8 @@ class FakeUpstream:
                                                             "total_tokens": 2}})
         sent = 0
         closed = True
+        text = ""
+        self.open_streams += 1
         try:
             for n, event in enumerate(events):
                 if n in finish_at and reply.hold_before_finish_s:
@@ -262,11 +290,33 @@ class FakeUpstream:
                     raise ConnectionResetError("fake upstream drops the connection")
                 sent += len(data)
                 yield data
+                held = reply.hold_mid_text is not None and reply.hold_mid_text in text
+                text += (event["choices"][0]["delta"].get("content") or "") if event[
+                    "choices"] else ""
+                if not held and reply.hold_mid_text is not None and reply.hold_mid_text in text:
+                    self.holding.set()
+                    await asyncio.sleep(reply.hold_mid_s)
                 await asyncio.sleep(reply.event_delay_s)
             yield b"data: [DONE]\n\n"
             closed = False
         finally:
+            self.open_streams -= 1
             self.stream_closed.append(closed)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _compressed(chunks: AsyncIterator[bytes], encoding: str) -> AsyncIterator[bytes]:
+    """Each chunk compressed and flushed as it goes (an SSE stream stays a stream)."""
+    import zlib
+
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    compressor = zlib.compressobj(wbits=wbits)
+    async for chunk in chunks:
+        yield compressor.compress(chunk) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    yield compressor.flush()
 
 
 # --- the proxy under test, wired to a fake upstream --------------------------------------------
@@ -301,6 +351,13 @@ class Proxy:
     upstream: FakeUpstream
     upstream_root: str
     clients: list[Any] = field(default_factory=list)  # closed when the proxy stops
+    # Put before every user id the helpers below send or read, so that tests sharing one
+    # module-scoped proxy never see each other's memories (see `proxy_fixtures`).
+    user_prefix: str = ""
+
+    def uid(self, user: str) -> str:
+        """The user id the proxy sees for a test's `user`."""
+        return self.user_prefix + user
 
     @property
     def upstream_url(self) -> str:
@@ -342,14 +399,15 @@ class Proxy:
 
         self.settle()
         return self.run(self.engine.query(MemoryFilter(
-            user_id=user_id, all_scopes=True, include_superseded=include_superseded, limit=None,
+            user_id=self.uid(user_id), all_scopes=True, include_superseded=include_superseded,
+            limit=None,
         )))
 
     def headers(self, user: str | None = None, session: str | None = None,
                 **extra: str) -> dict[str, str]:
         out = dict(extra)
         if user is not None:
-            out["X-Headroom-User-Id"] = user
+            out["X-Headroom-User-Id"] = self.uid(user)
         if session is not None:
             out["X-Headroom-Session-Id"] = session
         return out
@@ -403,6 +461,34 @@ def running_proxy(
         finally:
             for client in proxy.clients:  # unclosed pools warn (an error here) when collected
                 client.close()
+
+
+def proxy_fixtures(**config: Any) -> tuple[Any, Any]:
+    """The fixtures of a test module that shares one proxy (one uvicorn server and one fake
+    upstream for the whole module, issue 11): `module_proxy`, and `proxy` for each test, which
+    resets the fake upstream and gives the test its own user-id namespace (`Proxy.uid`).
+
+        _module_proxy, _proxy = proxy_fixtures()
+    """
+
+    @pytest.fixture(scope="module", name="module_proxy")
+    def module_proxy(
+        tmp_path_factory: pytest.TempPathFactory, local_embedder: Any
+    ) -> Iterator[Proxy]:
+        db = tmp_path_factory.mktemp("proxy") / "proxy.db"
+        with running_proxy(db, local_embedder, **config) as p:
+            yield p
+
+    counter = itertools.count()
+
+    @pytest.fixture(name="proxy")
+    def proxy(module_proxy: Proxy) -> Proxy:
+        module_proxy.settle()  # nothing of the previous test is still in flight
+        module_proxy.upstream.reset()
+        module_proxy.user_prefix = f"t{next(counter)}-"
+        return module_proxy
+
+    return module_proxy, proxy
 
 
 # --- reading what the upstream received ----------------------------------------------------------

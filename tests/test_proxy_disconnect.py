@@ -1,5 +1,7 @@
-"""A client that goes away mid-stream: the proxy closes its upstream stream at once, and a memory
-block that had fully arrived before the disconnect is still stored, exactly once.
+"""A client that goes away mid-stream: the proxy closes its upstream stream within a second, a
+memory block that had fully arrived before the disconnect is still stored, exactly once, and one
+the model was still writing is read to its end (bounded) and stored. A disconnect is one INFO
+line, never a traceback.
 
 Two ways in: the `openai` SDK closing its stream early against the real server, and the ASGI app
 called directly with hand-written receive/send (starlette's
@@ -9,16 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+
 from headroom.proxy.app import create_app
 from headroom.proxy.config import ProxyConfig
-from tests.servers import Reply, memory_block, running_proxy, running_upstream
+from tests.servers import Proxy, Reply, memory_block, proxy_fixtures, running_upstream
 
 ANSWER = "A visible answer that arrives before the finish."
 HOLD_S = 5.0  # the fake upstream holds its finish chunk this long; the tests must not wait it
+
+_module_proxy, _proxy = proxy_fixtures()
 
 
 def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
@@ -28,29 +36,26 @@ def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_sdk_closing_the_stream_closes_the_upstream_and_keeps_the_block(
-    tmp_path: Path, local_embedder: Any
-) -> None:
-    with running_proxy(tmp_path / "p.db", local_embedder) as p:
-        p.upstream.queue(Reply(f"{ANSWER} " + memory_block(["Likes to leave early"]),
+def test_sdk_closing_the_stream_closes_the_upstream_and_keeps_the_block(proxy: Proxy) -> None:
+    proxy.upstream.queue(Reply(f"{ANSWER} " + memory_block(["Likes to leave early"]),
                                hold_before_finish_s=HOLD_S, chunk_seed=4))
-        stream = p.client("ann").chat.completions.create(
-            model="gpt-test", stream=True, messages=[{"role": "user", "content": "bye"}]
-        )
-        text = ""
-        for chunk in stream:
-            text += "".join(c.delta.content or "" for c in chunk.choices)
-            if text == ANSWER:
-                break
-        upstream_holding = p.upstream.holding.wait(10)  # the whole block is on the wire
-        time.sleep(0.3)
-        closed_at = time.monotonic()
-        stream.close()
-        assert text == ANSWER and upstream_holding
-        _wait_for(lambda: p.upstream.stream_closed == [True])
-        assert time.monotonic() - closed_at < HOLD_S - 2  # not when the upstream finished
-        assert [m.content for m in p.memories("ann")] == ["Likes to leave early"]
-        assert p.run(p.engine.stats("ann"))["rows"] == 1
+    stream = proxy.client("ann").chat.completions.create(
+        model="gpt-test", stream=True, messages=[{"role": "user", "content": "bye"}]
+    )
+    text = ""
+    for chunk in stream:
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+        if text == ANSWER:
+            break
+    upstream_holding = proxy.upstream.holding.wait(10)  # the whole block is on the wire
+    time.sleep(0.3)
+    closed_at = time.monotonic()
+    stream.close()
+    assert text == ANSWER and upstream_holding
+    _wait_for(lambda: proxy.upstream.stream_closed == [True])
+    assert time.monotonic() - closed_at < HOLD_S - 2  # not when the upstream finished
+    assert [m.content for m in proxy.memories("ann")] == ["Likes to leave early"]
+    assert proxy.run(proxy.engine.stats(proxy.uid("ann")))["rows"] == 1
 
 
 async def test_asgi_disconnect_stops_the_stream(tmp_path: Path, local_embedder: Any) -> None:
@@ -113,3 +118,54 @@ async def test_asgi_disconnect_stops_the_stream(tmp_path: Path, local_embedder: 
                 MemoryFilter(user_id="ben", all_scopes=True, include_superseded=True)
             )
             assert [m.content for m in rows] == ["Writes ASGI apps by hand"]
+
+
+def _leave_after(p: Proxy, user: str, seen: str) -> str:
+    """Stream with the raw client, read until `seen` is visible, then hang up."""
+    body = {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    text = ""
+    with httpx.Client(base_url=p.base_url, timeout=30) as client, client.stream(
+        "POST", "/chat/completions", json=body, headers=p.headers(user)
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                text += "".join(c["delta"].get("content") or ""
+                                for c in json.loads(line[6:])["choices"])
+            if seen in text:
+                break
+    return text
+
+
+def test_clients_leaving_release_the_upstream_within_a_second(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 9: 10 of 10 upstream requests were still open (and paid for) 60 s later."""
+    long_answer = "A long answer that keeps on streaming. " * 40
+    caplog.set_level(logging.INFO)
+    for n in range(5):
+        proxy.upstream.queue(Reply(long_answer, event_delay_s=0.05, chunk_seed=n))
+        assert _leave_after(proxy, "leaver", "keeps on").startswith("A long answer")
+        left_at = time.monotonic()
+        _wait_for(lambda: proxy.upstream.open_streams == 0, timeout=5)
+        assert time.monotonic() - left_at < 1.0
+    assert proxy.upstream.stream_closed == [True] * 5  # none was read to its end
+    assert proxy.memories("leaver") == []
+    left = [r for r in caplog.records if "client left" in r.getMessage()]
+    assert len(left) == 5 and all(r.levelno == logging.INFO for r in left)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_block_being_written_is_read_to_its_end_and_stored(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    block = memory_block(["Hangs up in the middle of things"])
+    # The upstream pauses inside the block (after `"add"`), while the client hangs up.
+    proxy.upstream.queue(Reply(f"{ANSWER} {block}", hold_mid_text='"add"', hold_mid_s=1.0,
+                               chunk_seed=2))
+    assert _leave_after(proxy, "midway", ANSWER) == ANSWER
+    assert proxy.upstream.holding.wait(10)
+    _wait_for(lambda: proxy.upstream.open_streams == 0, timeout=10)
+    assert [m.content for m in proxy.memories("midway")] == ["Hangs up in the middle of things"]
+    assert any("reading on to its end" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

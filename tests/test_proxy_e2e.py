@@ -11,8 +11,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,15 +18,13 @@ import pytest
 
 from headroom.memory.models import MemoryCategory
 from headroom.turn.inject import EXTRACTION_INSTRUCTION
-from tests.servers import Proxy, Reply, instructed, memory_block, recalled, running_proxy
+from tests.servers import Proxy, Reply, instructed, memory_block, proxy_fixtures, recalled
 
 GO = "Prefers Go for performance-critical code"
 
 
-@pytest.fixture
-def proxy(tmp_path: Path, local_embedder: Any) -> Iterator[Proxy]:
-    with running_proxy(tmp_path / "proxy.db", local_embedder) as p:
-        yield p
+# One proxy for the whole module; each test gets its own user ids (Proxy.uid).
+_module_proxy, _proxy = proxy_fixtures()
 
 
 def ask(client: Any, text: str | list[dict[str, Any]], **kwargs: Any) -> Any:
@@ -54,7 +50,7 @@ def alias_of(body: dict[str, Any], text: str) -> str:
 
 
 def seed(p: Proxy, user: str, text: str, **kwargs: Any) -> Any:
-    return p.run(p.engine.add(text, user, **kwargs))
+    return p.run(p.engine.add(text, p.uid(user), **kwargs))
 
 
 # --- the main story --------------------------------------------------------------------------
@@ -272,7 +268,7 @@ def test_the_same_block_twice_is_one_row_reinforced(proxy: Proxy) -> None:
     [row] = proxy.memories("gina", include_superseded=True)
     kinds = [e["op"] for e in proxy.run(proxy.engine.get_events(row.id))]
     assert kinds.count("add") == 1 and kinds.count("reinforce") == 1
-    assert proxy.run(proxy.engine.stats("gina"))["rows"] == 1
+    assert proxy.run(proxy.engine.stats(proxy.uid("gina")))["rows"] == 1
 
 
 # --- modes, identity ---------------------------------------------------------------------------
@@ -330,10 +326,10 @@ def test_without_a_user_id_the_proxy_is_transparent(proxy: Proxy) -> None:
 
     # The body's `user` field names the user when no header does.
     proxy.upstream.queue(Reply("Tea! " + memory_block(["Ivan drinks tea at 5pm"])))
-    answer = ask(proxy.client(), "tea?", user="ivan")
+    answer = ask(proxy.client(), "tea?", user=proxy.uid("ivan"))
     assert answer.choices[0].message.content == "Tea!"
     assert "Likes green tea" in (recalled(proxy.upstream.last) or "")
-    assert proxy.upstream.last["user"] == "ivan"
+    assert proxy.upstream.last["user"] == proxy.uid("ivan")
     assert sorted(m.content for m in proxy.memories("ivan")) == [
         "Ivan drinks tea at 5pm", "Likes green tea",
     ]
@@ -370,7 +366,7 @@ def test_stream_without_a_block_is_byte_for_byte(proxy: Proxy) -> None:
     proxy.upstream.queue(Reply(**reply), Reply(**reply))
     direct = _post_raw(f"{proxy.upstream_url}/chat/completions", body, {})
     through = _post_raw(f"{proxy.base_url}/chat/completions", body,
-                        {"x-headroom-user-id": "jack"})
+                        {"x-headroom-user-id": proxy.uid("jack")})
     assert through == direct
     events = _events(through)
     assert events[-1] == "[DONE]"
@@ -388,7 +384,7 @@ def test_stream_with_a_block_keeps_every_other_field(proxy: Proxy) -> None:
     direct = [json.loads(e) for e in _events(
         _post_raw(f"{proxy.upstream_url}/chat/completions", body, {}))[:-1]]
     through_raw = _events(_post_raw(f"{proxy.base_url}/chat/completions", body,
-                                    {"x-headroom-user-id": "kate"}))
+                                    {"x-headroom-user-id": proxy.uid("kate")}))
     assert through_raw[-1] == "[DONE]"
     through = [json.loads(e) for e in through_raw[:-1]]
 
@@ -421,7 +417,7 @@ def test_upstream_ignoring_stream_true_still_gets_stripped(proxy: Proxy) -> None
     response = httpx.post(f"{proxy.base_url}/chat/completions",
                           json={"model": "gpt-test", "stream": True,
                                 "messages": [{"role": "user", "content": "hi"}]},
-                          headers={"x-headroom-user-id": "sid"})
+                          headers={"x-headroom-user-id": proxy.uid("sid")})
     assert response.json()["choices"][0]["message"]["content"] == "Plain JSON."
     assert [m.content for m in proxy.memories("sid")] == ["Runs an old server"]
 
@@ -588,3 +584,22 @@ async def _concurrent_story(proxy: Proxy, users: list[str], clients: dict[str, A
         assert [m.content for m in proxy.memories(user)] == [
             f"Secret code of {user} is K{user[-2:]}Q"
         ]
+
+
+# --- the bytes on the wire -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_non_ascii_goes_upstream_unescaped(proxy: Proxy, stream: bool) -> None:
+    """Issue 11: the stdlib's json.dumps re-escaped non-ASCII, a 92.5 KB CJK request went
+    upstream as 183.9 KB. With orjson the forwarded body is about its UTF-8 size."""
+    question = "我喜欢在周末去山里徒步旅行，也喜欢喝绿茶。" * 1500  # ~66 KB of UTF-8
+    proxy.upstream.queue(Reply("好的。" + memory_block(["喜欢徒步旅行"]), chunk_seed=3))
+    answer = ask(proxy.client("cjk"), question, stream=stream)
+    text = joined(list(answer)) if stream else answer.choices[0].message.content
+    assert text == "好的。"
+    sent = int(proxy.upstream.received_headers[-1]["content-length"])
+    utf8 = len(question.encode())
+    escaped = len(json.dumps(question))
+    assert utf8 < sent < utf8 + len(EXTRACTION_INSTRUCTION) + 1000 < escaped
+    assert [m.content for m in proxy.memories("cjk")] == ["喜欢徒步旅行"]
