@@ -79,6 +79,14 @@ class PgNotifyCache:
     def __len__(self) -> int:
         return len(self.local)
 
+    @property
+    def hits(self) -> int:
+        return self.local.hits
+
+    @property
+    def misses(self) -> int:
+        return self.local.misses
+
     # --- the listener -----------------------------------------------------------------------
 
     def _drop(self, memory_id: str) -> None:
