@@ -36,11 +36,18 @@ GO = "Prefers Go for performance-critical code"
 _sync_clients: list[OpenAI] = []
 
 
-@pytest.fixture
-def upstream() -> Iterator[tuple[str, FakeUpstream]]:
+@pytest.fixture(scope="module")
+def module_upstream() -> Iterator[tuple[str, FakeUpstream]]:
+    """One fake upstream server for the whole module."""
     with running_upstream() as (url, fake):
         yield url + "/v1", fake
-    wrapper._close_all()  # drain and stop every runtime this test opened
+
+
+@pytest.fixture
+def upstream(module_upstream: tuple[str, FakeUpstream]) -> Iterator[tuple[str, FakeUpstream]]:
+    module_upstream[1].reset()
+    yield module_upstream
+    wrapper._close_all()  # drain and stop every runtime this test opened (each has its own db)
     while _sync_clients:  # unclosed pools warn (an error here) when collected
         _sync_clients.pop().close()
 
