@@ -64,6 +64,9 @@ class PgVectorIndex:
         self.ef_search = hnsw_ef_search
         self.exact_below = exact_below
         self._graphs: set[str] = set()  # users whose graph is known to be built
+        # Users seen past `exact_below`: counting 10k index entries per search would cost more
+        # than the search. A user who shrinks again stays here, which only means a graph walk.
+        self._large: set[str] = set()
         self._building: dict[str, threading.Thread] = {}
         self._builders: set[psycopg.Connection[Any]] = set()
         self._lock = threading.Lock()
@@ -144,11 +147,16 @@ class PgVectorIndex:
 
     def _is_large(self, user_id: str) -> bool:
         """Whether the user has at least `exact_below` vectors (counting stops there)."""
+        if user_id in self._large:
+            return True
         n = self.db.scalar(
             "SELECT count(*) FROM (SELECT 1 FROM memory_vectors WHERE user_id = %s LIMIT %s) s",
             (user_id, self.exact_below),
         )
-        return int(n) >= self.exact_below
+        if int(n) < self.exact_below:
+            return False
+        self._large.add(user_id)
+        return True
 
     # --- per-user graphs --------------------------------------------------------------------
 
