@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -18,14 +19,16 @@ from ..memory.ports import Embedder
 from ..turn.service import MemoryService
 from .admin import admin_routes
 from .auth import AuthMiddleware, log_policy, resolve_auth
+from .body import BodyReadTimeout
 from .config import ProxyConfig
-from .errors import ProxyError, error_body, error_response
+from .errors import ProxyError, RequestTimeoutError, error_body, error_response
 from .limits import admit_new_memories
 from .passthrough import forward
 from .pipeline import chat_completions
+from .readiness import readiness
 from .upstream import Upstream
 
-log = logging.getLogger("headroom.proxy")
+log = logging.getLogger(__name__)
 
 __all__ = ["create_app"]
 
@@ -71,16 +74,24 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        status = service.status()
-        return JSONResponse(
-            {"ready": service.ready, **status}, status_code=200 if service.ready else 503
-        )
+        status, body = await readiness(service)
+        return JSONResponse(body, status_code=status)
 
     async def proxy_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ProxyError)
         if exc.status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc)
+        if isinstance(exc, RequestTimeoutError):
+            # The rest of a stalled body may still come: this connection cannot carry another
+            # request.
+            log.info("%s %s -> 408: %s", request.method, request.url.path, exc)
+            return error_response(exc, headers={"connection": "close"})
         return error_response(exc)
+
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # Routine (a user pressed stop): one line, no traceback; nobody reads the answer.
+        log.info("%s %s: the client disconnected", request.method, request.url.path)
+        return Response(status_code=499)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -105,8 +116,10 @@ def create_app(
             Route("/v1/{path:path}", passthrough, methods=_ALL_METHODS),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(BodyReadTimeout, seconds=config.body_read_timeout_s)],
         exception_handlers={
             ProxyError: proxy_error,
+            ClientDisconnect: client_gone,
             HTTPException: http_error,
             Exception: unexpected,
         },

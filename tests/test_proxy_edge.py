@@ -26,7 +26,9 @@ import openai
 import orjson
 import pytest
 
+from headroom.memory.models import MemoryConfig
 from headroom.proxy.body import MAX_DEPTH, parse_json_body
+from headroom.proxy.config import ProxyConfig
 from headroom.proxy.errors import BadRequestError, error_response
 from tests.fakes import FakeEmbedder
 from tests.servers import (
@@ -486,7 +488,7 @@ def test_server_logs_have_one_format_and_no_noise(served: Served) -> None:
 
 
 def test_sigterm_drains_in_flight_work_and_exits_0(served: Served) -> None:
-    """Last in this module: it stops the module's server. A stream in flight at SIGTERM
+    """The last test of the module's server: it stops it. A stream in flight at SIGTERM
     finishes, its memory block is stored before the process ends, and the exit code is 0."""
     served.upstream.queue(Reply("Let me think. " * 10 + memory_block(["Stopped gracefully"]),
                                event_delay_s=0.03))
@@ -511,3 +513,61 @@ def test_sigterm_drains_in_flight_work_and_exits_0(served: Served) -> None:
         rows = db.execute("SELECT content FROM memories WHERE user_id = ?",
                           ("sigterm-user",)).fetchall()
     assert rows == [("Stopped gracefully",)]
+
+
+# --- readiness ------------------------------------------------------------------------------------
+
+
+def _readyz(p: Proxy) -> httpx.Response:
+    return httpx.get(f"{p.url}/readyz")
+
+
+def test_readiness_is_ok_then_degraded_while_the_embedder_fails_then_ok_again(
+    tmp_path: Path,
+) -> None:
+    embedder = FakeEmbedder()
+    with running_proxy(tmp_path / "p.db", embedder) as p:
+        ready = _readyz(p)
+        assert ready.status_code == 200
+        assert (ready.json()["status"], ready.json()["reasons"]) == ("ok", [])
+        assert ready.json()["health"]["outbox_pending"] == 0
+
+        embedder.fail_with = RuntimeError("embedding service down")
+        p.upstream.queue(Reply("Noted. " + memory_block(["Keeps bees"])))
+        answer = p.client("ready-user").chat.completions.create(**CHAT)
+        assert answer.choices[0].message.content == "Noted."  # proxying goes on
+        _wait_until(lambda: _readyz(p).json()["status"] == "degraded", 15, "degraded")
+        ready = _readyz(p)
+        assert ready.status_code == 200
+        assert any("embedder failing" in r for r in ready.json()["reasons"])
+        assert ready.json()["health"]["outbox_pending"] == 1
+
+        embedder.fail_with = None
+        _wait_until(lambda: _readyz(p).json()["status"] == "ok", 30, "ok again")
+        assert [m.content for m in p.memories("ready-user")] == ["Keeps bees"]
+
+
+def test_a_model_that_fails_to_load_is_degraded_not_unready(tmp_path: Path) -> None:
+    embedder = FakeEmbedder()
+    embedder.fail_with = RuntimeError("no such model")
+    with running_proxy(tmp_path / "p.db", embedder, warm=True) as p:
+        _wait_until(lambda: p.service.model_error is not None, 15, "the warm-up to fail")
+        ready = _readyz(p)
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert any("failed to load" in r and "no such model" in r
+                   for r in ready.json()["reasons"])
+        p.upstream.queue(Reply("Hi!"))
+        assert p.client("ready-noload").chat.completions.create(
+            **CHAT).choices[0].message.content == "Hi!"
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_the_proxy_config_builds_the_engines_memory_config(tmp_path: Path) -> None:
+    config = ProxyConfig(db_path=tmp_path / "m.db", embedder_model="some-model",
+                         torch_threads=3, embedder_runtime="torch")
+    memory = config.memory_config()
+    assert isinstance(memory, MemoryConfig)
+    assert (memory.db_path, memory.embedder_model, memory.torch_threads,
+            memory.embedder_runtime) == (tmp_path / "m.db", "some-model", 3, "torch")
