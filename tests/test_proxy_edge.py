@@ -112,7 +112,9 @@ class RawUpstream:
     """A raw HTTP/1.1 upstream that records every request it reads whole (its request line).
     `mode="drop"`: close right after reading one, without a word (the worst moment: a real
     upstream may be generating, and billing, already). `mode="answer_then_close"`: answer with
-    keep-alive implied, then close the connection, as a server whose idle timeout ran out."""
+    keep-alive implied, then close the connection, as a server whose idle timeout ran out.
+    `mode="gzip_text"`: answer a gzip-compressed text/plain body (not JSON) though the proxy
+    asked for identity."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -142,6 +144,13 @@ class RawUpstream:
                 if upstream.mode == "drop":
                     conn.close()
                     return
+                if upstream.mode == "gzip_text":
+                    payload = gzip.compress(_NOT_JSON)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                                 b"content-encoding: gzip\r\nconnection: close\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
+                    conn.close()
+                    return
                 payload = orjson.dumps(_COMPLETION)
                 conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
@@ -154,6 +163,9 @@ class RawUpstream:
 _COMPLETION = {"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
                "choices": [{"index": 0, "finish_reason": "stop",
                             "message": {"role": "assistant", "content": "Hi!"}}]}
+
+
+_NOT_JSON = b"upstream maintenance: please retry later " * 20
 
 
 def _read_request(conn: socket.socket) -> tuple[bytes | None, bytes]:
@@ -276,6 +288,17 @@ def test_a_compressed_chat_answer_reaches_the_client_decodable(
     got = ("".join(c.choices[0].delta.content or "" for c in answer if c.choices)
            if stream else answer.choices[0].message.content)
     assert got == "Again."
+
+
+def test_a_compressed_answer_that_is_not_json_is_relayed_decoded(tmp_path: Path) -> None:
+    with RawUpstream("gzip_text") as upstream, running_proxy(
+        tmp_path / "p.db", FakeEmbedder(), upstream_url=upstream.url + "/v1"
+    ) as p:
+        response = httpx.post(f"{p.base_url}/chat/completions", json=CHAT, headers=USER)
+    assert response.status_code == 200
+    assert "content-encoding" not in response.headers
+    assert int(response.headers["content-length"]) == len(_NOT_JSON)
+    assert response.content == _NOT_JSON
 
 
 def test_a_compressed_pass_through_answer_keeps_its_encoding_and_length(proxy: Proxy) -> None:
