@@ -8,7 +8,10 @@ whole (`_respond_whole`) or streamed (`proxy/relay.py`), with the turn's receipt
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import httpx
 from starlette.requests import Request
@@ -28,6 +31,8 @@ from .upstream import Upstream, request_headers, response_headers, target
 log = logging.getLogger(__name__)
 
 __all__ = ["chat_completions"]
+
+T = TypeVar("T")
 
 
 async def chat_completions(
@@ -50,9 +55,11 @@ async def chat_completions(
     content = raw if prepared is body else dumps(prepared)
     headers = request_headers(request.headers, config, decode=True)
     path, query = target(request.scope)
-    upstream_response = await upstream.send(
+    upstream_response = await _unless_client_leaves(request, turn, upstream.send(
         "POST", path, query=query, headers=headers, content=content
-    )
+    ))
+    if upstream_response is None:
+        return _client_left()
     receipt = turn.receipt()
     if upstream_response.status_code >= 400:
         return await _relay_error(upstream, upstream_response, receipt)
@@ -64,19 +71,56 @@ async def chat_completions(
             status_code=upstream_response.status_code,
             headers=response_headers(upstream_response, keep_length=False, extra=receipt),
         )
-    return await _respond_whole(upstream, upstream_response, turn, receipt)
+    payload = await _unless_client_leaves(request, turn, upstream.read(upstream_response))
+    if payload is None:
+        return _client_left()
+    return await _respond_whole(payload, upstream_response, turn, receipt)
+
+
+async def _unless_client_leaves(
+    request: Request, turn: Turn, work: Awaitable[T]
+) -> T | None:
+    """`work`, or None when the client disconnects first: then `work` is cancelled, since
+    nobody would read the answer and the upstream goes on generating (and billing) it until its
+    connection closes. (A streamed answer has its own watch, in `proxy/relay.py`.)"""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left = watch.done() and not watch.cancelled() and not task.done()
+        for pending in (watch, task):
+            pending.cancel()
+        # The cancelled exchange closes its upstream connection before we go on.
+        await asyncio.gather(watch, task, return_exceptions=True)
+    if left:
+        log.info("client left %s before the answer; upstream request cancelled",
+                 turn.request_id)
+        return None
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _client_left() -> Response:
+    """nginx's "client closed request": nobody receives it; the access log says what happened."""
+    return Response(status_code=499)
 
 
 async def _respond_whole(
-    upstream: Upstream, upstream_response: httpx.Response, turn: Turn, receipt: dict[str, str]
+    payload: bytes, upstream_response: httpx.Response, turn: Turn, receipt: dict[str, str]
 ) -> Response:
-    payload = await upstream.read(upstream_response)
     try:
         answer = loads(payload)
     except ValueError:
         log.warning("upstream answer of %s is not JSON; relayed as is", turn.request_id)
+        # `payload` is httpx's decoded body: framed anew, without the upstream's encoding.
         return Response(payload, upstream_response.status_code,
-                        headers=response_headers(upstream_response, keep_length=True,
+                        headers=response_headers(upstream_response, keep_length=False,
                                                  extra=receipt))
     clean, block = turn.strip_answer(answer)
     await turn.store(block)  # durable before the answer leaves (a bounded wait)

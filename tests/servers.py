@@ -112,6 +112,7 @@ class FakeUpstream:
     passthrough_bodies: list[dict[str, Any]] = field(default_factory=list)
     received_queries: list[str] = field(default_factory=list)
     open_streams: int = 0  # SSE answers being sent right now
+    abandoned: int = 0  # delayed answers whose requester hung up first
     # When set, builds the reply from the request body instead of taking the next queued one
     # (concurrent tests, where queue order and request order differ).
     responder: Callable[[dict[str, Any]], Reply] | None = None
@@ -124,6 +125,7 @@ class FakeUpstream:
             seen.clear()
         self.holding.clear()
         self.responder = None
+        self.open_streams = self.abandoned = 0
 
     def queue(self, *replies: Reply | str) -> None:
         for r in replies:
@@ -195,8 +197,9 @@ class FakeUpstream:
         self.received_queries.append(request.url.query)
         self.received_headers.append(dict(request.headers))
         reply = self.responder(body) if self.responder else self.next_reply()
-        if reply.delay_s:
-            await asyncio.sleep(reply.delay_s)
+        if reply.delay_s and await self._client_leaves_within(request, reply.delay_s):
+            self.abandoned += 1  # the proxy closed the connection before the answer
+            return Response(status_code=499)
         if reply.status >= 400:
             return JSONResponse(
                 reply.error or {"error": {"message": "upstream says no",
@@ -238,6 +241,15 @@ class FakeUpstream:
                             headers={"x-upstream": "fake",
                                      "content-encoding": reply.content_encoding})
         return JSONResponse(completion, headers={"x-upstream": "fake", **(reply.headers or {})})
+
+    @staticmethod
+    async def _client_leaves_within(request: Request, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                return True
+            await asyncio.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
+        return False
 
     @staticmethod
     async def _broken(part: bytes) -> AsyncIterator[bytes]:

@@ -169,3 +169,21 @@ def test_a_block_being_written_is_read_to_its_end_and_stored(
     assert [m.content for m in proxy.memories("midway")] == ["Hangs up in the middle of things"]
     assert any("reading on to its end" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_client_giving_up_on_a_whole_answer_cancels_the_upstream_request(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    proxy.upstream.queue(Reply("Too late. " + memory_block(["Never sees this"]), delay_s=5.0))
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "slow one"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{proxy.base_url}/chat/completions", json=body,
+                   headers=proxy.headers("quitter"), timeout=0.5)
+    gave_up = time.monotonic()
+    _wait_for(lambda: proxy.upstream.abandoned == 1, timeout=5)
+    assert time.monotonic() - gave_up < 1.0
+    assert proxy.memories("quitter") == []
+    assert any("before the answer; upstream request cancelled" in r.getMessage()
+               for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
