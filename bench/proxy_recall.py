@@ -42,7 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ import headroom.memory.unit_of_work as memory_unit  # noqa: E402
 import headroom.memory.writer as memory_writer  # noqa: E402
 from headroom.memory import HierarchicalMemory, MemoryConfig  # noqa: E402
 from headroom.memory.models import AddOp, Memory, MemoryFilter, MemoryOps, Scope  # noqa: E402
-from headroom.memory.recall import PRESETS  # noqa: E402
+from headroom.memory.recall import PRESETS, RecallPreset  # noqa: E402
 from headroom.turn.inject import cap_query, estimate_tokens, query_text, render_memories  # noqa: E402
 
 TOP_K = 5
@@ -227,26 +227,45 @@ def proxy_query(question: str) -> str:
     return cap_query(query_text(messages))
 
 
+def parse_preset(spec: str) -> RecallPreset:
+    """A preset by name, or a variant of one: `default:w_recency=0+length_cap_chars=0`."""
+    base, _, changes = spec.partition(":")
+    if base not in PRESETS:
+        raise SystemExit(f"unknown preset {base!r}; choose from {', '.join(PRESETS)}")
+    preset = PRESETS[base]
+    fields: dict[str, Any] = {}
+    for change in filter(None, changes.split("+")):
+        key, _, value = change.partition("=")
+        current = getattr(preset, key)
+        kind = type(current)
+        fields[key] = (value.casefold() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return replace(preset, name=spec, **fields)
+
+
 async def injected(
-    mem: HierarchicalMemory, query: str, user: str, top_k: int, now: datetime
+    mem: HierarchicalMemory, query: str, user: str, top_k: int, now: datetime,
+    preset: RecallPreset,
 ) -> tuple[list[Memory], int]:
     """What the proxy would inject for `query`, and its tokens (the memory message's text)."""
-    memories = await mem.recall(query, user_id=user, top_k=top_k, now=now, touch=False)
+    memories = await mem.recall(
+        query, user_id=user, top_k=top_k, now=now, touch=False, preset=preset
+    )
     rendered = render_memories(memories, TOKEN_BUDGET)
     return memories[: rendered.count], estimate_tokens(rendered.content or "")
 
 
 async def evaluate(
-    mem: HierarchicalMemory, asks: list[Ask], sources: Callable[[Memory], set[str]]
+    mem: HierarchicalMemory, asks: list[Ask], sources: Callable[[Memory], set[str]],
+    preset: RecallPreset,
 ) -> tuple[list[dict[str, Any]], list[float]]:
     rows: list[dict[str, Any]] = []
     latency: list[float] = []
     for ask in asks:
         query = proxy_query(ask.text)
         t0 = time.perf_counter()
-        five, tokens = await injected(mem, query, ask.user, TOP_K, ask.now)
+        five, tokens = await injected(mem, query, ask.user, TOP_K, ask.now, preset)
         latency.append((time.perf_counter() - t0) * 1000)
-        ten, _ = await injected(mem, query, ask.user, TOP_K_WIDE, ask.now)
+        ten, _ = await injected(mem, query, ask.user, TOP_K_WIDE, ask.now, preset)
         ranked5 = [sorted(sources(m)) for m in five]
         ranked10 = [sorted(sources(m)) for m in ten]
         rows.append({
@@ -297,19 +316,12 @@ def print_table(title: str, summary: dict[str, dict[str, float]], latency: list[
 
 
 async def run_presets(
-    config: MemoryConfig, first: HierarchicalMemory, presets: list[str], asks: list[Ask],
+    mem: HierarchicalMemory, presets: list[str], asks: list[Ask],
     sources: Callable[[Memory], set[str]], mode: str,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for i, name in enumerate(presets):
-        mem = first if i == 0 else await HierarchicalMemory.create(
-            config.with_changes(recall_preset=name), embedder=first.embedder
-        )
-        try:
-            rows, latency = await evaluate(mem, asks, sources)
-        finally:
-            if mem is not first:
-                await mem.close()
+    for name in presets:
+        rows, latency = await evaluate(mem, asks, sources, parse_preset(name))
         summary = summarise(rows)
         print_table(f"mode={mode} preset={name}", summary, latency)
         results[name] = {"summary": summary, "recall_p50_ms": percentile(latency, 50)}
@@ -317,9 +329,10 @@ async def run_presets(
 
 
 async def run_facts(args: argparse.Namespace, presets: list[str], tmp: str) -> dict[str, Any]:
-    blocks, asks = load_facts(Path(args.data), _split(args.split))
+    blocks, asks = load_facts(Path(args.data), DEV + TEST)
+    asks = [a for a in asks if a.conv in _split(args.split)]
     config = MemoryConfig(
-        db_path=str(Path(args.db_dir or tmp) / f"facts-{args.split}.db"), recall_preset=presets[0],
+        db_path=str(Path(args.db_dir or tmp) / "facts.db"),
         embedder_runtime="onnx", query_embedding_cache_size=8192,
     )
     reuse = Path(str(config.db_path)).exists()
@@ -337,7 +350,7 @@ async def run_facts(args: argparse.Namespace, presets: list[str], tmp: str) -> d
         )
         print(f"ceiling (evidence turns the asking user's facts cover): {100 * ceiling:.1f}")
         results = await run_presets(
-            config, mem, presets, asks, lambda m: sources_of.get(m.id, set()), "facts"
+            mem, presets, asks, lambda m: sources_of.get(m.id, set()), "facts"
         )
     finally:
         await mem.close()
@@ -345,9 +358,9 @@ async def run_facts(args: argparse.Namespace, presets: list[str], tmp: str) -> d
 
 
 async def run_turns(args: argparse.Namespace, presets: list[str], tmp: str) -> dict[str, Any]:
-    convs = load_turns(Path(args.data), "turns", _split(args.split))
+    convs = load_turns(Path(args.data), "turns", DEV + TEST)
     config = MemoryConfig(
-        db_path=str(Path(args.db_dir or tmp) / f"turns-{args.split}.db"), recall_preset=presets[0],
+        db_path=str(Path(args.db_dir or tmp) / "turns.db"),
         embedder_runtime="onnx", query_embedding_cache_size=8192,
     )
     reuse = Path(str(config.db_path)).exists()
@@ -356,12 +369,12 @@ async def run_turns(args: argparse.Namespace, presets: list[str], tmp: str) -> d
         seconds = 0.0 if reuse else await ingest_turns(mem, convs)
         asks = [
             Ask(c.id, c.id, q.text, q.category, q.evidence, c.last + timedelta(days=1))
-            for c in convs for q in c.questions
+            for c in convs for q in c.questions if c.id in _split(args.split)
         ]
         print(f"turns: {sum(len(c.items) for c in convs)} memories in {seconds:.1f} s; "
               f"{len(asks)} questions", flush=True)
         results = await run_presets(
-            config, mem, presets, asks, lambda m: set(m.metadata.get("dia_ids", [])), "turns"
+            mem, presets, asks, lambda m: set(m.metadata.get("dia_ids", [])), "turns"
         )
     finally:
         await mem.close()
@@ -375,8 +388,7 @@ def _split(name: str) -> tuple[str, ...]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     presets = args.presets.split(",")
     for name in presets:
-        if name not in PRESETS:
-            raise SystemExit(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        parse_preset(name)  # fail before the long part
     out: dict[str, Any] = {"split": args.split}
     with tempfile.TemporaryDirectory() as tmp:
         if args.mode in ("facts", "both"):
@@ -389,8 +401,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mode", choices=("facts", "turns", "both"), default="both")
-    parser.add_argument("--presets", default="default,bm25")
-    parser.add_argument("--split", choices=("dev", "test", "all"), default="all")
+    parser.add_argument(
+        "--presets", default="default,bm25",
+        help="comma-separated presets, or variants: default:w_recency=0+length_cap_chars=0",
+    )
+    parser.add_argument("--split", choices=("dev", "test", "all"), default="all",
+                        help="the questions asked (the database always holds every conversation)")
     parser.add_argument("--data", default=str(default_data_path()))
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--db-dir", help="keep the databases here and reuse them if they exist")

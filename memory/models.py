@@ -459,6 +459,15 @@ class MemoryConfig:
     # users seen for the first time per minute (per process).
     max_memories_per_user: int = 0
     max_new_users_per_minute: int = 0
+    # Recall (memory/retrieval.py). How much importance moves a ranking: under the learned
+    # ranker, the log-odds added per unit of importance above 0.5 (0.9 vs 0.3 differ by 0.6 x
+    # this); under the fused one, the multiplier's slope. None keeps the preset's (default 2.0).
+    recall_importance_weight: float | None = None
+    # The core tier: the user's memories of importance >= recall_core_min_importance (health,
+    # diet, identity, hard constraints, as models rate them) go with every recall after the
+    # ranked ones, best first, within recall_core_tokens of their own (0 turns the tier off).
+    recall_core_tokens: int = 120
+    recall_core_min_importance: float = 0.85
 
     def __post_init__(self) -> None:
         if isinstance(self.embedder_backend, str):
@@ -507,6 +516,12 @@ class MemoryConfig:
         if self.max_memories_per_user < 0 or self.max_new_users_per_minute < 0:
             raise ConfigError("max_memories_per_user and max_new_users_per_minute must not be "
                               "negative (0 means unlimited)")
+        if self.recall_importance_weight is not None and self.recall_importance_weight < 0:
+            raise ConfigError("recall_importance_weight must not be negative")
+        if self.recall_core_tokens < 0:
+            raise ConfigError("recall_core_tokens must not be negative (0 turns the tier off)")
+        if not 0.0 <= self.recall_core_min_importance <= 1.0:
+            raise ConfigError("recall_core_min_importance must be between 0 and 1")
 
     def with_changes(self, **changes: Any) -> MemoryConfig:
         return replace(self, **changes)

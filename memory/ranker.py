@@ -25,29 +25,59 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
+from .errors import ConfigError
 from .models import Memory
-from .recall import RecallPreset, Scored, TimeWindow, best_first, boost
+from .recall import RecallPreset, Scored, TimeWindow, best_first, recency
 
-__all__ = ["FEATURES", "WEIGHTS", "Candidates", "candidate_features", "learned_scores", "rank"]
+__all__ = [
+    "FEATURES",
+    "WEIGHTS",
+    "WEIGHT_SETS",
+    "Candidates",
+    "candidate_features",
+    "diversify",
+    "learned_scores",
+    "prior",
+    "rank",
+    "weights_of",
+]
 
-# name: what it measures (per candidate), and its weight. Question and sitting features read the
-# fused score (`recall.fuse`) of other candidates: 0 for a memory that was no hit.
+# name: what it measures (per candidate), and its weight in the turn-fitted set (`turns-v1`,
+# the first default). Question and sitting features read the fused score (`recall.fuse`) of
+# other candidates: 0 for a memory that was no hit.
 _TABLE: tuple[tuple[str, str, float], ...] = (
     ("cos_scaled", "cosine, min-max scaled over the vector hits, clipped to [0, 1]", 0.00),
     ("bm25_share", "BM25 / the best BM25 of the query (0 when not a text hit)", 0.00),
     ("fused", "the fused score (0.35 scaled cosine + 0.65 scaled BM25)", 0.00),
     ("after_question", "fused score of the memory just before, same sitting, if it asks", 3.22),
     ("question_answered", "for a memory that asks: fused score of the one just after", -0.76),
-    ("sitting_best", "best fused score among hits written within the context gap", 2.78),
+    ("sitting_best", "best fused score among hits written within the context gap (with "
+     "`sitting_by_content`, in a sitting where nothing asks: times the memory's own content "
+     "share, its best of scaled cosine and BM25 share, so only a fact that matches the query "
+     "itself gains from its block)", 2.78),
     ("in_window", "written in a time window the query names (or just after)", 3.14),
     ("common_share", "share of the query's user-common words (e.g. a name) it contains", 1.64),
-    ("length", "log(1 + characters) / 6: a bare 'Thanks!' rarely answers anything", 4.78),
+    ("length", "log(1 + characters) / 6 (with `length_cap_chars` = L: log(1 + min(chars, L)) "
+     "/ log(1 + L)): a bare 'Thanks!' rarely answers anything", 4.78),
     ("vector_rank", "1 / (1 + rank / 5) in the vector hits (0 when not a hit)", 0.25),
     ("bm25_rank", "1 / (1 + rank / 5) in the BM25 hits (0 when not a hit)", 1.86),
     ("cosine", "raw cosine with the query", 5.90),
 )
 FEATURES: tuple[str, ...] = tuple(name for name, _, _ in _TABLE)
-WEIGHTS = np.array([w for _, _, w in _TABLE], dtype=np.float64)
+# Weight sets by name (`RecallPreset.weights`), each fitted by `bench/locomo_fit_ranker.py` on
+# dev questions only. `turns-v1`: chat turns, uncapped length, neighbours by position (the
+# first default). `turns-v2`: chat turns again, with the features of the default preset
+# (length capped at 20 characters, the sitting gated by content outside dialogues); fitted
+# with the facts shape's dev questions too, the cosine fell to 3.0 and turns lost ~2 R@10
+# while facts gained nothing (bench/RESULTS.md), so the facts shape is not in the fit.
+WEIGHT_SETS: dict[str, np.ndarray] = {
+    "turns-v1": np.array([w for _, _, w in _TABLE], dtype=np.float64),
+    "turns-v2": np.array(
+        [0.00, 0.00, 0.00, 3.46, -1.03, 2.51, 3.25, 1.75, 0.77, 0.25, 2.00, 6.66],
+        dtype=np.float64,
+    ),
+}
+WEIGHTS = WEIGHT_SETS["turns-v1"]
 
 
 def _rank_feature(hits: Sequence[tuple[int, float]]) -> dict[int, float]:
@@ -138,6 +168,16 @@ def candidate_features(
     if len(hits):
         same = together(p[:, None], hits[None, :])
         out[:, 5] = np.where(same, score[hits][None, :], 0.0).max(axis=1)
+        if preset.sitting_by_content:
+            # Written beside a match is no evidence by itself: facts of one block share a
+            # sitting whatever they say. Outside a dialogue (a sitting where something was
+            # asked), the sitting counts in proportion to the memory's own match with the
+            # query, so a fact that shares nothing with it gains nothing from its block.
+            own = np.maximum(out[:, 0], out[:, 1]) if best_bm > 0 else out[:, 0]
+            asking = np.array([asks(r) for r in ids])
+            everyone = np.arange(len(ids))
+            dialogue = (together(p[:, None], everyone[None, :]) & asking[None, :]).any(axis=1)
+            out[:, 5] *= np.where(dialogue, 1.0, own)
     if windows:
         out[:, 6] = [
             any(w.contains(rows[r].created_at, slack) for w in windows) for r in pool
@@ -147,11 +187,27 @@ def candidate_features(
         for i, r in enumerate(pool):
             text = rows[r].content.casefold()
             out[i, 7] = sum(1 for pat in patterns if pat.search(text)) / len(patterns)
-    out[:, 8] = [math.log1p(len(rows[r].content)) / 6.0 for r in pool]
+    cap = preset.length_cap_chars
+    if cap > 0:
+        # Saturates: a short fact ("Is vegetarian") is as complete as a long one; only a
+        # near-empty memory ("Thanks!") is worth less.
+        out[:, 8] = [math.log1p(min(len(rows[r].content), cap)) / math.log1p(cap) for r in pool]
+    else:
+        out[:, 8] = [math.log1p(len(rows[r].content)) / 6.0 for r in pool]
     out[:, 9] = [v_rank.get(r, 0.0) for r in pool]
     out[:, 10] = [t_rank.get(r, 0.0) for r in pool]
     out[:, 11] = cos
     return out
+
+
+def weights_of(preset: RecallPreset) -> np.ndarray:
+    """The weight set `preset` names (`WEIGHT_SETS`)."""
+    try:
+        return WEIGHT_SETS[preset.weights]
+    except KeyError:
+        raise ConfigError(
+            f"unknown ranker weights {preset.weights!r}; choose one of: {', '.join(WEIGHT_SETS)}"
+        ) from None
 
 
 def learned_scores(features: np.ndarray, weights: np.ndarray = WEIGHTS) -> np.ndarray:
@@ -159,20 +215,59 @@ def learned_scores(features: np.ndarray, weights: np.ndarray = WEIGHTS) -> np.nd
     return features @ weights
 
 
+def prior(memory: Memory, now: datetime, preset: RecallPreset) -> float:
+    """What importance and recency add to a learned score, in its log-odds units:
+    w_importance·(importance − 0.5) + w_recency·recency. Bounded by the weights, so an old
+    memory loses at most w_recency against a new one, whatever its relevance."""
+    value = preset.w_importance * (memory.importance - 0.5)
+    if preset.w_recency:
+        value += preset.w_recency * recency(memory, now, preset.recency_half_life_days)
+    return value
+
+
+def diversify(
+    ranked: list[tuple[Scored, Memory]], embeddings: Mapping[int, np.ndarray],
+    preset: RecallPreset,
+) -> list[tuple[Scored, Memory]]:
+    """The best `preset.diversity_depth` of `ranked` re-picked greedily (maximal marginal
+    relevance): each next pick is the best score minus `preset.diversity` times how far its
+    cosine with an already picked memory rises above `preset.diversity_floor` (scaled to 0..1).
+    Scores are left as they were; memories without an embedding are never penalised."""
+    depth = min(preset.diversity_depth, len(ranked))
+    if preset.diversity <= 0 or depth < 2:
+        return ranked
+    head, tail = ranked[:depth], ranked[depth:]
+    vecs = [embeddings.get(s.rowid) for s, _ in head]
+    left = list(range(depth))
+    picked: list[int] = []
+    penalty = np.zeros(depth)
+    scale = 1.0 - preset.diversity_floor
+    while left:
+        best = max(left, key=lambda i: head[i][0].score - penalty[i])
+        left.remove(best)
+        picked.append(best)
+        v = vecs[best]
+        if v is None:
+            continue
+        for i in left:
+            if vecs[i] is not None:
+                over = (float(vecs[i] @ v) - preset.diversity_floor) / scale
+                penalty[i] = max(penalty[i], preset.diversity * min(max(over, 0.0), 1.0))
+    return [head[i] for i in picked] + tail
+
+
 def rank(
     pool: Sequence[int], found: Candidates, preset: RecallPreset, now: datetime
 ) -> list[tuple[Scored, Memory]]:
-    """`pool` best first by the learned score; importance and recency scale its odds
-    (score + ln(factor)), so they stay tie-breakers at the weights' scale."""
+    """`pool` best first by the learned score plus the importance and recency prior (`prior`)."""
     features = candidate_features(pool, found, preset)
-    scores = learned_scores(features)
+    scores = learned_scores(features, weights_of(preset))
     bm25 = dict(found.text_hits)
     ranked: list[tuple[Scored, Memory]] = []
     for i, (rid, score) in enumerate(zip(pool, scores, strict=True)):
         memory = found.rows[rid]
-        factor = boost(memory, now, preset)
         ranked.append(
-            (Scored(rid, float(score) + math.log(max(factor, 1e-6)), found.cosines[rid],
+            (Scored(rid, float(score) + prior(memory, now, preset), found.cosines[rid],
                     bm25.get(rid), features[i]), memory)
         )
     return best_first(ranked)

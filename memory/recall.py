@@ -22,6 +22,7 @@ from .models import Memory, MemoryCategory, Scope
 
 __all__ = [
     "PRESETS",
+    "REQUEST_WORDS",
     "RecallPreset",
     "Scored",
     "TimeWindow",
@@ -37,6 +38,8 @@ __all__ = [
     "fuse",
     "get_preset",
     "minmax",
+    "month_year",
+    "query_tense",
     "query_terms",
     "query_windows",
     "recency",
@@ -58,6 +61,15 @@ STOP_WORDS = frozenset(
     won wouldn""".split()
 )
 
+# Words of asking, not of topic: "Any ideas for…", "I need a…", "Can you suggest…". Every request
+# to an assistant is full of them, and a memory that happens to hold one ("needs a walk every
+# evening") is no answer. Only the default preset leaves them out (see `_LEARNED`).
+REQUEST_WORDS = frozenset(
+    """need needs want wants help idea ideas suggest suggestion suggestions recommend
+    recommendation recommendations tips advice please tell give show let know think good best
+    any anything something thing things get make could would like""".split()
+)
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -71,6 +83,19 @@ class RecallPreset:
     # scores every candidate (hits and their context rows) from its features; importance and
     # recency then scale its odds, and the time windows are one of its features (w_time unused).
     ranker: str = "fused"
+    # Learned ranker only: its weight set (`ranker.WEIGHT_SETS`), whether the sitting feature
+    # counts only in proportion to the memory's own match (`sitting_by_content`), and where
+    # the length feature saturates (`length_cap_chars`, 0: it never does).
+    weights: str = "turns-v1"
+    sitting_by_content: bool = False
+    length_cap_chars: int = 0
+    # Learned ranker only: the best `diversity_depth` are re-ordered so that a memory saying
+    # nearly what a better one already says (embedding cosine above `diversity_floor`) loses
+    # up to `diversity` log-odds; the proxy shows five, and five restatements of one fact
+    # answer less than five facts. 0 turns it off.
+    diversity: float = 0.0
+    diversity_floor: float = 0.6
+    diversity_depth: int = 20
     fusion: str = "weighted"  # "weighted" | "rrf"
     vector_depth: int = 50
     text_depth: int = 50
@@ -95,8 +120,11 @@ class RecallPreset:
     w_time: float = 0.0
     time_slack_days: float = 7.0
     time_candidates: int = 0
-    # Multipliers: score × (1 + w_importance·(importance − 0.5) + w_recency·recency), so they
-    # act at any score scale and an old, relevant memory loses at most w_recency of its score.
+    # Importance and recency. Fused ranker: multipliers, score × (1 + w_importance·(importance
+    # − 0.5) + w_recency·recency), so they act at any score scale and an old, relevant memory
+    # loses at most w_recency of its score. Learned ranker: added to its log-odds score
+    # (`ranker.prior`), so w_importance = 2 puts 0.9 a full 1.2 above 0.3 (about a 0.2 cosine
+    # difference under the fitted weights) and an old memory loses at most w_recency.
     # Words the user's memories are full of (their own name, in a log of their chats) match
     # everything and so point at nothing; a common one pulls the query's embedding towards them
     # and lets BM25 rank any short memory that holds it first. A query word found in at least
@@ -127,6 +155,10 @@ class RecallPreset:
             raise ConfigError("recency_half_life_days must be positive")
         if not 0.0 <= self.common_share <= 1.0:
             raise ConfigError("common_share must be between 0 and 1")
+        if self.length_cap_chars < 0:
+            raise ConfigError("length_cap_chars must not be negative")
+        if self.diversity < 0 or not 0.0 <= self.diversity_floor < 1.0:
+            raise ConfigError("diversity must not be negative, diversity_floor in [0, 1)")
 
 
 _NO_BOOSTS = {"w_importance": 0.0, "w_recency": 0.0}
@@ -140,10 +172,21 @@ _TUNED = replace(
 )
 _DATED = replace(_TUNED, name="dated", w_time=0.5, time_slack_days=3.0, time_candidates=200)
 _COMMON = replace(_DATED, name="common", common_share=0.3)
-_LEARNED = replace(_COMMON, name="default", ranker="learned", w_time=0.0)
+# The learned ranker fitted on chat turns alone: the default until issue 15.
+_LEARNED_TURNS = replace(_COMMON, name="learned-turns", ranker="learned", w_time=0.0)
+# One ranker for both shapes the proxy sees (model-written facts and chat logs): a fact gains
+# from its block only by its own content, length saturates at 20 characters, restatements of
+# a better memory make room (diversity), request words ("any ideas", "I need") are no topic,
+# and importance and recency move a ranking (see `RecallPreset`).
+_LEARNED = replace(
+    _LEARNED_TURNS, name="default", weights="turns-v2", sitting_by_content=True,
+    length_cap_chars=20, w_importance=2.0, w_recency=1.0, recency_half_life_days=180.0,
+    diversity=2.0, diversity_floor=0.6, stop_words=STOP_WORDS | REQUEST_WORDS,
+)
 
 PRESETS: dict[str, RecallPreset] = {
     "default": _LEARNED,
+    "learned-turns": _LEARNED_TURNS,
     "common": _COMMON,
     "dated": _DATED,
     "context-tuned": _TUNED,
@@ -334,7 +377,7 @@ _DATE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("mdy", re.compile(rf"\b{_MONTH}\s+{_ORD},?\s+{_YEAR}\b", re.IGNORECASE)),
     ("my", re.compile(rf"\b{_MONTH},?\s+(?:of\s+)?{_YEAR}\b", re.IGNORECASE)),
     # A month alone only after a preposition and capitalised ("in July", not "may have").
-    ("m", re.compile(r"\b(?:in|during|since|from|of|last|this|early|late|mid)\s+("
+    ("m", re.compile(r"\b(in|during|since|from|of|last|this|early|late|mid|by)\s+("
                      + "|".join(n.capitalize() for n in _MONTHS if len(n) > 3 and n != "may")
                      + r")\b")),
     ("y", re.compile(rf"\b(?:in|during|since|of)\s+{_YEAR}\b", re.IGNORECASE)),
@@ -358,7 +401,49 @@ def _month_start(year: int, month: int, tz: tzinfo | None) -> datetime:
     return datetime(year + (month - 1) // 12, (month - 1) % 12 + 1, 1, tzinfo=tz)
 
 
-def _window(kind: str, groups: tuple[str, ...], now: datetime) -> tuple[datetime, datetime]:
+class _NotInThePast(Exception):
+    """The query names a time that has not begun: no memory was written then."""
+
+
+# Words that put a question after now ("will", "going to", "planning", "next") or before it.
+_FUTURE = re.compile(
+    r"(?:\b(?:will|shall|gonna|going\s+to|plan|plans|planning|planned\s+(?:to|for)|upcoming|"
+    r"coming|next|intend|intends|hoping|hope\s+to|about\s+to|ahead)\b|\w'll\b)",
+    re.IGNORECASE,
+)
+_PAST = re.compile(
+    r"\b(?:did|was|were|went|had|ago|used\s+to|last|happened|visited|took|got)\b", re.IGNORECASE
+)
+
+
+def query_tense(query: str) -> str:
+    """"future" when the query speaks of what is ahead, "past" when only of what was, else
+    "unknown"."""
+    if _FUTURE.search(query):
+        return "future"
+    return "past" if _PAST.search(query) else "unknown"
+
+
+def month_year(prefix: str, month: int, now: datetime, tense: str) -> int | None:
+    """The year a month named alone ("in August") means, asked at `now`; None when it is one
+    still ahead, which no memory was written in. "last August" is the latest August before
+    this month; "this August" is this year's; otherwise the current month is this one, a month
+    already past this year is this year's unless the query speaks of the future, and a month
+    later in the year is last year's only when the query speaks of the past: "…hiking trip in
+    August?" asked in July means the August ahead."""
+    word = prefix.casefold()
+    if word == "last":
+        return now.year if month < now.month else now.year - 1
+    if word == "this" or month == now.month:
+        return now.year if month <= now.month else None
+    if month < now.month:
+        return None if tense == "future" else now.year
+    return now.year - 1 if tense == "past" else None
+
+
+def _window(
+    kind: str, groups: tuple[str, ...], now: datetime, tense: str = "unknown"
+) -> tuple[datetime, datetime]:
     tz = now.tzinfo
     if kind == "ymd":
         day = datetime(int(groups[0]), int(groups[1]), int(groups[2]), tzinfo=tz)
@@ -370,9 +455,11 @@ def _window(kind: str, groups: tuple[str, ...], now: datetime) -> tuple[datetime
     if kind == "my":
         year, month = int(groups[1]), _MONTHS[groups[0].casefold()]
         return _month_start(year, month, tz), _month_start(year, month + 1, tz)
-    if kind == "m":  # the latest such month that has begun
-        month = _MONTHS[groups[0].casefold()]
-        year = now.year if month <= now.month else now.year - 1
+    if kind == "m":
+        month = _MONTHS[groups[1].casefold()]
+        year = month_year(groups[0], month, now, tense)
+        if year is None:
+            raise _NotInThePast
         return _month_start(year, month, tz), _month_start(year, month + 1, tz)
     if kind == "y":
         return _month_start(int(groups[0]), 1, tz), _month_start(int(groups[0]) + 1, 1, tz)
@@ -391,17 +478,25 @@ def _window(kind: str, groups: tuple[str, ...], now: datetime) -> tuple[datetime
 
 
 def query_windows(query: str, now: datetime) -> list[TimeWindow]:
-    """The spans of time `query` names, most specific forms first, without overlaps; `now`
-    anchors relative ones ("yesterday", "in July" = the latest July)."""
+    """The spans of time `query` names that have begun by `now`, most specific forms first,
+    without overlaps; `now` anchors relative ones ("yesterday"; "in July": see `month_year`).
+    A time still ahead gives no window, so its words stay in the text search."""
     found: list[TimeWindow] = []
     taken: list[tuple[int, int]] = []
+    tense = query_tense(query)
     for kind, pattern in _DATE_PATTERNS:
         for m in pattern.finditer(query):
             if any(m.start() < b and a < m.end() for a, b in taken):
                 continue
             try:
-                start, end = _window(kind, m.groups(), now)
+                start, end = _window(kind, m.groups(), now, tense)
             except (ValueError, OverflowError):  # "31 February"
+                continue
+            except _NotInThePast:
+                taken.append(m.span())  # "in August 2026" must not match inside it either
+                continue
+            if start > now:  # "in August 2027", "on 3 March, 2030": nothing was written then
+                taken.append(m.span())
                 continue
             found.append(TimeWindow(start, end, m.span()))
             taken.append(m.span())

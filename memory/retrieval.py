@@ -12,7 +12,8 @@ the token budget cuts the list and the accesses are recorded in the background. 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -50,6 +51,10 @@ from .recall import (
 
 log = logging.getLogger("headroom.memory")
 
+# The core tier reads at most this many of a user's important memories (the newest); its token
+# budget keeps far fewer.
+_CORE_CANDIDATES = 50
+
 __all__ = ["Retrieval", "exact_knn"]
 
 
@@ -76,7 +81,11 @@ class Retrieval:
         self.parts = parts
         self.executors = executors
         self.common_words = common_words
-        self.preset: RecallPreset = get_preset(parts.config.recall_preset)
+        config = parts.config
+        preset = get_preset(config.recall_preset)
+        if config.recall_importance_weight is not None:
+            preset = replace(preset, w_importance=config.recall_importance_weight)
+        self.preset: RecallPreset = preset
 
     # --- recall: the proxy's path ------------------------------------------------------------
 
@@ -85,14 +94,40 @@ class Retrieval:
         categories: Sequence[MemoryCategory | str] | None, now: datetime | None, touch: bool,
         preset: str | RecallPreset | None = None,
     ) -> list[Memory]:
-        """The memories most worth showing for `query`, best first, within `token_budget`."""
+        """The memories most worth showing for `query`, best first, within `token_budget`;
+        then the user's core memories (`core_memories`) that are not among them."""
         results = await self.hybrid_search(query, scope, top_k, categories, now=now,
                                            preset=preset)
         memories = apply_budget([r.memory for r in results], token_budget)
+        memories += await self.core_memories(scope, categories, exclude={m.id for m in memories})
         if touch and memories:
             # Access counts are bookkeeping: never make the caller wait for the write.
             self.executors.write_later(self._touch, [m.id for m in memories], utcnow())
         return memories
+
+    async def core_memories(
+        self, scope: Scope, categories: Sequence[MemoryCategory | str] | None = None,
+        *, exclude: Collection[str] = (),
+    ) -> list[Memory]:
+        """The core tier: what matters to every request whether or not it shares a word with
+        it (a diet or an allergy for a dinner question, a health condition for a plan), taken
+        as the model rated it: current memories this scope sees of importance at least
+        `recall_core_min_importance`, most important (then newest) first, within
+        `recall_core_tokens` (0: none). Letta keeps such core memory always in context."""
+        config = self.parts.config
+        if config.recall_core_tokens <= 0:
+            return []
+        flt = MemoryFilter(
+            user_id=scope.user_id, session_id=scope.session_id, agent_id=scope.agent_id,
+            turn_id=scope.turn_id, categories=_categories(categories),
+            min_importance=config.recall_core_min_importance, limit=_CORE_CANDIDATES,
+        )
+        rows = await self.executors.read(lambda: self.parts.store.query(flt))
+        rows = sorted(
+            (m for m in rows if m.id not in exclude),
+            key=lambda m: (m.importance, m.valid_from), reverse=True,
+        )
+        return apply_budget(rows, config.recall_core_tokens)
 
     async def hybrid_search(
         self, query: str, scope: Scope, top_k: int,
@@ -181,7 +216,11 @@ class Retrieval:
             pool = [rid for rid in with_context if rid in rows]
             cosines = self._cosines(pool, vector_hits, vector)
             found = ranker.Candidates(vector_hits, text_hits, fused, rows, cosines, windows, common)
-            return ranker.rank([rid for rid in pool if rid in cosines], found, preset, now)
+            ranked = ranker.rank([rid for rid in pool if rid in cosines], found, preset, now)
+            if preset.diversity > 0 and len(ranked) > 1:
+                head = [s.rowid for s, _ in ranked[: preset.diversity_depth]]
+                ranked = ranker.diversify(ranked, p.store.embeddings_by_rowids(head), preset)
+            return ranked
         return rescore(with_context, rows, now, preset, windows)
 
     def _window_hits(

@@ -232,7 +232,7 @@ def test_adjacent_needs_same_user_same_session_and_a_small_gap() -> None:
         ("the note from 2023-05-04", "2023-05-04", "2023-05-05", "2023-05-04"),
         ("What was he doing in June 2023?", "2023-06-01", "2023-07-01", "June 2023"),
         ("news from Dec 2023", "2023-12-01", "2024-01-01", "Dec 2023"),
-        ("a trip in July", "2023-07-01", "2023-08-01", "in July"),  # the latest July
+        ("the trip we took in July", "2023-07-01", "2023-08-01", "in July"),  # past: last July
         ("a trip in March", "2024-03-01", "2024-04-01", "in March"),
         ("what happened in 2022", "2022-01-01", "2023-01-01", "in 2022"),
         ("what did I say yesterday", "2024-03-14", "2024-03-15", "yesterday"),
@@ -376,7 +376,7 @@ async def test_recall_brings_the_answer_after_a_matching_question(
     )
     assert "Hiking the ridge trail with my sister." not in [r.memory.content for r in plain]
     got = await memory.recall("long weekend plans", "alice", top_k=3, now=NOW)
-    assert [m.content for m in got[:2]] == turns[:2]
+    assert {m.content for m in got[:2]} == set(turns[:2])  # the question and its answer
     results = await memory.hybrid_search("long weekend plans", "alice", top_k=3, now=NOW)
     assert results[0].score > results[-1].score
     assert all(math.isfinite(r.score) for r in results)
