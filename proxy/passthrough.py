@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import anyio
@@ -16,6 +17,12 @@ from .upstream import Upstream, request_headers, response_headers, target
 # read_body lives in .body; re-exported for the pipeline's import.
 __all__ = ["ClosingStreamingResponse", "forward", "read_body"]
 
+log = logging.getLogger(__name__)
+
+
+class _UpstreamBrokeOff(Exception):
+    """The upstream's body ended early, after the response had begun."""
+
 
 class ClosingStreamingResponse(StreamingResponse):
     """Always closes its body iterator. When a client disconnects while the response is waiting
@@ -25,6 +32,12 @@ class ClosingStreamingResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except _UpstreamBrokeOff as exc:
+            # Returning without the final body message makes the server drop the connection, so
+            # the client sees a broken transfer (as it was), never a short "complete" one. One
+            # line here instead of the server's traceback.
+            log.warning("the upstream broke off its answer to %s %s: %s",
+                        scope["method"], scope["path"], exc.__cause__)
         finally:
             closer = getattr(self.body_iterator, "aclose", None)
             if closer is not None:
@@ -61,5 +74,7 @@ async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
             yield chunk
+    except httpx.TransportError as exc:
+        raise _UpstreamBrokeOff from exc
     finally:
         await Upstream.close_response(response)

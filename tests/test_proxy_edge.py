@@ -114,7 +114,7 @@ class RawUpstream:
     upstream may be generating, and billing, already). `mode="answer_then_close"`: answer with
     keep-alive implied, then close the connection, as a server whose idle timeout ran out.
     `mode="gzip_text"`: answer a gzip-compressed text/plain body (not JSON) though the proxy
-    asked for identity."""
+    asked for identity. `mode="truncate"`: declare 1000 bytes, send 100, close."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -142,6 +142,12 @@ class RawUpstream:
                     return
                 upstream.request_lines.append(head.split(b"\r\n", 1)[0].decode())
                 if upstream.mode == "drop":
+                    conn.close()
+                    return
+                if upstream.mode == "truncate":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream"
+                                 b"\r\ncontent-length: 1000\r\n\r\n" + b"x" * 100)
+                    time.sleep(0.1)
                     conn.close()
                     return
                 if upstream.mode == "gzip_text":
@@ -247,6 +253,22 @@ def test_a_kept_alive_connection_the_upstream_closed_is_not_reused(tmp_path: Pat
         assert httpx.get(f"{p.base_url}/models?limit=2").status_code == 200
     assert upstream.request_lines == ["POST /v1/chat/completions HTTP/1.1"] * 3 + [
         "GET /v1/models HTTP/1.1", "GET /v1/models?limit=2 HTTP/1.1"]  # no stray "?"
+
+
+def test_a_pass_through_body_the_upstream_cuts_short_is_cut_short_for_the_client_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client must see the transfer break (not a short body that looks complete), and the
+    proxy logs one warning, not a traceback."""
+    with RawUpstream("truncate") as upstream, running_proxy(
+        tmp_path / "p.db", FakeEmbedder(), upstream_url=upstream.url + "/v1"
+    ) as p:
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(f"{p.base_url}/files/file-1/content")
+        time.sleep(0.2)
+    broke_off = [r for r in caplog.records if "broke off its answer" in r.getMessage()]
+    assert len(broke_off) == 1 and broke_off[0].levelname == "WARNING"
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 # --- compressed answers ---------------------------------------------------------------------------
