@@ -2,29 +2,22 @@
 OpenAI-compatible client object with `.chat.completions.create` (sync or async, streaming or
 not), in-process. It imports neither the HTTP proxy nor its web stack.
 
-One engine per database (one model load, one writer) runs on a background thread with its own
-event loop, shared by every wrapper on that database; each wrapper keeps its own recall settings
-(top_k, token_budget, preset, timeout). Calls reach the engine with `run_coroutine_threadsafe`, so
-the wrapper works from plain scripts, async code and from inside a running event loop alike.
+One engine per database runs on a background thread with its own event loop
+(`headroom.turn.runtime`), shared by every wrapper on that database; each wrapper keeps its own
+recall settings (top_k, token_budget, preset, timeout).
 Memory trouble is logged and the call goes on without memory: the client's own answer and its
 own errors always reach the caller.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import dataclasses
 import inspect
 import logging
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .memory.errors import ConfigError
 from .memory.models import (
     EmbedderBackend,
     Memory,
@@ -38,7 +31,8 @@ from .memory.ports import Embedder
 from .memory.recall import get_preset
 from .turn.chat import CHAT_COMPLETIONS
 from .turn.format import AnswerStreamStripper
-from .turn.service import MemoryService, RecallSettings
+from .turn.runtime import Runtime, runtime_for
+from .turn.service import RecallSettings
 from .turn.stripper import Block
 from .turn.turn import Turn
 
@@ -48,114 +42,6 @@ __all__ = ["AsyncMemoryAPI", "MemoryAPI", "MemoryClient", "with_memory"]
 
 T = TypeVar("T")
 
-# How long a call waits for this process's own queued writes before recalling (read-your-writes),
-# and how long it stops waiting after such a wait ran out (the writer is stuck: embedder down).
-_FLUSH_BEFORE_RECALL_S = 2.0
-_FLUSH_PAUSE_S = 30.0
-
-
-class _Runtime:
-    """A background event loop owning one MemoryService."""
-
-    def __init__(self, config: MemoryConfig, embedder: Embedder | None) -> None:
-        self.config = config
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="headroom-memory",
-                                       daemon=True)
-        self.thread.start()
-        self.service = MemoryService(config, embedder=embedder)
-        # In-process there is no "listen first" to protect: load the model on first use.
-        self.run(self.service.start(warm=False))
-        if self.service.engine is None:
-            self.close()
-            raise RuntimeError(f"cannot open memory database: {self.service.open_error}")
-        self.closed = False
-        self._no_flush_until = 0.0
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    async def read_own_writes(self) -> None:
-        """Wait (bounded) for queued writes; never raises."""
-        if time.monotonic() < self._no_flush_until:
-            return
-        try:
-            await self.service.flush(_FLUSH_BEFORE_RECALL_S)
-        except TimeoutError:
-            self._no_flush_until = time.monotonic() + _FLUSH_PAUSE_S
-            self.service.counters["flush_timeouts"] += 1
-            log.warning("queued memory writes not applied within %.0fs (is the embedder down?); "
-                        "recalling without them for %.0fs", _FLUSH_BEFORE_RECALL_S,
-                        _FLUSH_PAUSE_S)
-        except Exception:
-            log.exception("waiting for queued memory writes failed; recalling without them")
-
-    def close(self) -> None:
-        if getattr(self, "closed", False):
-            return
-        self.closed = True
-        try:
-            self.run(self.service.stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=30)
-
-
-_runtimes: dict[tuple[str, str, str], _Runtime] = {}
-_runtimes_lock = threading.Lock()
-
-
-def _resolved(path: Any) -> str:
-    return str(Path(str(path)).resolve())
-
-
-def _runtime_for(config: MemoryConfig, embedder: Embedder | None) -> _Runtime:
-    key = (_resolved(config.db_path), config.embedder_backend.value, str(config.embedder_model))
-    with _runtimes_lock:
-        runtime = _runtimes.get(key)
-        if runtime is None or runtime.closed:
-            runtime = _Runtime(config, embedder)
-            _runtimes[key] = runtime
-            return runtime
-    _check_same_engine(runtime.config, config)
-    return runtime
-
-
-def _check_same_engine(running: MemoryConfig, wanted: MemoryConfig) -> None:
-    """Engine settings are the database's (one engine per file in a process): a second wrapper
-    asking for different ones is refused rather than silently given the first one's. Recall
-    settings are per wrapper and may differ."""
-    per_client = {"db_path", "recall_preset"}
-    differ = [
-        f.name for f in dataclasses.fields(MemoryConfig)
-        if f.name not in per_client and getattr(running, f.name) != getattr(wanted, f.name)
-    ]
-    if differ:
-        raise ConfigError(
-            f"{wanted.db_path} is already open in this process with other engine settings "
-            f"({', '.join(differ)}); use the same ones, or another database"
-        )
-
-
-def _close_all() -> None:
-    """Drain queued writes before the interpreter exits; what is left replays on next start."""
-    for runtime in list(_runtimes.values()):
-        try:
-            runtime.close()
-        except Exception:  # pragma: no cover - best effort at exit
-            log.warning("could not drain memory writes at exit", exc_info=True)
-
-
-# Plain atexit runs after concurrent.futures has stopped accepting work, too late to drain. The
-# threading hook runs first (hooks run newest first, and concurrent.futures registered earlier).
-_register = getattr(threading, "_register_atexit", None)
-if callable(_register):
-    _register(_close_all)
-else:  # pragma: no cover - other Pythons
-    atexit.register(_close_all)
 
 
 def with_memory(
@@ -189,7 +75,7 @@ def with_memory(
         )
     preset = recall_preset if recall_preset is not None else config.recall_preset
     get_preset(preset)  # an unknown preset fails here, not on the first call
-    runtime = _runtime_for(config, embedder)
+    runtime = runtime_for(config, embedder)
     settings = RecallSettings(
         top_k=top_k, token_budget=token_budget,
         # The engine's own preset needs no naming (and keeps its cached query vectors).
@@ -212,7 +98,7 @@ def _is_async(create: Any) -> bool:
 class MemoryClient:
     """The wrapped client: `.chat.completions.create` remembers; everything else is the client's."""
 
-    def __init__(self, client: Any, scope: Scope, runtime: _Runtime, settings: RecallSettings,
+    def __init__(self, client: Any, scope: Scope, runtime: Runtime, settings: RecallSettings,
                  *, is_async: bool) -> None:
         self._client = client
         self._scope = scope
@@ -238,7 +124,7 @@ class _Namespace:
 
 
 class _Completions:
-    def __init__(self, inner: Any, scope: Scope, runtime: _Runtime, settings: RecallSettings,
+    def __init__(self, inner: Any, scope: Scope, runtime: Runtime, settings: RecallSettings,
                  is_async: bool) -> None:
         self._inner = inner
         self._scope = scope
@@ -407,7 +293,7 @@ class _AsyncStream:
 class _MemoryOps:
     """The `.memory` operations as coroutines run on the runtime's loop."""
 
-    def __init__(self, scope: Scope, runtime: _Runtime) -> None:
+    def __init__(self, scope: Scope, runtime: Runtime) -> None:
         self.scope = scope
         self.runtime = runtime
 
@@ -466,7 +352,7 @@ class MemoryAPI:
     """`client.memory` for sync clients: search, add, get_all, clear, stats, flush, supersede,
     forget, get_history."""
 
-    def __init__(self, scope: Scope, runtime: _Runtime) -> None:
+    def __init__(self, scope: Scope, runtime: Runtime) -> None:
         self._ops = _MemoryOps(scope, runtime)
         for name in _API_METHODS:
             method = getattr(self._ops, name)
@@ -476,13 +362,13 @@ class MemoryAPI:
 class AsyncMemoryAPI:
     """`client.memory` for async clients: the same methods, awaitable."""
 
-    def __init__(self, scope: Scope, runtime: _Runtime) -> None:
+    def __init__(self, scope: Scope, runtime: Runtime) -> None:
         self._ops = _MemoryOps(scope, runtime)
         for name in _API_METHODS:
             setattr(self, name, _async(runtime, getattr(self._ops, name)))
 
 
-def _sync(runtime: _Runtime, method: Any) -> Any:
+def _sync(runtime: Runtime, method: Any) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
         return runtime.run(method(*args, **kwargs))
 
@@ -491,7 +377,7 @@ def _sync(runtime: _Runtime, method: Any) -> Any:
     return call
 
 
-def _async(runtime: _Runtime, method: Any) -> Any:
+def _async(runtime: Runtime, method: Any) -> Any:
     async def call(*args: Any, **kwargs: Any) -> Any:
         return await runtime.arun(method(*args, **kwargs))
 

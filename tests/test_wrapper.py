@@ -17,8 +17,9 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from headroom import MemoryCategory, MemoryConfig, with_memory, wrapper
+from headroom import MemoryCategory, MemoryConfig, with_memory
 from headroom.memory.errors import ConfigError
+from headroom.turn import runtime
 from tests.fakes import FakeEmbedder
 from tests.servers import (
     FakeUpstream,
@@ -47,7 +48,7 @@ def module_upstream() -> Iterator[tuple[str, FakeUpstream]]:
 def upstream(module_upstream: tuple[str, FakeUpstream]) -> Iterator[tuple[str, FakeUpstream]]:
     module_upstream[1].reset()
     yield module_upstream
-    wrapper._close_all()  # drain and stop every runtime this test opened (each has its own db)
+    runtime.close_all()  # drain and stop every runtime this test opened (each has its own db)
     while _sync_clients:  # unclosed pools warn (an error here) when collected
         _sync_clients.pop().close()
 

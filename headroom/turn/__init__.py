@@ -9,6 +9,7 @@ it; a wire-format adapter (`chat.py`: chat completions) maps its requests and an
     chat.py      the chat completions adapter over plain dicts
     service.py   MemoryService, the engine's fail-open face, and RecallSettings
     turn.py      Turn: prepare, strip, store, receipt
+    runtime.py   a background event loop owning one MemoryService per database (in-process)
 """
 
 from .block import ParsedBlock, parse_ops
