@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EmbedderError, StorageError
+from .errors import ConfigError, EmbedderError, StorageError
 from .hierarchical import HierarchicalMemory
-from .models import MemoryConfig
+from .models import MemoryConfig, is_database_url
 
-__all__ = ["RecordedEmbedder", "RecordedModel", "open_without_model", "recorded_model"]
+__all__ = [
+    "RecordedEmbedder", "RecordedModel", "display_name", "open_without_model", "recorded_model",
+]
 
 _MODEL_KEY = "embedding_model"
 _DIMENSION_KEY = "vector_dimension"
@@ -51,9 +53,29 @@ class RecordedEmbedder:
         raise EmbedderError("this database was opened without an embedding model")
 
 
+def display_name(target: str | Path) -> str:
+    """The database as messages show it: a file's path, or a URL without its password."""
+    if not is_database_url(target):
+        return str(target)
+    from .adapters.postgres import redact_url
+
+    return redact_url(str(target))
+
+
 def recorded_model(path: str | Path) -> RecordedModel | None:
     """The model `path` was built with, or None for a file no memory was ever written to.
-    Raises StorageError when there is no file at `path` (it is not created)."""
+    Raises StorageError when there is no file at `path` (it is not created). A postgresql://
+    URL is read through the PostgreSQL store (StorageError when the server cannot be reached)."""
+    if is_database_url(path):
+        model, dimension = _read_postgres_settings(str(path))
+    else:
+        model, dimension = _read_sqlite_settings(path)
+    if not model or not dimension:
+        return None
+    return RecordedModel(model, int(dimension))
+
+
+def _read_sqlite_settings(path: str | Path) -> tuple[str | None, str | None]:
     from .adapters import SQLiteMemoryStore
     from .db import Database
 
@@ -62,13 +84,25 @@ def recorded_model(path: str | Path) -> RecordedModel | None:
     database = Database(path)
     try:
         store = SQLiteMemoryStore(database)
-        model = store.get_setting(_MODEL_KEY)
-        dimension = store.get_setting(_DIMENSION_KEY)
+        return store.get_setting(_MODEL_KEY), store.get_setting(_DIMENSION_KEY)
     finally:
         database.close()
-    if not model or not dimension:
-        return None
-    return RecordedModel(model, int(dimension))
+
+
+def _read_postgres_settings(url: str) -> tuple[str | None, str | None]:
+    try:
+        from .adapters.postgres import PostgresMemoryStore, open_database
+    except ImportError as exc:
+        raise ConfigError(
+            "a postgresql:// database needs the postgres extra: "
+            "pip install 'headroom-memory[postgres]'"
+        ) from exc
+    database = open_database(url, pool_size=1)
+    try:
+        store = PostgresMemoryStore(database)
+        return store.get_setting(_MODEL_KEY), store.get_setting(_DIMENSION_KEY)
+    finally:
+        database.close()
 
 
 async def open_without_model(path: str | Path) -> HierarchicalMemory:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .common_words import CommonWords
 from .executors import Executors
-from .models import MemoryFilter
+from .models import MemoryFilter, is_database_url
 from .parts import EngineParts
 
 log = logging.getLogger("headroom.memory")
@@ -77,10 +77,17 @@ class Maintenance:
         out["cache_size"] = len(p.cache) if p.cache is not None else 0
         out["embedding_model"] = p.embedder.model_id
         path = str(p.config.db_path)
-        out["db_path"] = path
-        out["db_bytes"] = sum(
-            os.path.getsize(f) for f in (path, path + "-wal") if os.path.exists(f)
-        )
+        if is_database_url(path):
+            # The server's store reports the database's size itself (stats' db_bytes); the
+            # password never leaves in the stats.
+            from .adapters.postgres import redact_url
+
+            out["db_path"] = redact_url(path)
+        else:
+            out["db_path"] = path
+            out["db_bytes"] = sum(
+                os.path.getsize(f) for f in (path, path + "-wal") if os.path.exists(f)
+            )
         return out
 
     async def optimize(self) -> None:

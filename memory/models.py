@@ -27,6 +27,7 @@ __all__ = [
     "SearchResult",
     "UpdateOp",
     "VectorFilter",
+    "is_database_url",
     "new_id",
     "utcnow",
 ]
@@ -411,6 +412,12 @@ _DEFAULT_MODELS = {
 }
 
 
+def is_database_url(target: object) -> bool:
+    """Whether a `db_path` names a PostgreSQL server (postgresql:// or postgres://) rather than
+    a SQLite file; told apart here so the SQLite path never imports psycopg."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
 def default_db_path() -> Path:
     from platformdirs import user_data_dir
 
@@ -419,9 +426,10 @@ def default_db_path() -> Path:
 
 @dataclass
 class MemoryConfig:
-    """Every option the spec shows. The HNSW knobs exist because the spec names them; the default
-    vector index is sqlite-vec (exact KNN inside each user's partition), which has no graph to tune,
-    so setting them to anything but their defaults raises instead of being silently ignored."""
+    """Every option the spec shows. `db_path` is a SQLite file, or a postgresql:// URL for the
+    PostgreSQL family. The HNSW knobs build and search pgvector's graphs on PostgreSQL; SQLite's
+    vector index is sqlite-vec (exact KNN inside each user's partition), which has no graph to
+    tune, so there setting them to anything but their defaults raises instead of being ignored."""
 
     db_path: str | Path | None = None
     embedder_backend: EmbedderBackend = EmbedderBackend.LOCAL
@@ -482,11 +490,16 @@ class MemoryConfig:
             self.embedder_model = _DEFAULT_MODELS[self.embedder_backend]
         if self.db_path is None:
             self.db_path = default_db_path()
-        if (self.hnsw_ef_construction, self.hnsw_m, self.hnsw_ef_search) != (200, 16, 50):
+        # On PostgreSQL they build and search pgvector's HNSW graphs.
+        if not is_database_url(self.db_path) and (
+            self.hnsw_ef_construction, self.hnsw_m, self.hnsw_ef_search
+        ) != (200, 16, 50):
             raise ConfigError(
                 "hnsw_* options are not supported: the default vector index is sqlite-vec, which "
                 "searches each user's partition exactly (no HNSW graph to tune); remove them"
             )
+        if min(self.hnsw_ef_construction, self.hnsw_m, self.hnsw_ef_search) < 1:
+            raise ConfigError("hnsw_m, hnsw_ef_construction and hnsw_ef_search must be positive")
         if self.vector_dimension is not None and self.vector_dimension <= 0:
             raise ConfigError("vector_dimension must be positive")
         if self.cache_max_size < 0:

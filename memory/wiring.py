@@ -1,9 +1,11 @@
-"""Wiring the defaults: the SQLite file, the SQLite store and its outbox, sqlite-vec vectors,
-FTS5 text, the configured embedder and the LRU cache, from a `MemoryConfig`.
+"""Wiring the defaults from a `MemoryConfig`: the SQLite file, the SQLite store and its outbox,
+sqlite-vec vectors, FTS5 text, the configured embedder and the LRU cache; or, when `db_path` is a
+`postgresql://` (or `postgres://`) URL, the PostgreSQL family (pgvector HNSW, tsvector text, its
+outbox, and a cache that LISTEN/NOTIFY keeps true across replicas).
 
-The file is opened on the thread that will be the engine's writer (SQLite connections belong to
-the thread that opened them), and the embedder recorded in the file is checked before anything
-is written: vectors of two models never share an index.
+The database is opened on the thread that will be the engine's writer (SQLite connections belong
+to the thread that opened them), and the embedder recorded in it is checked before anything is
+written: vectors of two models never share an index.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from .adapters import FTS5TextIndex, LRUMemoryCache, SQLiteMemoryStore, SqliteVecIndex
 from .db import Database
 from .embedders import make_embedder
 from .errors import ConfigError
-from .models import MemoryConfig
+from .models import MemoryConfig, is_database_url
 from .parts import EngineParts
 from .ports import Embedder
 
 __all__ = ["DefaultEngine", "open_defaults"]
+
 
 
 @dataclass
@@ -55,7 +59,26 @@ async def open_defaults(config: MemoryConfig, embedder: Embedder | None) -> Defa
     return DefaultEngine(parts, writer, close)
 
 
-def _build(config: MemoryConfig, embedder: Embedder | None) -> tuple[Database, EngineParts]:
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def _build(config: MemoryConfig, embedder: Embedder | None) -> tuple[_Closable, EngineParts]:
+    if is_database_url(config.db_path):
+        return _build_postgres(config, embedder)
+    return _build_sqlite(config, embedder)
+
+
+def _check_recorded_model(where: str, recorded_model: str | None, embedder: Embedder) -> None:
+    if recorded_model is not None and recorded_model != embedder.model_id:
+        raise ConfigError(
+            f"{where} was built with embedder {recorded_model}, not "
+            f"{embedder.model_id}: configure that embedder, or export the memories and "
+            "import them into a new database (import re-embeds them)"
+        )
+
+
+def _build_sqlite(config: MemoryConfig, embedder: Embedder | None) -> tuple[Database, EngineParts]:
     db = Database(config.db_path)  # type: ignore[arg-type]
     try:
         store = SQLiteMemoryStore(db)
@@ -63,12 +86,7 @@ def _build(config: MemoryConfig, embedder: Embedder | None) -> tuple[Database, E
             embedder = make_embedder(config)
         recorded_model = store.get_setting("embedding_model")
         recorded_dim = store.get_setting("vector_dimension")
-        if recorded_model is not None and recorded_model != embedder.model_id:
-            raise ConfigError(
-                f"{config.db_path} was built with embedder {recorded_model}, not "
-                f"{embedder.model_id}: configure that embedder, or export the memories and "
-                "import them into a new database (import re-embeds them)"
-            )
+        _check_recorded_model(str(config.db_path), recorded_model, embedder)
         dimension = (
             int(recorded_dim) if recorded_dim else (config.vector_dimension or embedder.dimension)
         )
@@ -82,6 +100,54 @@ def _build(config: MemoryConfig, embedder: Embedder | None) -> tuple[Database, E
         text = FTS5TextIndex(db)
         cache = LRUMemoryCache(config.cache_max_size) if config.cache_enabled else None
         return db, EngineParts(config, store, vectors, text, embedder, cache, store.outbox)
+    except BaseException:
+        db.close()
+        raise
+
+
+def _build_postgres(
+    config: MemoryConfig, embedder: Embedder | None
+) -> tuple[_Closable, EngineParts]:
+    try:
+        from .adapters.postgres import (
+            PgNotifyCache,
+            PgTextIndex,
+            PgVectorIndex,
+            PostgresMemoryStore,
+            open_database,
+            redact_url,
+        )
+    except ImportError as exc:
+        raise ConfigError(
+            "a postgresql:// database needs the postgres extra: "
+            "pip install 'headroom-memory[postgres]'"
+        ) from exc
+    url = str(config.db_path)
+    db = open_database(url)  # migrates under an advisory lock; StorageError on a bad URL
+    try:
+        store = PostgresMemoryStore(db)
+        if embedder is None:
+            embedder = make_embedder(config)
+        recorded_model = store.get_setting("embedding_model")
+        recorded_dim = store.get_setting("vector_dimension")
+        _check_recorded_model(redact_url(url), recorded_model, embedder)
+        dimension = (
+            int(recorded_dim) if recorded_dim else (config.vector_dimension or embedder.dimension)
+        )
+        vectors = PgVectorIndex(
+            db,
+            dimension,
+            hnsw_m=config.hnsw_m,
+            hnsw_ef_construction=config.hnsw_ef_construction,
+            hnsw_ef_search=config.hnsw_ef_search,
+        )
+        if recorded_model is None or recorded_dim is None:
+            with db.transaction():
+                store.set_setting("embedding_model", embedder.model_id)
+                store.set_setting("vector_dimension", str(dimension))
+        cache = PgNotifyCache(db, config.cache_max_size) if config.cache_enabled else None
+        parts = EngineParts(config, store, vectors, PgTextIndex(db), embedder, cache, store.outbox)
+        return db, parts
     except BaseException:
         db.close()
         raise

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from ..memory.models import default_db_path, is_database_url
 from .errors import BadRequestError
 from .scope import check_id, check_tenant
 
@@ -64,7 +65,10 @@ class KeyStoreError(Exception):
 
 
 def default_key_db_path(db_path: str | Path) -> Path:
-    """`memory.db` keeps its keys in `memory.keys.db`, in the same directory."""
+    """`memory.db` keeps its keys in `memory.keys.db`, in the same directory. A postgresql://
+    database has no directory: its keys default to the user data directory's."""
+    if is_database_url(db_path):
+        db_path = default_db_path()
     path = Path(db_path)
     return path.with_name(f"{path.stem}.keys.db")
 

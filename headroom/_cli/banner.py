@@ -9,7 +9,8 @@ from typing import Any
 from rich.markup import escape
 
 from ..memory.errors import HeadroomMemoryError
-from ..memory.models import MemoryConfig
+from ..memory.inspect_db import display_name
+from ..memory.models import MemoryConfig, is_database_url
 from ..proxy.auth import resolve_auth
 from ..proxy.config import ProxyConfig
 from . import output
@@ -27,7 +28,7 @@ def _client_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-async def _counts(db: Path) -> dict[str, Any]:
+async def _counts(db: Path | str) -> dict[str, Any]:
     async with engine(db) as mem:
         return await mem.stats()
 
@@ -48,7 +49,8 @@ def startup_summary(config: ProxyConfig) -> dict[str, Any]:
     server would refuse."""
     policy = resolve_auth(config)
     memory_config = config.memory_config()
-    db = Path(config.db_path)
+    url = is_database_url(config.db_path)
+    db: Path | str = str(config.db_path) if url else Path(config.db_path)
     base = _client_url(config.host, config.port)
     warnings: list[str] = []
     try:
@@ -68,8 +70,8 @@ def startup_summary(config: ProxyConfig) -> dict[str, Any]:
         "upstream_key": config.upstream_key is not None,
         "tenant_upstream_keys": len(config.tenant_upstream_keys),
         "auth": {"mode": policy.mode, "reason": policy.reason, "key_db": str(policy.key_db)},
-        "db": str(db),
-        "db_exists": db.exists(),
+        "db": display_name(db),
+        "db_exists": url or Path(db).exists(),
         "embedder": embedder,
         "memories": {"current": 0, "superseded": 0, "forgotten": 0, "users": 0,
                      "outbox_pending": 0},
@@ -78,7 +80,14 @@ def startup_summary(config: ProxyConfig) -> dict[str, Any]:
         "warnings": warnings,
     }
     if summary["db_exists"]:
-        stats = run(_counts(db))
+        try:
+            stats = run(_counts(db))
+        except HeadroomMemoryError as exc:
+            if not url:
+                raise
+            # A server down now may be up later: the proxy starts and /readyz says degraded.
+            warnings.append(f"the database cannot be read, memory stays off until it can: {exc}")
+            return summary
         summary["memories"] = {
             "current": stats["current"], "superseded": stats["superseded"],
             "forgotten": stats["forgotten"], "users": len(stats["users"]),
@@ -88,8 +97,8 @@ def startup_summary(config: ProxyConfig) -> dict[str, Any]:
         summary["db_bytes"] = stats["db_bytes"]
         if stats["embedding_model"] != embedder:
             warnings.append(
-                f"{db} was built with {stats['embedding_model']}, not {embedder}: memory stays "
-                "off until they match (see `headroom doctor`)"
+                f"{display_name(db)} was built with {stats['embedding_model']}, not {embedder}: "
+                "memory stays off until they match (see `headroom doctor`)"
             )
         if stats["outbox_dead"]:
             warnings.append(

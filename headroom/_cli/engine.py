@@ -15,7 +15,7 @@ from ..memory import embedders
 from ..memory.errors import MemoryNotFoundError
 from ..memory.hierarchical import HierarchicalMemory
 from ..memory.inspect_db import open_without_model
-from ..memory.models import Memory, MemoryFilter
+from ..memory.models import Memory, MemoryFilter, is_database_url
 from .errors import CommandError
 from .options import EmbedOptions
 
@@ -28,8 +28,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def require_db(db: Path) -> None:
-    if not db.exists():
+def require_db(db: Path | str) -> None:
+    # A postgresql:// URL is checked by connecting: the server says whether it is there.
+    if not is_database_url(db) and not Path(db).exists():
         raise CommandError(
             f"no database at {db}: nothing has been stored there yet (check --db or HEADROOM_DB)"
         )
@@ -37,7 +38,7 @@ def require_db(db: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def engine(
-    db: Path, embed: EmbedOptions | None = None, *, create: bool = False
+    db: Path | str, embed: EmbedOptions | None = None, *, create: bool = False
 ) -> AsyncIterator[HierarchicalMemory]:
     """The engine on `db` (only `create` makes a new file). Without `embed` the command must not
     embed and nothing loads; with it, the embedder the options name is built here (it loads on

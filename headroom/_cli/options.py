@@ -27,6 +27,7 @@ from ..memory.models import (
     MemoryConfig,
     as_utc,
     default_db_path,
+    is_database_url,
 )
 
 __all__ = [
@@ -59,11 +60,17 @@ _UPSTREAM_PANEL = "Upstream"
 
 # --- single options ----------------------------------------------------------------------------
 
+def parse_db(value: str) -> Path | str:
+    """A SQLite file as a Path; a postgresql:// URL kept as given (a Path would fold its `//`)."""
+    return value if is_database_url(value) else Path(value)
+
+
 DbOpt = Annotated[
-    Path | None,
+    Path | None,  # or a postgresql:// URL as a str: parse_db decides
     typer.Option(
-        "--db", envvar="HEADROOM_DB", dir_okay=False, show_default=False,
-        help="SQLite database file. Default: memory.db in the user data directory.",
+        "--db", envvar="HEADROOM_DB", show_default=False, parser=parse_db,
+        help="SQLite database file, or a postgresql://user@host/db URL (many replicas, one "
+        "database). Default: memory.db in the user data directory.",
     ),
 ]
 UserOpt = Annotated[str, typer.Option("--user", "-u", help="User id (memories are per user).")]
@@ -83,7 +90,7 @@ CategoriesOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def db_path(db: Path | None) -> Path:
+def db_path(db: Path | str | None) -> Path | str:
     return db if db is not None else default_db_path()
 
 
@@ -157,7 +164,7 @@ class EmbedOptions:
     torch_threads: int = 1
     runtime: str = "auto"
 
-    def memory_config(self, db: Path) -> MemoryConfig:
+    def memory_config(self, db: Path | str) -> MemoryConfig:
         return MemoryConfig(
             db_path=db, embedder_backend=self.backend, embedder_model=self.model,
             openai_api_key=self.openai_api_key, ollama_base_url=self.ollama_url,

@@ -411,6 +411,7 @@ class PostgresMemoryStore:
             "users": grouped("user_id") if user_id is None else {user_id: n_current},
             "outbox_pending": self.outbox.size(),
             "outbox_dead": self.outbox.dead_count(),
+            "db_bytes": int(db.scalar("SELECT pg_database_size(current_database())")),
         }
 
 
