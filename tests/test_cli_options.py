@@ -233,3 +233,11 @@ def test_a_decorated_command_must_take_the_family_value() -> None:
 
     with pytest.raises(TypeError, match="no 'embed' parameter"):
         options.with_embedder_options(no_embed_parameter)
+
+
+def test_db_must_not_be_a_directory(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli.app, ["stats", "--db", str(tmp_path)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+    assert options.parse_db("postgresql://me@db.example//memories") == (
+        "postgresql://me@db.example//memories")  # a URL keeps its slashes

@@ -62,7 +62,12 @@ _UPSTREAM_PANEL = "Upstream"
 
 def parse_db(value: str) -> Path | str:
     """A SQLite file as a Path; a postgresql:// URL kept as given (a Path would fold its `//`)."""
-    return value if is_database_url(value) else Path(value)
+    if is_database_url(value):
+        return value
+    path = Path(value)
+    if path.is_dir():
+        raise typer.BadParameter(f"{value!r} is a directory, not a database file")
+    return path
 
 
 DbOpt = Annotated[
