@@ -483,6 +483,18 @@ def test_doctor_reports_failures_with_fixes(hr: Invoke, tmp_path: Path) -> None:
     assert any(line.startswith("ok") and "outbox" in line for line in out.splitlines())
 
 
+def test_doctor_on_an_unreachable_postgresql_url(hr: Invoke, tmp_path: Path) -> None:
+    url = f"postgresql://nobody:hunter2@/db?host={tmp_path}&connect_timeout=2"
+    with running_upstream() as (upstream_url, _):
+        result = hr("doctor", "--upstream", upstream_url, "--db", url, expect=1)
+    (line,) = [line for line in result.stdout.splitlines() if "database" in line
+               and not line.lstrip().startswith("fix:")]
+    assert line.startswith("fail  database")
+    assert "hunter2" not in result.output and "Traceback" not in result.output
+    assert "pgvector" in result.stdout  # the fix names what a server needs
+    assert "1 of 5 checks failed: database" in result.stderr  # no outbox check without a db
+
+
 # --- serve -------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from ..memory.models import EmbedderBackend, MemoryConfig
+from ..memory.inspect_db import display_name
+from ..memory.models import EmbedderBackend, MemoryConfig, is_database_url
 from ..proxy.config import ProxyConfig
 from . import output
 from .engine import engine, run
@@ -60,33 +61,46 @@ def _check_sqlite() -> list[Check]:
     ]
 
 
-async def _counts(db: Path) -> dict[str, Any]:
+async def _counts(db: Path | str) -> dict[str, Any]:
     async with engine(db) as mem:
         return await mem.stats()
 
 
-async def _oldest_dead_error(db: Path) -> str | None:
+async def _oldest_dead_error(db: Path | str) -> str | None:
     async with engine(db) as mem:
         letters = await mem.dead_letters(1)
     return str(letters[0]["error"]) if letters else None
 
 
-def _check_database(db: Path, configured: str | None) -> tuple[Check, dict[str, Any] | None]:
+def _missing_file(db: Path | str) -> bool:
+    return not is_database_url(db) and not Path(db).exists()
+
+
+def _check_database(
+    db: Path | str, configured: str | None
+) -> tuple[Check, dict[str, Any] | None]:
     """Opens (or could create) the database; with `configured`, its model must be that one.
     Returns the check and the database's facts (None when it could not be read)."""
-    fix = "check --db / HEADROOM_DB; the file must be a Headroom SQLite database you can write"
-    if not db.exists():
-        parent = next((p for p in db.parents if p.exists()), Path("/"))
+    name = display_name(db)  # a URL without its password
+    if is_database_url(db):
+        fix = ("check --db / HEADROOM_DB, that the server runs and has the pgvector extension, "
+               "and pip install 'headroom-memory[postgres]'")
+    else:
+        fix = "check --db / HEADROOM_DB; the file must be a Headroom SQLite database you can write"
+    if _missing_file(db):
+        file = Path(db)
+        parent = next((p for p in file.parents if p.exists()), Path("/"))
         if os.access(parent, os.W_OK):
-            detail = f"{db} does not exist yet; it is created on first use"
+            detail = f"{name} does not exist yet; it is created on first use"
             return Check("database", True, detail), None
-        return Check("database", False, f"cannot create {db}: {parent} is not writable", fix), None
+        return Check("database", False, f"cannot create {name}: {parent} is not writable",
+                     fix), None
     try:
         data = run(_counts(db))
     except Exception as exc:
-        return Check("database", False, f"{db}: {describe(exc)}", fix), None
+        return Check("database", False, f"{name}: {describe(exc)}", fix), None
     detail = (
-        f"{db}: {data['current']} current memories, {output.size(data['db_bytes'])}, "
+        f"{name}: {data['current']} current memories, {output.size(data['db_bytes'])}, "
         f"built with {data['embedding_model']}"
     )
     if configured is not None and data["embedding_model"] != configured:
@@ -98,12 +112,14 @@ def _check_database(db: Path, configured: str | None) -> tuple[Check, dict[str, 
     return Check("database", True, detail), data
 
 
-def _check_outbox(db: Path, facts: dict[str, Any] | None) -> Check | None:
+def _check_outbox(db: Path | str, facts: dict[str, Any] | None) -> Check | None:
     """Queued writes are normal (the server applies them); dead letters are writes that kept
     failing and will not be applied until someone re-drives them. None when the database exists
     but did not open (the database check has failed already)."""
     if facts is None:
-        return None if db.exists() else Check("outbox", True, "no database yet, nothing queued")
+        if _missing_file(db):
+            return Check("outbox", True, "no database yet, nothing queued")
+        return None
     pending, dead = facts["outbox_pending"], facts["outbox_dead"]
     if not dead:
         return Check("outbox", True, f"{pending} queued writes, no dead letters")
