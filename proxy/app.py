@@ -4,6 +4,7 @@ and the exception handlers. No logic lives here; a request's story is in `proxy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -16,15 +17,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..memory.ports import Embedder
+from ..turn.anthropic import MESSAGES
+from ..turn.responses import RESPONSES
 from ..turn.service import MemoryService
 from .admin import admin_routes
+from .aliases import PathAliases
 from .auth import AuthMiddleware, log_policy, resolve_auth
 from .body import BodyReadTimeout
 from .config import ProxyConfig
 from .errors import ProxyError, RequestTimeoutError, error_body, error_response
 from .limits import admit_new_memories
 from .passthrough import forward
-from .pipeline import chat_completions
+from .pipeline import chat_completions, memory_turn
 from .readiness import readiness
 from .upstream import Upstream
 
@@ -51,6 +55,11 @@ def create_app(
     )
     service.admit = admit_new_memories  # a key over its new-memory limit stores only forgets
     upstream = Upstream(config, transport=transport)
+    # Messages go to their own upstream when one is set (see ProxyConfig.anthropic_upstream_url).
+    anthropic_upstream = upstream if config.anthropic_upstream_url is None else Upstream(
+        dataclasses.replace(config, upstream_url=config.anthropic_upstream_url),
+        transport=transport,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -62,10 +71,18 @@ def create_app(
             log.info("shutting down: draining pending memory writes")
             await service.stop(config.drain_timeout_s)
             await upstream.aclose()
+            if anthropic_upstream is not upstream:
+                await anthropic_upstream.aclose()
             log.info("shutdown complete")
 
     async def chat(request: Request) -> Response:
         return await chat_completions(request, config, upstream, service)
+
+    async def responses(request: Request) -> Response:
+        return await memory_turn(request, config, upstream, service, RESPONSES)
+
+    async def messages(request: Request) -> Response:
+        return await memory_turn(request, config, anthropic_upstream, service, MESSAGES)
 
     async def passthrough(request: Request) -> Response:
         return await forward(request, upstream)
@@ -112,6 +129,8 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
+            Route("/v1/messages", messages, methods=["POST"]),
             *admin_routes(service),
             Route("/v1/{path:path}", passthrough, methods=_ALL_METHODS),
         ],
@@ -126,6 +145,8 @@ def create_app(
     )
     # Outermost: nothing reaches a route, or the upstream, before the auth checks.
     app.add_middleware(AuthMiddleware, policy=policy)
+    if config.path_aliases:  # outside the gate: it checks the path the request is served as
+        app.add_middleware(PathAliases, aliases=config.path_aliases)
     app.state.service = service
     app.state.auth = policy
     app.state.config = config

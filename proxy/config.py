@@ -60,6 +60,13 @@ class ProxyConfig:
     key_requests_per_minute: int | None = None  # per key, unless the key sets its own
     key_memories_per_minute: int | None = None
 
+    # Anthropic's Messages API (`POST /v1/messages`) goes here when set, else to upstream_url
+    # (an Anthropic-compatible gateway that serves every API). Same /v1 rule as upstream_url.
+    anthropic_upstream_url: str | None = None
+    # Path prefixes rewritten before anything else looks at the path (SDKs with other roots:
+    # Groq's calls /openai/v1/...): (alias prefix, served prefix) pairs.
+    path_aliases: tuple[tuple[str, str], ...] = (("/openai/v1/", "/v1/"),)
+
     def memory_config(self) -> MemoryConfig:
         return MemoryConfig(
             db_path=self.db_path,

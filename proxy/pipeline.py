@@ -1,4 +1,5 @@
-"""A chat completion over HTTP: body → scope → `Turn.prepare` (recall → inject) → upstream →
+"""A memory-bearing request over HTTP (chat completions, the Responses API, Anthropic's
+Messages: one `WireFormat` each): body → scope → `Turn.prepare` (recall → inject) → upstream →
 strip → store → respond.
 
 The turn itself (what memory does, and how it fails open) lives in `headroom.turn`; this module
@@ -18,8 +19,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..turn.chat import CHAT_COMPLETIONS
+from ..turn.format import WireFormat
 from ..turn.service import MemoryService
-from ..turn.turn import Turn
+from ..turn.turn import BLOCK_HEADER, Turn
 from .body import parse_json_body
 from .config import ProxyConfig
 from .jsonio import dumps, loads
@@ -30,7 +32,7 @@ from .upstream import Upstream, request_headers, response_headers, target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["chat_completions"]
+__all__ = ["chat_completions", "memory_turn"]
 
 T = TypeVar("T")
 
@@ -38,16 +40,24 @@ T = TypeVar("T")
 async def chat_completions(
     request: Request, config: ProxyConfig, upstream: Upstream, service: MemoryService
 ) -> Response:
+    return await memory_turn(request, config, upstream, service, CHAT_COMPLETIONS)
+
+
+async def memory_turn(
+    request: Request, config: ProxyConfig, upstream: Upstream, service: MemoryService,
+    fmt: WireFormat,
+) -> Response:
+    """One request of `fmt` with memory, relayed whole or streamed."""
     raw = await read_body(request, config.max_body_bytes)
     body = parse_json_body(raw)
-    rs = scope_from_request(request.headers, body)
+    rs = scope_from_request(request.headers, {"user": fmt.user(body)})
     if not rs.active:
         response = await forward(request, upstream, raw)
         response.headers["x-headroom-request-id"] = rs.request_id
         return response
 
     turn = Turn(
-        CHAT_COMPLETIONS, service, rs.scope, request_id=rs.request_id, recall=rs.mode.recall,
+        fmt, service, rs.scope, request_id=rs.request_id, recall=rs.mode.recall,
         extract=rs.mode.extract, durable_wait_s=config.durable_wait_s,
     )
     prepared = await turn.prepare(body)
@@ -62,9 +72,11 @@ async def chat_completions(
         return _client_left()
     receipt = turn.receipt()
     if upstream_response.status_code >= 400:
+        # No answer, so no block outcome to report.
+        receipt.pop(BLOCK_HEADER, None)
         return await _relay_error(upstream, upstream_response, receipt)
     json_answer = "json" in upstream_response.headers.get("content-type", "").lower()
-    if CHAT_COMPLETIONS.streams(body) and not json_answer:
+    if fmt.streams(body) and not json_answer:
         # (An upstream that ignores `stream` and sends one JSON body takes the path below.)
         return ClosingStreamingResponse(
             relay_stream(upstream_response, turn),
@@ -118,6 +130,7 @@ async def _respond_whole(
         answer = loads(payload)
     except ValueError:
         log.warning("upstream answer of %s is not JSON; relayed as is", turn.request_id)
+        receipt.pop(BLOCK_HEADER, None)
         # `payload` is httpx's decoded body: framed anew, without the upstream's encoding.
         return Response(payload, upstream_response.status_code,
                         headers=response_headers(upstream_response, keep_length=False,
@@ -126,7 +139,8 @@ async def _respond_whole(
     await turn.store(block)  # durable before the answer leaves (a bounded wait)
     return Response(
         dumps(clean), upstream_response.status_code,
-        headers=response_headers(upstream_response, keep_length=False, extra=receipt),
+        # Read again: the block's outcome is known now.
+        headers=response_headers(upstream_response, keep_length=False, extra=turn.receipt()),
         media_type="application/json",
     )
 

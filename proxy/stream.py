@@ -7,8 +7,12 @@
 - an event nobody changed goes out as its exact bytes; a changed one keeps its other SSE lines
   (`id:`, `event:`, comments) around the new data;
 - events whose data is not JSON, and comments, pass untouched;
-- the stream's `data: [DONE]` and everything after it are held (`done`) until `release()`, so the
-  caller can make the memory block durable before the client learns the answer is complete.
+- the stream's `data: [DONE]` (chat completions) or the event the format says ends the answer
+  (`ends_answer`: Responses' `response.completed`, Messages' `message_stop`), rewritten, and
+  everything after it are held (`done`) until `release()`, so the caller can make the memory
+  block durable before the client learns the answer is complete;
+- an event the stripper adds (held-back text) is written like the event it came with, its
+  `event:` line naming the added event's own `type` (Anthropic's SDK reads that line).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class SSEStripper:
         self._decoder = SSEDecoder()
         self._held: list[bytes] | None = None  # from [DONE] on, until released
         self._released = False
+        self._last: SSEEvent | None = None  # the template of events added at the end
 
     @property
     def done(self) -> bool:
@@ -84,10 +89,27 @@ class SSEStripper:
         except ValueError:
             out.append(event.raw)
             return
-        for item in self.stripper.feed(payload):
-            out.append(event.raw if item is payload else self._encode(item, like=event))
+        self._last = event
+        items = [event.raw if item is payload else self._encode(item, like=event)
+                 for item in self.stripper.feed(payload)]
+        if self.stripper.ends_answer(payload):
+            # The held text and the rewritten final event wait with it: the answer is complete.
+            self._held = items
+            return
+        out.extend(items)
 
-    @staticmethod
-    def _encode(item: object, like: SSEEvent | None = None) -> bytes:
+    def _encode(self, item: object, like: SSEEvent | None = None) -> bytes:
+        """`item` as an event: a rewrite of `like` keeps its other lines; an added one (no
+        `like`, or another type than `like`'s `event:` line names) carries only its data and,
+        in a stream that names its events, an `event:` line with its own type."""
         data = dumps(item).decode()
-        return (like.with_data(data) if like is not None else SSEEvent.from_data(data)).raw
+        kind = item.get("type") if isinstance(item, dict) else None
+        template = like or self._last
+        named = template is not None and any(line.startswith("event:")
+                                             for line in template.lines)
+        if like is not None and not (named and f"event: {kind}" not in like.lines):
+            return like.with_data(data).raw
+        if named and isinstance(kind, str):
+            lines = (f"event: {kind}", *(f"data: {part}" for part in data.split("\n")))
+            return SSEEvent(b"", lines).with_data(data).raw
+        return SSEEvent.from_data(data).raw

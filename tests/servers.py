@@ -142,6 +142,8 @@ class FakeUpstream:
         return Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/responses", self._responses, methods=["POST"]),
+                Route("/v1/messages", self._messages, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/v1/completions", self._completions, methods=["POST"]),
                 Route("/v1/gzipped", self._gzipped, methods=["GET"]),
@@ -242,6 +244,54 @@ class FakeUpstream:
                                      "content-encoding": reply.content_encoding})
         return JSONResponse(completion, headers={"x-upstream": "fake", **(reply.headers or {})})
 
+    async def _scripted(self, request: Request) -> tuple[dict[str, Any], Reply, Response | None]:
+        """The body and the reply of a Responses / Messages request, or the error to send."""
+        body = await request.json()
+        self.received.append(body)
+        self.received_queries.append(request.url.query)
+        self.received_headers.append(dict(request.headers))
+        reply = self.responder(body) if self.responder else self.next_reply()
+        if reply.status >= 400:
+            return body, reply, JSONResponse(
+                reply.error or {"error": {"message": "upstream says no",
+                                          "type": "invalid_request_error", "code": "bad"}},
+                status_code=reply.status, headers=reply.headers,
+            )
+        return body, reply, None
+
+    async def _responses(self, request: Request) -> Response:
+        """The Responses API: one message item (plus function_call items for `tool_calls`)."""
+        body, reply, error = await self._scripted(request)
+        if error is not None:
+            return error
+        text = reply.content if isinstance(reply.content, str) else reply.content[0]
+        model = body.get("model", "fake")
+        if body.get("stream") and not reply.ignore_stream:
+            pieces = random_pieces(text, reply.chunk_seed)
+            return StreamingResponse(
+                _sse_named(responses_events(pieces, model, reply.tool_calls), reply),
+                media_type="text/event-stream", headers={"x-upstream": "fake"},
+            )
+        return JSONResponse(response_object(text, model, reply.tool_calls),
+                            headers={"x-upstream": "fake"})
+
+    async def _messages(self, request: Request) -> Response:
+        """Anthropic's Messages API: one text block (plus tool_use blocks for `tool_calls`)."""
+        body, reply, error = await self._scripted(request)
+        if error is not None:
+            return error
+        text = reply.content if isinstance(reply.content, str) else reply.content[0]
+        model = body.get("model", "fake")
+        stop = _STOP_REASONS.get(reply.finish_reason, reply.finish_reason)
+        if body.get("stream") and not reply.ignore_stream:
+            pieces = random_pieces(text, reply.chunk_seed)
+            return StreamingResponse(
+                _sse_named(messages_events(pieces, model, reply.tool_calls, stop), reply),
+                media_type="text/event-stream", headers={"x-upstream": "fake"},
+            )
+        return JSONResponse(message_object(text, model, reply.tool_calls, stop),
+                            headers={"x-upstream": "fake"})
+
     @staticmethod
     async def _client_leaves_within(request: Request, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -314,6 +364,119 @@ class FakeUpstream:
         finally:
             self.open_streams -= 1
             self.stream_closed.append(closed)
+
+
+# --- the Responses and Messages wire formats, as an upstream writes them -------------------------
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+_RESPONSE_USAGE = {"input_tokens": 1, "input_tokens_details": {"cached_tokens": 0},
+                   "output_tokens": 1, "output_tokens_details": {"reasoning_tokens": 0},
+                   "total_tokens": 2}
+
+
+def random_pieces(text: str, seed: int | None) -> list[str]:
+    rng = random.Random(seed)
+    pieces, pos = [], 0
+    while pos < len(text):
+        size = rng.randint(1, 12)
+        pieces.append(text[pos:pos + size])
+        pos += size
+    return pieces
+
+
+def _function_calls(tool_calls: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    return [{"type": "function_call", "id": f"fc_{i}", "call_id": tc.get("id", f"call_{i}"),
+             "name": tc["function"]["name"], "arguments": tc["function"]["arguments"],
+             "status": "completed"} for i, tc in enumerate(tool_calls or [])]
+
+
+def response_object(text: str, model: str, tool_calls: list[dict[str, Any]] | None = None,
+                    status: str = "completed") -> dict[str, Any]:
+    message = {"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    return {"id": "resp_fake", "object": "response", "created_at": 1, "model": model,
+            "status": status, "output": [message, *_function_calls(tool_calls)],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": _RESPONSE_USAGE}
+
+
+def responses_events(pieces: list[str], model: str,
+                     tool_calls: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """A Responses stream: the text in `pieces`, then the function calls, then completed."""
+    text = "".join(pieces)
+    final = response_object(text, model, tool_calls)
+    start = {**final, "status": "in_progress", "output": [], "usage": None}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    where = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": start},
+        {"type": "response.in_progress", "response": start},
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {**final["output"][0], "status": "in_progress", "content": []}},
+        {"type": "response.content_part.added", **where, "part": part},
+        *({"type": "response.output_text.delta", **where, "delta": p, "logprobs": []}
+          for p in pieces),
+        {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **where, "part": {**part, "text": text}},
+        {"type": "response.output_item.done", "output_index": 0, "item": final["output"][0]},
+    ]
+    for i, item in enumerate(final["output"][1:], start=1):
+        events.append({"type": "response.output_item.added", "output_index": i, "item": item})
+        events.append({"type": "response.output_item.done", "output_index": i, "item": item})
+    events.append({"type": "response.completed", "response": final})
+    return [{**event, "sequence_number": n} for n, event in enumerate(events)]
+
+
+def _tool_uses(tool_calls: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    return [{"type": "tool_use", "id": tc.get("id", f"toolu_{i}"),
+             "name": tc["function"]["name"], "input": json.loads(tc["function"]["arguments"])}
+            for i, tc in enumerate(tool_calls or [])]
+
+
+def message_object(text: str, model: str, tool_calls: list[dict[str, Any]] | None = None,
+                   stop_reason: str = "end_turn") -> dict[str, Any]:
+    return {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}, *_tool_uses(tool_calls)],
+            "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": {"input_tokens": 1, "output_tokens": 1}}
+
+
+def messages_events(pieces: list[str], model: str,
+                    tool_calls: list[dict[str, Any]] | None = None,
+                    stop_reason: str = "end_turn") -> list[dict[str, Any]]:
+    """A Messages stream: one text block in `pieces`, then the tool_use blocks, then the stop."""
+    start = {**message_object("", model), "content": [], "stop_reason": None}
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        *({"type": "content_block_delta", "index": 0,
+           "delta": {"type": "text_delta", "text": p}} for p in pieces),
+        {"type": "content_block_stop", "index": 0},
+    ]
+    for i, block in enumerate(_tool_uses(tool_calls), start=1):
+        events.append({"type": "content_block_start", "index": i,
+                       "content_block": {**block, "input": {}}})
+        events.append({"type": "content_block_delta", "index": i, "delta": {
+            "type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
+        events.append({"type": "content_block_stop", "index": i})
+    events.append({"type": "message_delta", "delta": {"stop_reason": stop_reason,
+                                                      "stop_sequence": None},
+                   "usage": {"output_tokens": 1}})
+    events.append({"type": "message_stop"})
+    return events
+
+
+def named_sse(events: list[dict[str, Any]]) -> bytes:
+    """Events as `event: <type>` + `data:` SSE, as both APIs send them."""
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+async def _sse_named(events: list[dict[str, Any]], reply: Reply) -> AsyncIterator[bytes]:
+    for event in events:
+        yield named_sse([event])
+        await asyncio.sleep(reply.event_delay_s)
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

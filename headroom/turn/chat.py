@@ -35,6 +35,9 @@ class ChatCompletions:
 
     name = "chat.completions"
 
+    def user(self, body: Mapping[str, Any]) -> Any:
+        return body.get("user")
+
     def has_conversation(self, body: Mapping[str, Any]) -> bool:
         return isinstance(body.get("messages"), list)
 
@@ -196,6 +199,9 @@ class ChunkRewriter:
                     choice = {"index": index, "delta": {"content": rest}, "finish_reason": None}
                     out.append(self._extra([choice], like=self._envelope))
         return out
+
+    def ends_answer(self, event: Any) -> bool:
+        return False  # a chat stream ends with `[DONE]`
 
     def _rewrite_choice(self, choice: dict[str, Any], before: list[dict[str, Any]]) -> str | None:
         """The choice's new content when it differs from what came, else None."""

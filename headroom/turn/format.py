@@ -43,9 +43,19 @@ class AnswerStreamStripper(Protocol):
         """At the end of the stream: what was held back and is not the block."""
         ...
 
+    def ends_answer(self, event: Any) -> bool:
+        """True for the event that says the answer is complete (Responses' `response.completed`,
+        Messages' `message_stop`): the transport holds it, and what follows, until the block is
+        stored. Chat completions ends with `[DONE]`, which is not JSON: always False there."""
+        ...
+
 
 class WireFormat(Protocol):
     name: str
+
+    def user(self, body: Mapping[str, Any]) -> Any:
+        """The body's own user id field (`user`, or Messages' `metadata.user_id`), or None."""
+        ...
 
     def has_conversation(self, body: Mapping[str, Any]) -> bool:
         """False when the request has nothing a turn can work with (it passes unchanged)."""

@@ -21,7 +21,14 @@ from .stripper import Block
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Turn"]
+__all__ = ["BLOCK_HEADER", "Turn"]
+
+# The receipt of what came back for memory (`Turn.block_outcome`): stored (a block came back and
+# its ops were queued), none (the model wrote no block), truncated (the block was cut off; what
+# could be read was queued), invalid (a block came back but nothing in it could be read). Two
+# more values say no outcome is known: off (no block was asked for) and pending (a stream: its
+# headers leave before the answer; the outcome is logged and counted in /readyz).
+BLOCK_HEADER = "x-headroom-memory-block"
 
 
 class Turn:
@@ -47,6 +54,7 @@ class Turn:
         self.overhead_ms = 0.0
         self.notes: list[str] = []
         self.stored: bool | None = None  # None: nothing to store; else durable before answering
+        self.block_outcome: str | None = None  # set by store(): stored|none|truncated|invalid
 
     @property
     def active(self) -> bool:
@@ -90,15 +98,25 @@ class Turn:
     async def store(self, block: Block | None) -> None:
         """Parse the block and queue its ops durably, waiting at most `durable_wait_s` for the
         outbox commit (then they stay queued in memory). Never raises."""
-        if block is None or not self.extraction or self.scope is None:
+        if not self.extraction or self.scope is None or self.block_outcome is not None:
+            return
+        if block is None:
+            self._outcome("none")
             return
         try:
             parsed = parse_ops(block.body, truncated=block.truncated, aliases=self.aliases)
         except Exception:  # the parser is tolerant; this guards the fail-open promise regardless
             log.exception("could not parse the memory block of %s", self.request_id)
+            self._outcome("invalid")
             return
         for warning in parsed.warnings:
             log.info("memory block of %s: %s", self.request_id, warning)
+        if block.truncated:
+            self._outcome("truncated")
+        elif not parsed.ops and parsed.warnings:
+            self._outcome("invalid")
+        else:
+            self._outcome("stored")
         if not parsed.ops:
             return
         try:
@@ -109,13 +127,24 @@ class Turn:
             log.exception("could not queue the memory ops of %s", self.request_id)
             self.stored = False
 
+    def _outcome(self, outcome: str) -> None:
+        self.block_outcome = outcome
+        # Per outcome in /readyz: an operator sees when a model does not follow the instruction.
+        self.service.counters[f"memory_block_{outcome}"] += 1
+        log.debug("memory block of %s: %s", self.request_id, outcome)
+
     def receipt(self) -> dict[str, str]:
-        """The receipt headers: what memory did for this request."""
+        """The receipt headers: what memory did for this request. Before `store()` ran (a
+        stream's headers), the block header says `pending`."""
         headers = {
             "x-headroom-request-id": self.request_id,
             "x-headroom-memories-injected": str(self.injected),
             "x-headroom-memory-overhead-ms": f"{self.overhead_ms:.1f}",
         }
+        if self.active:
+            headers[BLOCK_HEADER] = (
+                (self.block_outcome or "pending") if self.extraction else "off"
+            )
         if self.notes:
             headers["x-headroom-memory-notes"] = "; ".join(self.notes)
         return headers
