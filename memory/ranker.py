@@ -13,6 +13,9 @@ call at query time.
 Every feature is computed from the candidate lists the engine already has (the vector hits, the
 BM25 hits, their rows and embeddings, the query's time windows, the words common in this
 user's memories), and is scaled per query, so no weight depends on a corpus's score range.
+Importance and recency are not features: `prior` adds them with the preset's weights, so a
+setting, not a fit, decides how much they count; `diversify` then makes room among the best
+for memories that are not restatements of a better one.
 """
 
 from __future__ import annotations
