@@ -78,7 +78,7 @@ _NOTES = b"x-headroom-memory-notes"
 _ALT_KEYS = (b"x-api-key", b"api-key")
 _EXPOSED = (
     "x-headroom-request-id, x-headroom-memories-injected, x-headroom-memory-overhead-ms, "
-    "x-headroom-memory-notes"
+    "x-headroom-memory-notes, x-headroom-memory-block"
 )
 
 

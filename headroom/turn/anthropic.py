@@ -1,6 +1,7 @@
 """Anthropic's Messages wire format (`POST /v1/messages`) as a turn sees it, over plain dicts.
 
 - The conversation: `messages` (content a string or blocks); the user id is `metadata.user_id`.
+  Recall searches with the latest user text (a turn of only `tool_result`s has none).
 - Injection: the extraction instruction is the first `system` text block (the same bytes on every
   request, ahead of the client's own system prompt: a stable prefix for prompt caching). The
   memories go as a text block at the start of the latest user message (after its `tool_result`
@@ -67,9 +68,14 @@ class Messages:
         return body.get("stream") is True
 
     def query_text(self, body: Mapping[str, Any]) -> str:
-        messages = body["messages"]
-        index = _last_user_index(messages)
-        return _text_of(messages[index].get("content")) if index < len(messages) else ""
+        """The latest user text: a user turn of only `tool_result`s continues the request of
+        the user turn before it, so that one's text is what recall searches with."""
+        for message in reversed(body["messages"]):
+            if isinstance(message, Mapping) and message.get("role") == "user":
+                text = _text_of(message.get("content"))
+                if text:
+                    return text
+        return ""
 
     def extraction_blockers(self, body: Mapping[str, Any]) -> list[str]:
         notes = []
