@@ -1,22 +1,58 @@
-"""Shared fixtures: an isolated environment, a fake embedder, a fresh engine per test, and the
-real MiniLM on each local runtime, loaded once per session."""
+"""Shared fixtures: an isolated environment, a fake embedder, a fresh engine per test, the real
+MiniLM on each local runtime (loaded once per session), and the engine suites on both backends.
+
+Both backends: every test in an engine module (`ENGINE_MODULES`) runs once on SQLite and once on
+PostgreSQL (`--backend sqlite|postgres|all`, default all). On the PostgreSQL leg each database file
+a test hands the engine becomes a fresh schema of the module's database on tests/pg.py's private
+server (one per session), the same file always the same schema, so reopening a "file" reopens
+its schema; the engine's config then carries that URL. A test that by nature reads the SQLite
+file (page counts, sqlite-vec partitions, file sizes, a child process opening the path) says so
+with `@pytest.mark.sqlite_only("why")` and runs on SQLite only; the run's summary counts both.
+"""
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
+from headroom.memory import wiring
 from headroom.memory.db import sqlite_versions
 from headroom.memory.embedders import LocalEmbedder, OnnxEmbedder
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import MemoryConfig
 from tests.fakes import FakeEmbedder
+from tests.pg import pg_database, pg_server, schema_url  # noqa: F401 (fixtures)
+
+BACKENDS = ("sqlite", "postgres")
+# The modules whose engines run on both backends.
+ENGINE_MODULES = (
+    "test_engine_", "test_recall.py", "test_recall_scenarios.py", "test_turn_core.py",
+    "test_spec_examples.py",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--backend", choices=("sqlite", "postgres", "all"), default="all",
+        help="storage backend(s) the engine suites run on (default: all)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sqlite_only(reason): reads the SQLite file itself, so it runs on the SQLite backend only",
+    )
+    config.stash[_RUNS] = Counter()
+    config.stash[_ADDED] = [0.0]
     # Session fixtures load the models before any per-test fixture runs, and libgomp reads
     # OMP_WAIT_POLICY once, when torch loads it: set the calm defaults for the whole process.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -28,6 +64,59 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
     )
+
+
+_RUNS = pytest.StashKey[Counter[str]]()
+_ADDED = pytest.StashKey[list[float]]()
+
+
+def _is_engine_module(path: Path) -> bool:
+    return path.parent.name == "tests" and path.name.startswith(ENGINE_MODULES)
+
+
+def _sqlite_only_reason(node: Any) -> str | None:
+    marker = node.get_closest_marker("sqlite_only")
+    if marker is None:
+        return None
+    reason = marker.args[0] if marker.args else marker.kwargs.get("reason")
+    if not reason:
+        raise pytest.UsageError(f"{node.nodeid}: sqlite_only needs a reason")
+    return str(reason)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine_backend" not in metafunc.fixturenames:
+        return
+    if not _is_engine_module(Path(str(metafunc.definition.path))):
+        return
+    chosen = metafunc.config.getoption("--backend")
+    backends = [b for b in BACKENDS if chosen in ("all", b)]
+    if _sqlite_only_reason(metafunc.definition) is not None:
+        backends = [b for b in backends if b == "sqlite"]
+    # An empty list makes pytest report the test as not run for this backend, with its reason.
+    metafunc.parametrize("engine_backend", backends, indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    runs = config.stash[_RUNS]
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "engine_backend" in callspec.params:
+            backend = callspec.params["engine_backend"]
+            if backend in BACKENDS:
+                runs[backend] += 1
+            if _sqlite_only_reason(item) is not None:
+                runs["sqlite_only"] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    runs = config.stash[_RUNS]
+    if runs["sqlite"] or runs["postgres"]:
+        terminalreporter.write_line(
+            f"engine tests: {runs['sqlite']} on sqlite, {runs['sqlite_only']} of them "
+            "marked sqlite_only; "
+            f"{runs['postgres']} on postgres ({config.stash[_ADDED][0]:.1f}s in postgres tests)"
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -46,6 +135,40 @@ def _env_setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None
     # platformdirs honours XDG_DATA_HOME: a MemoryConfig without db_path lands in tmp_path.
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def engine_backend(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The backend this test's engines are built on (see the module docstring)."""
+    backend: str = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield backend
+        return
+    started = time.perf_counter()
+    database: str = request.getfixturevalue("pg_database")
+    schemas: dict[str, str] = {}
+    build = wiring._build
+
+    def build_on_postgres(config: MemoryConfig, embedder: Any) -> Any:
+        target = str(config.db_path)
+        if not wiring.is_database_url(target):
+            if target == ":memory:" or target not in schemas:
+                name = f"e_{uuid.uuid4().hex[:12]}"
+                with psycopg.connect(database, autocommit=True) as conn:
+                    conn.execute(f'CREATE SCHEMA "{name}"')
+                schemas[target] = schema_url(database, name)
+            # In place: the engine keeps the caller's config, so its db_path (stats, the raw
+            # table helpers in tests/backend_rows.py) names the schema the engine really uses.
+            config.db_path = schemas[target]
+        return build(config, embedder)
+
+    monkeypatch.setattr(wiring, "_build", build_on_postgres)
+    try:
+        yield backend
+    finally:
+        request.config.stash[_ADDED][0] += time.perf_counter() - started
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ async def _fill_many_users(path: Path, chunk_size: int, users: int, per_user: in
     return path.stat().st_size
 
 
+@pytest.mark.sqlite_only("measures the SQLite file per sqlite-vec chunk size")
 async def test_vector_chunk_size_bounds_per_user_storage(tmp_path: Path) -> None:
     # Users move into sqlite-vec partitions once they hold COMPACT_LIMIT vectors; from then on
     # each partition takes its chunks whole: 1024 slots of 64 floats where 8-slot chunks fit.
@@ -105,6 +106,7 @@ async def test_reader_threads_sizes_the_read_pool(tmp_path: Path) -> None:
     assert len(seen) == 2 and all(name.startswith("headroom-reader") for name in seen)
 
 
+@pytest.mark.sqlite_only("counts FTS5 segments in the SQLite file")
 async def test_optimize_merges_full_text_segments(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     mem = await HierarchicalMemory.create(MemoryConfig(db_path=path), embedder=FakeEmbedder())
@@ -124,6 +126,7 @@ async def test_optimize_merges_full_text_segments(tmp_path: Path) -> None:
         await mem.close()
 
 
+@pytest.mark.sqlite_only("reads sqlite-vec partitions")
 async def test_vector_partitions_are_indexed(tmp_path: Path) -> None:
     path = tmp_path / "i.db"
     mem = await HierarchicalMemory.create(MemoryConfig(db_path=path), embedder=FakeEmbedder())

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from headroom.memory.db import connect
 from headroom.memory.errors import (
     ConfigError,
     EmbedderError,
@@ -19,27 +18,21 @@ from headroom.memory.errors import (
     ValidationError,
 )
 from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
-from headroom.memory.models import MemoryCategory, MemoryConfig, MemoryFilter
+from headroom.memory.models import MemoryCategory, MemoryConfig, MemoryFilter, is_database_url
+from tests.backend_rows import row_counts
 from tests.fakes import FakeEmbedder
 
 TABLES = ("memories", "memory_events", "memory_vectors", "memories_fts", "outbox")
 
 
-def raw_counts(path: Path) -> dict[str, int]:
-    conn = connect(path)
-    try:
-        counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
-        # Vectors of users with few memories sit in the compact table, not yet in vec0.
-        counts["memory_vectors"] += conn.execute(
-            "SELECT count(*) FROM memory_vectors_compact"
-        ).fetchone()[0]
-        return counts
-    finally:
-        conn.close()
+def raw_counts(target: str | Path) -> dict[str, int]:
+    return row_counts(target)
 
 
-def db_path(memory: HierarchicalMemory) -> Path:
-    return Path(str(memory.config.db_path))
+def db_path(memory: HierarchicalMemory) -> str | Path:
+    """The engine's database: a file, or on conftest's PostgreSQL leg its schema's URL."""
+    target = memory.config.db_path
+    return target if is_database_url(target) else Path(str(target))
 
 
 async def test_add_then_get_round_trips_every_field(memory: HierarchicalMemory) -> None:

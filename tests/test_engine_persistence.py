@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from headroom.memory.db import connect
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.migrations import MIGRATIONS
@@ -42,6 +44,7 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.sqlite_only("checks the SQLite migrations recorded in the file")
 async def test_reopen_needs_no_rebuild(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     mem = await open_memory(path)
@@ -75,6 +78,7 @@ async def test_reopen_needs_no_rebuild(tmp_path: Path) -> None:
     assert sorted(raw(path, "SELECT name FROM schema_version")) == [(n,) for n, _ in MIGRATIONS]
 
 
+@pytest.mark.sqlite_only("a child process opens the SQLite file by its path")
 async def test_another_process_reads_while_open(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     mem = await open_memory(path)
@@ -114,6 +118,7 @@ async def test_another_process_reads_while_open(tmp_path: Path) -> None:
         await mem.close()
 
 
+@pytest.mark.sqlite_only("holds a write transaction on the SQLite file (WAL readers)")
 async def test_readers_are_not_blocked_by_an_open_write(tmp_path: Path) -> None:
     """WAL: a reader sees the last commit while another connection holds a write transaction."""
     path = tmp_path / "m.db"
@@ -137,6 +142,7 @@ async def test_readers_are_not_blocked_by_an_open_write(tmp_path: Path) -> None:
         await mem.close()
 
 
+@pytest.mark.sqlite_only("checks the SQLite file's integrity and raw tables")
 async def test_two_instances_writing_concurrently(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     first, second = await open_memory(path), await open_memory(path)
@@ -167,6 +173,7 @@ async def test_two_instances_writing_concurrently(tmp_path: Path) -> None:
     assert raw(path, "SELECT superseded_by FROM memories WHERE id = ?", (old.id,)) == [(new.id,)]
 
 
+@pytest.mark.sqlite_only("a child process opens the SQLite file by its path")
 async def test_a_second_process_writing_at_the_same_time(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     mem = await open_memory(path)

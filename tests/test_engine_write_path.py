@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import sys
 import textwrap
 import time
@@ -21,6 +20,7 @@ import pytest
 from headroom.memory import HierarchicalMemory, MemoryConfig
 from headroom.memory.errors import LimitExceededError, StorageError
 from headroom.memory.models import AddOp, ForgetOp, MemoryFilter, MemoryOps, Scope, UpdateOp
+from tests.backend_rows import outbox_rows
 from tests.fakes import FakeEmbedder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,15 +77,6 @@ async def wait_until(
         await asyncio.sleep(0.05)
 
 
-def outbox_rows(path: Path) -> int:
-    """Rows in the outbox as another connection (another process) sees them."""
-    conn = sqlite3.connect(path)
-    try:
-        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
-    finally:
-        conn.close()
-
-
 # --- durable submit ------------------------------------------------------------------------------
 
 
@@ -95,7 +86,7 @@ async def test_submit_returns_once_the_row_is_committed(tmp_path: Path) -> None:
     try:
         outbox_id = await mem.submit(add("Committed before submit returns"), Scope("ann"))
         assert isinstance(outbox_id, int)
-        assert outbox_rows(path) == 1  # visible to another connection: it is on disk
+        assert outbox_rows(mem.config.db_path) == 1  # visible to another connection
         health = await mem.health()
         assert health == {
             "status": "ok", "reasons": [], "outbox_pending": 1, "dead_letters": 0,
@@ -222,6 +213,7 @@ def bulky(i: int) -> str:
     return f"fact {i} kept through a full disk " + " ".join(f"w{i}x{j}" for j in range(700))
 
 
+@pytest.mark.sqlite_only("makes the SQLite connection fail as on a full disk")
 async def test_a_full_database_loses_no_op(tmp_path: Path) -> None:
     mem = await open_memory(tmp_path / "m.db", HeadEmbedder())
     try:
@@ -253,6 +245,7 @@ async def test_a_full_database_loses_no_op(tmp_path: Path) -> None:
         await mem.close()
 
 
+@pytest.mark.sqlite_only("makes the SQLite connection fail as on a full disk")
 async def test_the_in_memory_queue_is_bounded(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     mem = await open_memory(path, HeadEmbedder(), memory_queue_max_ops=3)
@@ -348,6 +341,7 @@ async def events_by_request(mem: HierarchicalMemory, user: str) -> Counter[tuple
     return seen
 
 
+@pytest.mark.sqlite_only("child processes open the SQLite file by its path")
 async def test_two_processes_apply_every_row_exactly_once(tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
     adds, kept = 120, 20

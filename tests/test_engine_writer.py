@@ -110,6 +110,7 @@ async def test_outbox_left_by_a_closed_instance_is_replayed(tmp_path: Path) -> N
         await third.close()
 
 
+@pytest.mark.sqlite_only("a child process opens the SQLite file by its path")
 async def test_outbox_left_by_a_crashed_process_is_replayed(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     code = """

@@ -15,6 +15,7 @@ from headroom.memory.embedders import OnnxEmbedder
 from headroom.memory.ports import Embedder
 
 
+@pytest.mark.sqlite_only("checks the SQLite file the example names is created")
 def test_advanced_usage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     local_embedder: OnnxEmbedder,
@@ -114,6 +115,7 @@ def test_advanced_usage(
     assert out["VectorFilter"] is MemoryFilter
 
 
+@pytest.mark.sqlite_only("checks the default SQLite file lands in the data directory")
 def test_temporal_versioning(tmp_path: Path) -> None:
     from headroom.memory import HierarchicalMemory, MemoryCategory, MemoryFilter
 

@@ -84,6 +84,7 @@ def test_cap_query_keeps_head_and_tail() -> None:
     assert capped == "aaaaa\nbbbbb" and len(capped) == 11
 
 
+@pytest.mark.sqlite_only("holds the SQLite file's write lock from another connection")
 async def test_store_waits_only_its_bound_then_keeps_the_ops_queued(
     service: MemoryService,
 ) -> None:
@@ -122,6 +123,7 @@ async def test_json_modes_and_logprobs_ask_for_no_block(service: MemoryService) 
         assert t.stored is None  # nothing was asked for, so nothing is stored
 
 
+@pytest.mark.sqlite_only("a SQLite path that cannot be created")
 async def test_without_a_database_the_request_goes_as_it_came(tmp_path: Path) -> None:
     svc = MemoryService(MemoryConfig(db_path=tmp_path / "missing" / "dir" / "x.db"))
     (tmp_path / "missing").write_text("a file where a directory should be")

@@ -29,6 +29,8 @@ __all__ = ["CHANNEL", "PgNotifyCache"]
 
 CHANNEL = "headroom_cache"
 _CLEAR = "*"
+# No memory id: sent by close() so the listener stops now instead of at the end of its poll.
+_WAKE = ""
 _RECONNECT_S = 1.0
 
 
@@ -106,6 +108,8 @@ class PgNotifyCache:
                     self._listening.set()
                     while not self._stop.is_set():
                         for notice in conn.notifies(timeout=0.5):
+                            if self._stop.is_set() or notice.payload == _WAKE:
+                                break
                             if notice.payload == _CLEAR:
                                 self.local.clear()
                             else:
@@ -121,4 +125,12 @@ class PgNotifyCache:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not threading.current_thread():
+            self._wake_listener()
             self._thread.join(timeout=5)
+
+    def _wake_listener(self) -> None:
+        try:  # the pool, not db.connection(): the database is already marked closed
+            with self.db.pool.connection(timeout=1) as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, _WAKE))
+        except Exception:  # the listener then stops at the end of its poll
+            log.debug("could not wake the cache listener", exc_info=True)
