@@ -1,6 +1,14 @@
-"""`with_memory(client, user_id=...)`: a turn with memory around every chat completion of any
-OpenAI-compatible client object with `.chat.completions.create` (sync or async, streaming or
-not), in-process. It imports neither the HTTP proxy nor its web stack.
+"""`with_memory(client, user_id=...)`: a turn with memory around every chat completion, Responses
+call and Anthropic message of a client, in-process. It imports neither the HTTP proxy nor its web
+stack.
+
+For the official `openai` and `anthropic` SDKs (sync and async) memory is installed below the SDK,
+in its httpx client (`headroom.turn.transport`): every entry point that sends a chat completion,
+a Responses call or a message gets it - `create`, `stream()`, `parse()`, `with_raw_response`,
+`with_streaming_response`, `with_options(...)` copies, `responses.*`, `messages.*`. What cannot
+get memory (legacy completions, realtime sessions, batches) works as before and logs a warning
+once. Any other object with `.chat.completions.create` gets memory on that method only, and a
+warning once says so.
 
 One engine per database runs on a background thread with its own event loop
 (`headroom.turn.runtime`), shared by every wrapper on that database; each wrapper keeps its own
@@ -18,6 +26,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+
 from .memory.models import (
     EmbedderBackend,
     Memory,
@@ -34,6 +44,7 @@ from .turn.format import AnswerStreamStripper
 from .turn.runtime import Runtime, runtime_for
 from .turn.service import RecallSettings
 from .turn.stripper import Block
+from .turn.transport import AsyncMemoryTransport, MemoryTransport, TurnMaker
 from .turn.turn import Turn
 
 log = logging.getLogger(__name__)
@@ -69,9 +80,11 @@ def with_memory(
         config = MemoryConfig(db_path=db_path, embedder_backend=embedder_backend,
                               embedder_model=embedder_model)
     create = getattr(getattr(getattr(client, "chat", None), "completions", None), "create", None)
-    if not callable(create):
+    http = _sdk_http_client(client)
+    if not callable(create) and http is None:
         raise TypeError(
-            "with_memory needs an OpenAI-compatible client with chat.completions.create"
+            "with_memory needs an openai or anthropic SDK client, or an OpenAI-compatible "
+            "client with chat.completions.create"
         )
     preset = recall_preset if recall_preset is not None else config.recall_preset
     get_preset(preset)  # an unknown preset fails here, not on the first call
@@ -83,7 +96,67 @@ def with_memory(
         timeout_s=recall_timeout_s,
     )
     scope = Scope(user_id, session_id, agent_id)
-    return MemoryClient(client, scope, runtime, settings, is_async=_is_async(create))
+    is_async = isinstance(http, httpx.AsyncClient) if http is not None else _is_async(create)
+    return MemoryClient(client, scope, runtime, settings, is_async=is_async)
+
+
+def _sdk_http_client(client: Any) -> httpx.Client | httpx.AsyncClient | None:
+    """The httpx client of an official SDK client (openai, anthropic: Stainless-built, with
+    `with_options`), where memory can sit below every entry point; else None."""
+    http = getattr(client, "_client", None)
+    if callable(getattr(client, "with_options", None)) and isinstance(
+        http, (httpx.Client, httpx.AsyncClient)
+    ):
+        return http
+    return None
+
+
+def _install(client: Any, maker: TurnMaker) -> Any:
+    """A copy of the SDK client whose httpx client runs every memory-bearing request through a
+    turn; the requests go out through the original httpx client's own transports (proxies,
+    certificates, connection pool). The original client is left as it was."""
+    http = _sdk_http_client(client)
+    if isinstance(http, httpx.AsyncClient):
+        inner_async = http
+
+        async def asend(request: httpx.Request) -> httpx.Response:
+            transport = inner_async._transport_for_url(request.url)
+            return await transport.handle_async_request(request)
+
+        async def aclose() -> None:
+            return None  # the connections are the original client's, closed with it
+
+        wrapped: httpx.Client | httpx.AsyncClient = httpx.AsyncClient(
+            transport=AsyncMemoryTransport(asend, maker, aclose), timeout=http.timeout,
+            follow_redirects=http.follow_redirects,
+        )
+    else:
+        assert isinstance(http, httpx.Client)
+        inner = http
+
+        def send(request: httpx.Request) -> httpx.Response:
+            return inner._transport_for_url(request.url).handle_request(request)
+
+        wrapped = httpx.Client(
+            transport=MemoryTransport(send, maker, lambda: None), timeout=http.timeout,
+            follow_redirects=http.follow_redirects,
+        )
+    return client.with_options(http_client=wrapped)
+
+
+# Parts of an SDK client whose requests never reach a memory route: they work, without memory.
+_UNCOVERED = {
+    "completions": "legacy completions (client.completions) get no memory",
+    "realtime": "realtime sessions (websockets) get no memory",
+    "batches": "batch jobs run upstream and get no memory",
+}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("with_memory: %s", message)
 
 
 def _is_async(create: Any) -> bool:
@@ -96,21 +169,45 @@ def _is_async(create: Any) -> bool:
 
 
 class MemoryClient:
-    """The wrapped client: `.chat.completions.create` remembers; everything else is the client's."""
+    """The wrapped client. An SDK client: every chat completion, Responses call and message
+    remembers (see the module docstring); other objects: `.chat.completions.create` remembers.
+    Everything else is the client's."""
 
     def __init__(self, client: Any, scope: Scope, runtime: Runtime, settings: RecallSettings,
                  *, is_async: bool) -> None:
-        self._client = client
+        self._raw = client
         self._scope = scope
         self._runtime = runtime
+        self._is_async = is_async
         self.settings = settings
-        completions = _Completions(client.chat.completions, scope, runtime, settings, is_async)
-        self.chat = _Namespace(client.chat, completions=completions)
+        self._maker = TurnMaker(scope, runtime, settings)
+        if _sdk_http_client(client) is not None:
+            self._client = _install(client, self._maker)
+        else:
+            self._client = client
+            completions = _Completions(client.chat.completions, scope, runtime, settings,
+                                       is_async)
+            self.chat = _Namespace(client.chat, completions=completions)
+            _warn_once(f"plain:{type(client).__name__}",
+                       f"{type(client).__name__} is not an openai/anthropic SDK client: only "
+                       "chat.completions.create gets memory; its other methods reach the "
+                       "client without memory")
         self.memory: MemoryAPI | AsyncMemoryAPI = (
             AsyncMemoryAPI(scope, runtime) if is_async else MemoryAPI(scope, runtime)
         )
 
+    def with_options(self, **options: Any) -> MemoryClient:
+        """The SDK's copy with other options, memory included (also with its own http_client)."""
+        return MemoryClient(self._raw.with_options(**options), self._scope, self._runtime,
+                            self.settings, is_async=self._is_async)
+
+    copy = with_options
+
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_client", "_raw"):
+            raise AttributeError(name)  # not set yet (or never): no recursion through here
+        if name in _UNCOVERED:
+            _warn_once(name, _UNCOVERED[name])
         return getattr(self._client, name)
 
 
