@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
+from ..memory.errors import ConfigError
 from ..memory.models import EmbedderBackend, MemoryConfig, default_db_path
 from .policy import DEFAULT_UPSTREAM_ROUTES
 
@@ -29,6 +31,10 @@ class ProxyConfig:
     embedder_runtime: str = "auto"
     top_k: int = 5
     token_budget: int = 800
+    recall_preset: str = "default"  # a name from headroom.memory.recall.PRESETS
+    # Every other MemoryConfig field, by name (e.g. {"max_memories_per_user": 5000}): the engine's
+    # whole configuration reaches it, none silently dropped (see memory_config).
+    memory_options: Mapping[str, Any] = field(default_factory=dict)
     log_level: str = "info"
     # Memory work must never hold a request up for long: past this, recall is skipped (fail open).
     recall_timeout_s: float = 2.0
@@ -68,15 +74,19 @@ class ProxyConfig:
     path_aliases: tuple[tuple[str, str], ...] = (("/openai/v1/", "/v1/"),)
 
     def memory_config(self) -> MemoryConfig:
-        return MemoryConfig(
-            db_path=self.db_path,
-            embedder_backend=self.embedder_backend,
-            embedder_model=self.embedder_model,
-            openai_api_key=self.openai_api_key,
-            ollama_base_url=self.ollama_base_url,
-            torch_threads=self.torch_threads,
-            embedder_runtime=self.embedder_runtime,
-        )
+        """The engine's configuration: every field this config shares with MemoryConfig by name,
+        then `memory_options` for the rest. The one place the proxy derives it."""
+        engine_fields = {f.name for f in fields(MemoryConfig)}
+        unknown = sorted(set(self.memory_options) - engine_fields)
+        if unknown:
+            raise ConfigError(f"unknown memory option(s) {', '.join(unknown)}; MemoryConfig has "
+                              f"{', '.join(sorted(engine_fields))}")
+        shared = {f.name: getattr(self, f.name) for f in fields(self) if f.name in engine_fields}
+        clashes = sorted(set(shared) & set(self.memory_options))
+        if clashes:
+            raise ConfigError(f"set {', '.join(clashes)} on ProxyConfig itself, not in "
+                              "memory_options")
+        return MemoryConfig(**shared, **self.memory_options)
 
     @property
     def upstream_base(self) -> str:
