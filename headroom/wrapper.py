@@ -26,8 +26,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
-
 from .memory.models import (
     EmbedderBackend,
     Memory,
@@ -44,7 +42,7 @@ from .turn.format import AnswerStreamStripper
 from .turn.runtime import Runtime, runtime_for
 from .turn.service import RecallSettings
 from .turn.stripper import Block
-from .turn.transport import AsyncMemoryTransport, MemoryTransport, TurnMaker
+from .turn.transport import TurnMaker, httpx_module, transport_classes
 from .turn.turn import Turn
 
 log = logging.getLogger(__name__)
@@ -96,19 +94,23 @@ def with_memory(
         timeout_s=recall_timeout_s,
     )
     scope = Scope(user_id, session_id, agent_id)
-    is_async = isinstance(http, httpx.AsyncClient) if http is not None else _is_async(create)
+    is_async = _is_async_http(http) if http is not None else _is_async(create)
     return MemoryClient(client, scope, runtime, settings, is_async=is_async)
 
 
-def _sdk_http_client(client: Any) -> httpx.Client | httpx.AsyncClient | None:
-    """The httpx client of an official SDK client (openai, anthropic: Stainless-built, with
-    `with_options`), where memory can sit below every entry point; else None."""
+def _sdk_http_client(client: Any) -> Any:
+    """The httpx (or httpx2) client of an official SDK client (openai, anthropic:
+    Stainless-built, with `with_options`), where memory can sit below every entry point; else
+    None."""
     http = getattr(client, "_client", None)
-    if callable(getattr(client, "with_options", None)) and isinstance(
-        http, (httpx.Client, httpx.AsyncClient)
-    ):
+    if callable(getattr(client, "with_options", None)) and httpx_module(http) is not None:
         return http
     return None
+
+
+def _is_async_http(http: Any) -> bool:
+    hx = httpx_module(http)
+    return hx is not None and isinstance(http, hx.AsyncClient)
 
 
 def _install(client: Any, maker: TurnMaker) -> Any:
@@ -116,31 +118,26 @@ def _install(client: Any, maker: TurnMaker) -> Any:
     turn; the requests go out through the original httpx client's own transports (proxies,
     certificates, connection pool). The original client is left as it was."""
     http = _sdk_http_client(client)
-    if isinstance(http, httpx.AsyncClient):
-        inner_async = http
+    hx = httpx_module(http)
+    assert hx is not None
+    sync_transport, async_transport = transport_classes(hx)
+    if isinstance(http, hx.AsyncClient):
 
-        async def asend(request: httpx.Request) -> httpx.Response:
-            transport = inner_async._transport_for_url(request.url)
-            return await transport.handle_async_request(request)
+        async def asend(request: Any) -> Any:
+            return await http._transport_for_url(request.url).handle_async_request(request)
 
         async def aclose() -> None:
             return None  # the connections are the original client's, closed with it
 
-        wrapped: httpx.Client | httpx.AsyncClient = httpx.AsyncClient(
-            transport=AsyncMemoryTransport(asend, maker, aclose), timeout=http.timeout,
-            follow_redirects=http.follow_redirects,
-        )
+        wrapped = hx.AsyncClient(transport=async_transport(asend, maker, aclose),
+                                 timeout=http.timeout, follow_redirects=http.follow_redirects)
     else:
-        assert isinstance(http, httpx.Client)
-        inner = http
 
-        def send(request: httpx.Request) -> httpx.Response:
-            return inner._transport_for_url(request.url).handle_request(request)
+        def send(request: Any) -> Any:
+            return http._transport_for_url(request.url).handle_request(request)
 
-        wrapped = httpx.Client(
-            transport=MemoryTransport(send, maker, lambda: None), timeout=http.timeout,
-            follow_redirects=http.follow_redirects,
-        )
+        wrapped = hx.Client(transport=sync_transport(send, maker, lambda: None),
+                            timeout=http.timeout, follow_redirects=http.follow_redirects)
     return client.with_options(http_client=wrapped)
 
 
