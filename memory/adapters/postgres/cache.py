@@ -100,12 +100,16 @@ class PgNotifyCache:
         self.local.invalidate(memory_id)
 
     def _listen(self) -> None:
+        lost = False  # one warning per outage, not one traceback per reconnect attempt
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.db.url, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.local.clear()  # whatever happened while we were not listening
                     self._listening.set()
+                    if lost:
+                        log.warning("cache listener reconnected")
+                        lost = False
                     while not self._stop.is_set():
                         for notice in conn.notifies(timeout=0.5):
                             if self._stop.is_set() or notice.payload == _WAKE:
@@ -114,10 +118,14 @@ class PgNotifyCache:
                                 self.local.clear()
                             else:
                                 self._drop(notice.payload)
-            except Exception:
+            except Exception as exc:
                 if self._stop.is_set():
                     return
-                log.warning("cache listener lost its connection; reconnecting", exc_info=True)
+                if not lost:
+                    log.warning("cache listener lost its connection, reconnecting: %s",
+                                str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                lost = True
+                log.debug("cache listener reconnect failed", exc_info=True)
             self._listening.clear()
             self.local.clear()
             self._stop.wait(_RECONNECT_S)
