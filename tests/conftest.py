@@ -91,9 +91,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     chosen = metafunc.config.getoption("--backend")
     backends = [b for b in BACKENDS if chosen in ("all", b)]
-    if _sqlite_only_reason(metafunc.definition) is not None:
+    reason = _sqlite_only_reason(metafunc.definition)
+    if reason is not None:
         backends = [b for b in backends if b == "sqlite"]
-    # An empty list makes pytest report the test as not run for this backend, with its reason.
+    if not backends:  # --backend postgres on a sqlite_only test: say why it does not run
+        skipped = pytest.param("postgres", marks=pytest.mark.skip(reason=f"sqlite_only: {reason}"))
+        metafunc.parametrize("engine_backend", [skipped], indirect=True)
+        return
     metafunc.parametrize("engine_backend", backends, indirect=True)
 
 
@@ -103,9 +107,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         if callspec is not None and "engine_backend" in callspec.params:
             backend = callspec.params["engine_backend"]
-            if backend in BACKENDS:
+            if _sqlite_only_reason(item) is None:
                 runs[backend] += 1
-            if _sqlite_only_reason(item) is not None:
+            elif backend == "sqlite":
+                runs[backend] += 1
                 runs["sqlite_only"] += 1
 
 
