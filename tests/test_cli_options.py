@@ -16,7 +16,7 @@ from typer.testing import CliRunner, Result
 
 from headroom import cli
 from headroom._cli import options
-from headroom.memory.models import EmbedderBackend
+from headroom.memory.models import EmbedderBackend, MemoryConfig
 from headroom.proxy.config import ProxyConfig
 from tests.servers import running_upstream
 
@@ -241,3 +241,26 @@ def test_db_must_not_be_a_directory(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "is a directory" in result.stderr
     assert options.parse_db("postgresql://me@db.example//memories") == (
         "postgresql://me@db.example//memories")  # a URL keeps its slashes
+
+
+def test_serve_recall_preset_and_operator_limits_reach_the_engine_config(
+    tmp_path: Path, served: list[ProxyConfig]
+) -> None:
+    _serve(tmp_path, "--recall-preset", "common", "--max-memories-per-user", "500",
+           "--max-new-users-per-minute", "30")
+    _serve(tmp_path, env={"HEADROOM_RECALL_PRESET": "dated",
+                          "HEADROOM_MAX_MEMORIES_PER_USER": "7"})
+    _serve(tmp_path)
+    flags, environment, defaults = (c.memory_config() for c in served)
+    assert (flags.recall_preset, flags.max_memories_per_user,
+            flags.max_new_users_per_minute) == ("common", 500, 30)
+    assert (environment.recall_preset, environment.max_memories_per_user,
+            environment.max_new_users_per_minute) == ("dated", 7, 0)
+    engine_default = MemoryConfig()
+    assert (defaults.recall_preset, defaults.max_memories_per_user,
+            defaults.max_new_users_per_minute) == (
+        engine_default.recall_preset, engine_default.max_memories_per_user,
+        engine_default.max_new_users_per_minute)
+    unknown = _serve(tmp_path, "--recall-preset", "psychic", expect=2)
+    assert "not a preset" in unknown.stderr and "default" in unknown.stderr
+    assert len(served) == 3

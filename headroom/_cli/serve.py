@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..memory.recall import PRESETS
 from ..proxy.auth import AuthConfigError
 from ..proxy.config import ProxyConfig
 from .banner import print_summary, startup_summary
@@ -89,6 +90,42 @@ DurableWaitOpt = _seconds(
     "Seconds the answer's last byte waits for its memory writes to be durably queued; past "
     "that the answer goes out and the writes stay queued in memory for retry.",
     zero_allowed=True,
+)
+
+
+def _preset(value: str) -> str:
+    if value not in PRESETS:
+        raise typer.BadParameter(f"{value!r} is not a preset; one of {', '.join(PRESETS)}")
+    return value
+
+
+RecallPresetOpt = Annotated[
+    str,
+    typer.Option(
+        "--recall-preset", envvar="HEADROOM_RECALL_PRESET", callback=_preset,
+        rich_help_panel=_LIMITS,
+        help=f"How recall ranks memories: one of {', '.join(PRESETS)}.",
+    ),
+]
+
+
+def _limit(flag: str, env: str, text: str) -> Any:
+    return Annotated[
+        int | None,
+        typer.Option(flag, envvar=env, min=0, rich_help_panel=_LIMITS, show_default=False,
+                     help=text),
+    ]
+
+
+MaxMemoriesOpt = _limit(
+    "--max-memories-per-user", "HEADROOM_MAX_MEMORIES_PER_USER",
+    "Current memories a user may hold; the model's adds past it are skipped. Default: 0, no "
+    "limit.",
+)
+MaxNewUsersOpt = _limit(
+    "--max-new-users-per-minute", "HEADROOM_MAX_NEW_USERS_PER_MINUTE",
+    "Users seen for the first time per minute whose memories are stored (each new user costs "
+    "disk). Default: 0, no limit.",
 )
 
 
@@ -219,6 +256,9 @@ def serve(
     body_read_timeout: BodyReadOpt = None,
     header_read_timeout: HeaderReadOpt = None,
     durable_wait: DurableWaitOpt = None,
+    recall_preset: RecallPresetOpt = "default",
+    max_memories_per_user: MaxMemoriesOpt = None,
+    max_new_users_per_minute: MaxNewUsersOpt = None,
     auth: AuthOpt = AuthMode.AUTO,
     allow_unauthenticated: AllowUnauthenticatedOpt = False,
     key_db: KeyDbOpt = None,
@@ -249,7 +289,13 @@ def serve(
         db_path=db_path(db), embedder_backend=embed.backend, embedder_model=embed.model,
         openai_api_key=embed.openai_api_key, ollama_base_url=embed.ollama_url,
         torch_threads=embed.torch_threads, embedder_runtime=embed.runtime, top_k=top_k,
-        token_budget=token_budget, log_level=log_level.value,
+        token_budget=token_budget, log_level=log_level.value, recall_preset=recall_preset,
+        memory_options={
+            name: value for name, value in (
+                ("max_memories_per_user", max_memories_per_user),
+                ("max_new_users_per_minute", max_new_users_per_minute),
+            ) if value is not None
+        },
         auth=auth.value, allow_unauthenticated=allow_unauthenticated, key_db_path=key_db,
         cors_origins=tuple(cors_origin or ()),
         tenant_upstream_keys=_tenant_keys(tenant_upstream_keys_file),
