@@ -152,3 +152,35 @@ def test_groq_style_path_alias_reaches_the_memory_route(proxy: Proxy) -> None:
     assert answer.choices[0].message.content == "Hi."
     assert [m.content for m in proxy.memories("hal")] == [TEA]
     assert client.models.list().data[0].id == "fake-model"  # pass-through routes too
+
+
+def test_block_receipt_per_outcome_and_its_counters(proxy: Proxy) -> None:
+    before = readyz_counters(proxy)
+    proxy.upstream.queue("No block here.", 'Cut <memory>{"add": ["Likes ',
+                         "Odd.<memory>not json at all</memory>")
+    client = proxy.client("ivy")
+    outcomes = [client.responses.with_raw_response.create(model="m", input="hi")
+                .headers["x-headroom-memory-block"] for _ in range(3)]
+    assert outcomes == ["none", "truncated", "invalid"]
+    after = readyz_counters(proxy)
+    for outcome in ("none", "truncated", "invalid"):
+        key = f"memory_block_{outcome}"
+        assert after.get(key, 0) == before.get(key, 0) + 1
+
+
+def test_path_aliases_are_configurable() -> None:
+    from headroom.proxy.aliases import PathAliases
+
+    seen: list[tuple[str, bytes]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((scope["path"], scope["raw_path"]))
+
+    aliases = PathAliases(app, [("/openai/v1/", "/v1/"), ("/openai/v1/x/", "/v1/y/")])
+    for path in ("/openai/v1/chat/completions", "/openai/v1/x/z", "/v1/models",
+                 "/other/v1/models"):
+        scope = {"type": "http", "path": path, "raw_path": path.encode()}
+        asyncio.run(aliases(scope, None, None))
+    assert [p for p, _ in seen] == ["/v1/chat/completions", "/v1/y/z", "/v1/models",
+                                    "/other/v1/models"]
+    assert seen[0][1] == b"/v1/chat/completions"  # the upstream gets the served path

@@ -131,7 +131,9 @@ class Turn:
         self.block_outcome = outcome
         # Per outcome in /readyz: an operator sees when a model does not follow the instruction.
         self.service.counters[f"memory_block_{outcome}"] += 1
-        log.debug("memory block of %s: %s", self.request_id, outcome)
+        # A stream's receipt said `pending`: its outcome is in the log, by request id.
+        level = logging.INFO if outcome in ("truncated", "invalid") else logging.DEBUG
+        log.log(level, "memory block of %s: %s", self.request_id, outcome)
 
     def receipt(self) -> dict[str, str]:
         """The receipt headers: what memory did for this request. Before `store()` ran (a
