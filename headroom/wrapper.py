@@ -127,7 +127,9 @@ def _install(client: Any, maker: TurnMaker) -> Any:
             return await http._transport_for_url(request.url).handle_async_request(request)
 
         async def aclose() -> None:
-            return None  # the connections are the original client's, closed with it
+            # The pool is shared, as between an SDK client and its with_options copies:
+            # closing the wrapper closes it, as closing a copy would.
+            await http.aclose()
 
         wrapped = hx.AsyncClient(transport=async_transport(asend, maker, aclose),
                                  timeout=http.timeout, follow_redirects=http.follow_redirects)
@@ -136,7 +138,7 @@ def _install(client: Any, maker: TurnMaker) -> Any:
         def send(request: Any) -> Any:
             return http._transport_for_url(request.url).handle_request(request)
 
-        wrapped = hx.Client(transport=sync_transport(send, maker, lambda: None),
+        wrapped = hx.Client(transport=sync_transport(send, maker, http.close),
                             timeout=http.timeout, follow_redirects=http.follow_redirects)
     return client.with_options(http_client=wrapped)
 
@@ -199,6 +201,18 @@ class MemoryClient:
                             self.settings, is_async=self._is_async)
 
     copy = with_options
+
+    def __enter__(self) -> MemoryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
+
+    async def __aenter__(self) -> MemoryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.close()
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_client", "_raw"):

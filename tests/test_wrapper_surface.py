@@ -308,3 +308,13 @@ def test_uncovered_parts_and_plain_clients_warn_once(
                for r in caplog.records)
     fake.queue(BLOCKED)
     assert chat(plain).choices[0].message.content == ANSWER  # create still remembers
+
+
+def test_closing_the_wrapper_closes_the_sdk_pool(upstream: tuple[str, FakeUpstream], db: Path,
+                                                 local_embedder: Any) -> None:
+    url, fake = upstream
+    inner = OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
+    with wrap(inner, "jan", db, local_embedder) as client:
+        fake.queue(BLOCKED)
+        assert chat(client).choices[0].message.content == ANSWER
+    assert inner.is_closed()  # one pool, shared like a with_options copy's
