@@ -2,12 +2,14 @@
 MiniLM on each local runtime (loaded once per session), and the engine suites on both backends.
 
 Both backends: every test in an engine module (`ENGINE_MODULES`) runs once on SQLite and once on
-PostgreSQL (`--backend sqlite|postgres|all`, default all). On the PostgreSQL leg each database file
-a test hands the engine becomes a fresh schema of the module's database on tests/pg.py's private
-server (one per session), the same file always the same schema, so reopening a "file" reopens
-its schema; the engine's config then carries that URL. A test that by nature reads the SQLite
-file (page counts, sqlite-vec partitions, file sizes, a child process opening the path) says so
-with `@pytest.mark.sqlite_only("why")` and runs on SQLite only; the run's summary counts both.
+PostgreSQL (`--backend sqlite|postgres|all`, default all), and so does every proxy module in
+`PROXY_MODULES`, a whole module (its module-scoped server) per backend. On the PostgreSQL leg
+each database file a test hands the engine becomes a fresh schema of the module's database on
+tests/pg.py's private server (one per session), the same file always the same schema, so
+reopening a "file" reopens its schema; the engine's config then carries that URL. A test that by
+nature reads the SQLite file (page counts, sqlite-vec partitions, file sizes, a child process
+opening the path) says so with `@pytest.mark.sqlite_only("why")` and runs on SQLite only; the
+run's summary counts both.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ BACKENDS = ("sqlite", "postgres")
 ENGINE_MODULES = (
     "test_engine_", "test_recall.py", "test_recall_scenarios.py", "test_turn_core.py",
     "test_spec_examples.py",
+)
+# The proxy modules whose servers (module-scoped, tests/servers.py) run on both backends: the
+# whole module's tests on one backend, then on the other.
+# (A module with a module-scoped server of its own must make it depend on `proxy_backend`.)
+PROXY_MODULES = (
+    "test_proxy_e2e.py", "test_admin_api.py", "test_proxy_errors.py", "test_proxy_passthrough.py",
+    "test_anthropic_api.py", "test_responses_api.py", "test_proxy_disconnect.py",
+    "test_auth_memory_frame.py",
 )
 
 
@@ -70,8 +80,8 @@ _RUNS = pytest.StashKey[Counter[str]]()
 _ADDED = pytest.StashKey[list[float]]()
 
 
-def _is_engine_module(path: Path) -> bool:
-    return path.parent.name == "tests" and path.name.startswith(ENGINE_MODULES)
+def _is_module(path: Path, names: tuple[str, ...]) -> bool:
+    return path.parent.name == "tests" and path.name.startswith(names)
 
 
 def _sqlite_only_reason(node: Any) -> str | None:
@@ -85,10 +95,14 @@ def _sqlite_only_reason(node: Any) -> str | None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "engine_backend" not in metafunc.fixturenames:
-        return
-    if not _is_engine_module(Path(str(metafunc.definition.path))):
-        return
+    path = Path(str(metafunc.definition.path))
+    if "engine_backend" in metafunc.fixturenames and _is_module(path, ENGINE_MODULES):
+        _parametrize(metafunc, "engine_backend", "function")
+    elif "proxy_backend" in metafunc.fixturenames and _is_module(path, PROXY_MODULES):
+        _parametrize(metafunc, "proxy_backend", "module")
+
+
+def _parametrize(metafunc: pytest.Metafunc, name: str, scope: Any) -> None:
     chosen = metafunc.config.getoption("--backend")
     backends = [b for b in BACKENDS if chosen in ("all", b)]
     reason = _sqlite_only_reason(metafunc.definition)
@@ -96,17 +110,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         backends = [b for b in backends if b == "sqlite"]
     if not backends:  # --backend postgres on a sqlite_only test: say why it does not run
         skipped = pytest.param("postgres", marks=pytest.mark.skip(reason=f"sqlite_only: {reason}"))
-        metafunc.parametrize("engine_backend", [skipped], indirect=True)
+        metafunc.parametrize(name, [skipped], indirect=True, scope=scope)
         return
-    metafunc.parametrize("engine_backend", backends, indirect=True)
+    metafunc.parametrize(name, backends, indirect=True, scope=scope)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     runs = config.stash[_RUNS]
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and "engine_backend" in callspec.params:
-            backend = callspec.params["engine_backend"]
+        params = callspec.params if callspec is not None else {}
+        key = "engine_backend" if "engine_backend" in params else "proxy_backend"
+        if key in params:
+            backend = params[key]
             if _sqlite_only_reason(item) is None:
                 runs[backend] += 1
             elif backend == "sqlite":
@@ -118,7 +134,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     runs = config.stash[_RUNS]
     if runs["sqlite"] or runs["postgres"]:
         terminalreporter.write_line(
-            f"engine tests: {runs['sqlite']} on sqlite, {runs['sqlite_only']} of them "
+            f"tests on both backends: {runs['sqlite']} on sqlite, {runs['sqlite_only']} of them "
             "marked sqlite_only; "
             f"{runs['postgres']} on postgres ({config.stash[_ADDED][0]:.1f}s in postgres tests)"
         )
@@ -142,17 +158,8 @@ def _env_setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None
     yield
 
 
-@pytest.fixture(autouse=True)
-def engine_backend(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
-    """The backend this test's engines are built on (see the module docstring)."""
-    backend: str = getattr(request, "param", "sqlite")
-    if backend == "sqlite":
-        yield backend
-        return
-    started = time.perf_counter()
-    database: str = request.getfixturevalue("pg_database")
+def _build_on_postgres(database: str) -> Any:
+    """`wiring._build` with every database file mapped to a fresh schema of `database`."""
     schemas: dict[str, str] = {}
     build = wiring._build
 
@@ -169,11 +176,43 @@ def engine_backend(
             config.db_path = schemas[target]
         return build(config, embedder)
 
-    monkeypatch.setattr(wiring, "_build", build_on_postgres)
+    return build_on_postgres
+
+
+@pytest.fixture(autouse=True)
+def engine_backend(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The backend this test's engines are built on (see the module docstring)."""
+    backend: str = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield backend
+        return
+    started = time.perf_counter()
+    database = request.getfixturevalue("pg_database")
+    monkeypatch.setattr(wiring, "_build", _build_on_postgres(database))
     try:
         yield backend
     finally:
         request.config.stash[_ADDED][0] += time.perf_counter() - started
+
+
+@pytest.fixture(autouse=True, scope="module")
+def proxy_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The backend of a proxy module's servers: module-scoped, as they are."""
+    backend: str = getattr(request, "param", "sqlite")
+    if backend == "sqlite":
+        yield backend
+        return
+    started = time.perf_counter()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            wiring, "_build", _build_on_postgres(request.getfixturevalue("pg_database"))
+        )
+        try:
+            yield backend
+        finally:
+            request.config.stash[_ADDED][0] += time.perf_counter() - started
 
 
 @pytest.fixture

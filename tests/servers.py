@@ -648,8 +648,9 @@ def proxy_fixtures(**config: Any) -> tuple[Any, Any]:
 
     @pytest.fixture(scope="module", name="module_proxy")
     def module_proxy(
-        tmp_path_factory: pytest.TempPathFactory, local_embedder: Any
+        tmp_path_factory: pytest.TempPathFactory, local_embedder: Any, proxy_backend: str
     ) -> Iterator[Proxy]:
+        # proxy_backend (conftest): one server per backend the module runs on.
         db = tmp_path_factory.mktemp("proxy") / "proxy.db"
         with running_proxy(db, local_embedder, **config) as p:
             yield p

@@ -229,6 +229,7 @@ def test_embedder_failure_never_fails_the_request(
         assert texts == ["Drinks it at 5pm", "Likes green tea"]
 
 
+@pytest.mark.sqlite_only("holds the SQLite file's write lock from another connection")
 def test_locked_database_never_fails_the_request(proxy: Proxy) -> None:
     """Another process holds the write lock: the answer waits only its bounded durable wait
     (ProxyConfig.durable_wait_s, 1 s), the write lands after the lock is released."""
@@ -293,6 +294,7 @@ def test_model_still_loading_answers_and_stores_later(
         gated.gate.set()
 
 
+@pytest.mark.sqlite_only("a directory where the SQLite file should be")
 def test_unusable_database_means_plain_pass_through(
     tmp_path: Path, local_embedder: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
