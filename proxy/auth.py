@@ -284,7 +284,12 @@ class AuthMiddleware:
                 f"{method} {path} is not open to this proxy's clients", code="route_not_allowed"
             )
         _drop_header(scope, b"authorization")
-        scope["headers"] = [*scope["headers"], (b"authorization", f"Bearer {key}".encode())]
+        if path == "/v1/messages":
+            # Anthropic's Messages API takes its key in x-api-key, not as a bearer token.
+            _drop_header(scope, b"x-api-key")
+            scope["headers"] = [*scope["headers"], (b"x-api-key", key.encode())]
+        else:
+            scope["headers"] = [*scope["headers"], (b"authorization", f"Bearer {key}".encode())]
 
     def _cors_headers(self, allowed_origin: str | None) -> dict[str, str]:
         if allowed_origin is None:

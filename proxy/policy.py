@@ -30,6 +30,7 @@ __all__ = [
 DEFAULT_UPSTREAM_ROUTES: tuple[str, ...] = (
     "POST /v1/chat/completions",
     "POST /v1/responses",
+    "POST /v1/messages",
     "POST /v1/embeddings",
     "GET /v1/models",
     "GET /v1/models/*",

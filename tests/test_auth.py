@@ -93,6 +93,8 @@ def assert_error(response: httpx.Response, status: int, type_: str, code: str) -
 ROUTES = [
     ("POST", "/v1/chat/completions", CHAT),
     ("POST", "/v1/responses", {"model": "gpt-test", "input": "hi"}),
+    ("POST", "/v1/messages", {"model": "claude-test", "max_tokens": 64,
+                              "messages": [{"role": "user", "content": "hi"}]}),
     ("POST", "/v1/embeddings", {"model": "e", "input": "hi"}),
     ("GET", "/v1/models", None),
     ("GET", "/v1/files", None),
@@ -139,7 +141,10 @@ def test_every_route_with_the_right_key(
         return
     assert response.status_code == 200, response.text
     sent = proxy.upstream.received_headers[-1]
-    assert sent["authorization"] == f"Bearer {OPERATOR_KEY}"  # the proxy key stayed here
+    if path == "/v1/messages":  # Anthropic's API takes its key in x-api-key
+        assert sent["x-api-key"] == OPERATOR_KEY and "authorization" not in sent
+    else:
+        assert sent["authorization"] == f"Bearer {OPERATOR_KEY}"  # the proxy key stayed here
     assert keys.acme not in str(sent)
 
 

@@ -264,3 +264,13 @@ def test_serve_recall_preset_and_operator_limits_reach_the_engine_config(
     unknown = _serve(tmp_path, "--recall-preset", "psychic", expect=2)
     assert "not a preset" in unknown.stderr and "default" in unknown.stderr
     assert len(served) == 3
+
+
+def test_serve_anthropic_upstream_from_flag_and_environment(
+    tmp_path: Path, served: list[ProxyConfig]
+) -> None:
+    _serve(tmp_path, "--anthropic-upstream", "https://anthropic.example")
+    _serve(tmp_path, env={"HEADROOM_ANTHROPIC_UPSTREAM": "http://127.0.0.1:9/"})
+    _serve(tmp_path)
+    assert [c.anthropic_upstream_url for c in served] == [
+        "https://anthropic.example", "http://127.0.0.1:9/", None]

@@ -160,6 +160,15 @@ CorsOriginOpt = Annotated[
         "the variable takes several, space-separated). Default: none.",
     ),
 ]
+AnthropicUpstreamOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--anthropic-upstream", envvar="HEADROOM_ANTHROPIC_UPSTREAM", metavar="URL",
+        show_default=False,
+        help="Where Anthropic's Messages API (POST /v1/messages) goes, e.g. "
+        "https://api.anthropic.com. Default: the --upstream.",
+    ),
+]
 UpstreamRoutesOpt = Annotated[
     str | None,
     typer.Option(
@@ -167,7 +176,7 @@ UpstreamRoutesOpt = Annotated[
         metavar="ROUTES", show_default=False,
         help="Routes requests with the operator's key may take, comma-separated "
         "\"METHOD /v1/path\" (`*` is one segment). Default: chat completions, responses, "
-        "embeddings, models.",
+        "messages, embeddings, models.",
     ),
 ]
 TenantKeysOpt = Annotated[
@@ -257,6 +266,7 @@ def serve(
     header_read_timeout: HeaderReadOpt = None,
     durable_wait: DurableWaitOpt = None,
     recall_preset: RecallPresetOpt = "default",
+    anthropic_upstream: AnthropicUpstreamOpt = None,
     max_memories_per_user: MaxMemoriesOpt = None,
     max_new_users_per_minute: MaxNewUsersOpt = None,
     auth: AuthOpt = AuthMode.AUTO,
@@ -290,6 +300,7 @@ def serve(
         openai_api_key=embed.openai_api_key, ollama_base_url=embed.ollama_url,
         torch_threads=embed.torch_threads, embedder_runtime=embed.runtime, top_k=top_k,
         token_budget=token_budget, log_level=log_level.value, recall_preset=recall_preset,
+        anthropic_upstream_url=anthropic_upstream,
         memory_options={
             name: value for name, value in (
                 ("max_memories_per_user", max_memories_per_user),
