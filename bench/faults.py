@@ -134,8 +134,8 @@ def section(tallies: list[faults.Tally], args: argparse.Namespace) -> str:
         f"--disk-facts {args.disk_facts} --poison-others {args.poison_others} "
         f"--repeat {args.repeat}`.", "",
         "Write-path rows: tried = ops whose answer the client received whole, survived = stored "
-        "exactly once, lost = never stored. The attacks: SIGKILL at a random moment (0.1-1.2 s) "
-        "into a load of 4 clients (stream and not), every other kill while another connection "
+        "exactly once, lost = never stored. The attacks: SIGKILL at a random moment (0.2-3.0 s) "
+        "into a load of 6 clients (stream and not), every other kill while another connection "
         "holds the write lock, restart, repeat; two processes on one file, "
         "each user adding a fact through one and forgetting or updating it through the other "
         "(double applies = events a request made twice on one memory, plus reinforcements; "

@@ -153,7 +153,9 @@ _ALIAS_LINE = re.compile(r"^\[(m\d+)\] \([^)]*\) (.*)$", re.M)
 
 
 def fact(tag: str) -> str:
-    return f"Keeps marker {tag}"  # near ones may supersede each other: rows are counted
+    # Three words of its own: under the fake model's 64 hashed buckets one word of two facts
+    # shares a bucket often enough that they would count as near-duplicates (a reinforcement).
+    return f"Keeps marker {tag} {tag}b {tag}c"
 
 
 def replacement(tag: str) -> str:
@@ -284,7 +286,7 @@ def count_stored(db: Path, facts: list[str], tally: Tally) -> None:
 # --- the attacks -----------------------------------------------------------------------------
 
 
-def attack_random_kills(db: Path, upstream_url: str, requests: int, *, workers: int = 4,
+def attack_random_kills(db: Path, upstream_url: str, requests: int, *, workers: int = 6,
                         seed: int = 9, deadline_s: float = 120.0) -> Tally:
     """`requests` requests (stream and not) from `workers` threads while the server is SIGKILLed
     at random moments and restarted; then every op whose answer was fully received must be stored
@@ -323,7 +325,7 @@ def attack_random_kills(db: Path, upstream_url: str, requests: int, *, workers: 
                    for w in range(workers)]
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.1, 1.2))
+        time.sleep(rng.uniform(0.2, 3.0))
         # Every other kill lands while another connection holds the write lock: answers given
         # before their op is durable (as before issue 9) are then lost; durable ones wait.
         locker = _hold_write_lock(db, LOCK_S) if round_ % 2 else None
@@ -351,13 +353,13 @@ def attack_poison(server: ServerProcess, others: int, *, land_s: float = 10.0) -
     writes of other users: every normal one lands within `land_s`, the pill is a dead letter,
     nothing stays in the outbox and /readyz answers throughout."""
     db = server.db
-    normal = [fact(f"p{i}n{random.randrange(10**9)}q") for i in range(others)]
+    tags = [f"p{i}n{random.randrange(10**9)}q" for i in range(others)]
+    normal = [fact(tag) for tag in tags]
     probes_ok = 0
     with httpx.Client(base_url=server.base, timeout=10) as client:
         assert ask(client, "poison-a", "s1", stream=False, verb="poison") == "Noted s1."
         assert ask(client, "poison-b", "s2", stream=True, verb="pill") == "Noted s2."
-        for i, text in enumerate(normal):
-            tag = text.removeprefix("Keeps marker ")
+        for i, tag in enumerate(tags):
             assert ask(client, f"poison-other-{i}", tag, stream=i % 2 == 0) == f"Noted {tag}."
         started_at = time.monotonic()
         while time.monotonic() - started_at < land_s:
@@ -613,9 +615,9 @@ def test_sigkill_right_after_the_answer_loses_no_op(server: ServerProcess) -> No
 def test_sigkill_at_random_moments_loses_no_acknowledged_op(
     tmp_path: Path, upstream: str
 ) -> None:
-    tally = attack_random_kills(tmp_path / "k.db", upstream, requests=240, deadline_s=90)
+    tally = attack_random_kills(tmp_path / "k.db", upstream, requests=200, deadline_s=90)
     assert tally.notes["kills"] >= 3 and tally.notes["outbox drained"], tally
-    assert tally.tried >= 120, tally  # most of the 240 are answered between kills
+    assert tally.tried >= 120, tally  # most of the 200 are answered between kills
     assert tally.lost == 0 and tally.survived == tally.tried, tally
     assert tally.notes["stored twice"] == 0 and tally.notes["double applies"] == 0, tally
 
