@@ -15,6 +15,7 @@ run's summary counts both.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -179,6 +180,17 @@ def _build_on_postgres(database: str) -> Any:
     return build_on_postgres
 
 
+def _no_url_opened_as_a_file() -> None:
+    """A test on the PostgreSQL leg that hands the engine's URL to SQLite creates a file named
+    like it (relative: `postgresql:/…`) and tests nothing; it belongs on the SQLite leg only."""
+    stray = Path("postgresql:")
+    if stray.exists():
+        shutil.rmtree(stray, ignore_errors=True)
+        raise AssertionError(
+            "a test opened the PostgreSQL URL as a SQLite file: mark it sqlite_only(reason)"
+        )
+
+
 @pytest.fixture(autouse=True)
 def engine_backend(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
@@ -195,6 +207,7 @@ def engine_backend(
         yield backend
     finally:
         request.config.stash[_ADDED][0] += time.perf_counter() - started
+    _no_url_opened_as_a_file()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -213,6 +226,7 @@ def proxy_backend(request: pytest.FixtureRequest) -> Iterator[str]:
             yield backend
         finally:
             request.config.stash[_ADDED][0] += time.perf_counter() - started
+    _no_url_opened_as_a_file()
 
 
 @pytest.fixture

@@ -313,6 +313,7 @@ def test_unusable_database_means_plain_pass_through(
         assert any("memory disabled" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.sqlite_only("holds the SQLite file's write lock from another connection")
 def test_concurrent_lock_and_requests_keep_answering(proxy: Proxy) -> None:
     """Many requests while the database is locked: all answered, all writes land afterwards."""
     users = [f"lock{n}" for n in range(8)]
