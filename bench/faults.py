@@ -35,6 +35,9 @@ from tests.servers import FakeUpstream, running_upstream  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Faults"
+# The kill attack on a server that answers before the op is durable (as before issue 9): it must
+# lose ops, or the attack could not tell.
+CONTROL = "control: SIGKILL, answers before durable (durable_wait_s=0)"
 
 
 def repeated(case: str, attack: Callable[[], None], times: int) -> faults.Tally:
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> list[faults.Tally]:
         t0 = time.monotonic()
         tallies.append(faults.attack_random_kills(work / "kill.db", url, args.kill_requests,
                                                   deadline_s=600))
+        control = faults.attack_random_kills(work / "control.db", url, args.kill_requests // 2,
+                                             deadline_s=600, durable_wait_s=0.0)
+        control.case = CONTROL
+        tallies.append(control)
         tallies.append(faults.attack_two_processes(work / "two.db", url, script, args.users,
                                                    args.steps))
         tallies.append(faults.attack_full_disk(work / "mnt", url, args.disk_facts))
@@ -92,6 +99,8 @@ def run(args: argparse.Namespace) -> list[faults.Tally]:
 
 
 def verdict_ok(tally: faults.Tally) -> bool:
+    if tally.case == CONTROL:  # the attack must catch an answer given before its op is durable
+        return tally.lost > 0
     bad_counts = ("stored twice", "double applies", "resurrections", "failures", "errors")
     if tally.lost or any(tally.notes.get(k) for k in bad_counts):
         return False
@@ -108,7 +117,7 @@ def table(tallies: list[faults.Tally]) -> str:
 
 
 def _short(value: Any) -> str:
-    return str(value).replace("|", "/")[:160]
+    return re.sub(r"database \S+: ", "database: ", str(value)).replace("|", "/")[:200]
 
 
 def machine() -> str:
@@ -142,10 +151,14 @@ def section(tallies: list[faults.Tally], args: argparse.Namespace) -> str:
         "resurrections = a forgotten or superseded memory current again); the database on a "
         "24 MiB tmpfs filled by a filler file, each answer for a new user, then the filler "
         "deleted; a block with a lone surrogate escape and one the model refuses, then other "
-        "users' writes. Upstream and input rows: tried = attacks, survived = answered as "
-        "specified (status, OpenAI error shape, time bound, no block leaked).", "",
+        "users' writes. The control row runs the kill attack (half the requests) on a server "
+        "told not to wait for the outbox commit (durable_wait_s=0, the pre-issue-9 order): it "
+        "must lose ops, which shows the attack can tell. Upstream and input rows: tried = "
+        "attacks, survived = answered as specified (status, OpenAI error shape, time bound, "
+        "no block leaked).", "",
         table(tallies), "",
-        f"Verdict: {'every attack survived, 0 lost' if passed else 'FAILURES, see the rows'}.",
+        "Verdict: " + ("every attack survived, 0 lost; the control lost ops." if passed
+                       else "FAILURES, see the rows."),
         "",
     ])
 

@@ -287,12 +287,12 @@ def count_stored(db: Path, facts: list[str], tally: Tally) -> None:
 
 
 def attack_random_kills(db: Path, upstream_url: str, requests: int, *, workers: int = 6,
-                        seed: int = 9, deadline_s: float = 120.0) -> Tally:
-    """`requests` requests (stream and not) from `workers` threads while the server is SIGKILLed
-    at random moments and restarted; then every op whose answer was fully received must be stored
-    once, and nothing stored twice."""
+                        seed: int = 9, deadline_s: float = 120.0, **config: Any) -> Tally:
+    """`requests` requests (stream and not) from `workers` threads while the server (given
+    `config`) is SIGKILLed at random moments and restarted; then every op whose answer was fully
+    received must be stored once, and nothing stored twice."""
     rng = random.Random(seed)
-    server = ServerProcess(db, upstream_url)
+    server = ServerProcess(db, upstream_url, **config)
     acknowledged: list[str] = []
     sent = [0]
     lock = threading.Lock()
