@@ -85,10 +85,12 @@ class _Reader:
             pass  # the client left (or the block's tail took too long): store what arrived
         finally:
             with anyio.CancelScope(shield=True):
-                await Upstream.close_response(self.response)
+                # Store before closing: once the upstream is closed, the ops are already in the
+                # outbox (or queued), so nothing that waits on the upstream can miss them.
                 if not self.stored:
                     self.sse.finish()  # a block complete before its finish chunk still counts
                     await self._store()
+                await Upstream.close_response(self.response)
                 await self._put(None)
 
     async def _relay(self) -> None:
