@@ -21,13 +21,14 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -51,8 +52,10 @@ PILL = "POISON-PILL"  # the servers' model refuses any text holding it
 READ_TIMEOUT_S = 1.5  # the shared server's upstream read timeout
 BODY_TIMEOUT_S = 1.0  # the shared server's body read timeout
 
+# What `headroom serve` runs (proxy.server.serve: its uvicorn settings, header read timeout,
+# signal handling), with only the model swapped for the fake.
 _SERVER = """
-import uvicorn
+import headroom.proxy.server as server
 from headroom.proxy.app import create_app
 from headroom.proxy.config import ProxyConfig
 from tests.fakes import FakeEmbedder
@@ -70,8 +73,8 @@ class StrictEmbedder(FakeEmbedder):
 
 config = ProxyConfig(host="127.0.0.1", port={port}, upstream_url={url!r}, db_path={db!r},
                      log_level="warning", **{extra!r})
-app = create_app(config, embedder=StrictEmbedder(), warm=False)
-uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning", lifespan="on")
+server.create_app = lambda config: create_app(config, embedder=StrictEmbedder(), warm=False)
+server.serve(config)
 """
 
 
@@ -84,6 +87,7 @@ class ServerProcess:
         self.upstream_url = upstream_url
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None  # the running process's stderr
         self.base = ""
 
     def start(self) -> None:
@@ -91,15 +95,19 @@ class ServerProcess:
         self.base = f"http://127.0.0.1:{port}"
         code = _SERVER.format(port=port, url=self.upstream_url, db=str(self.db), pill=PILL,
                               extra=self.config)
+        # A file, not a pipe: a server logging more than a pipe holds would block on it.
+        self.log = log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=self.log,
         )
         deadline = time.monotonic() + 60
         while True:
             if self.process.poll() is not None:
-                assert self.process.stderr is not None
-                raise AssertionError(self.process.stderr.read().decode())
+                log.seek(0)
+                message = log.read().decode()
+                log.close()
+                raise AssertionError(message)
             assert time.monotonic() < deadline, "proxy process did not start"
             try:
                 if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
@@ -113,8 +121,8 @@ class ServerProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
         assert self.process.returncode == -signal.SIGKILL
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+        if self.log is not None:
+            self.log.close()
         self.process = None
 
     def ready(self) -> dict[str, Any]:
@@ -750,3 +758,17 @@ def test_a_stalled_client_body_is_a_408(shared: ServerProcess) -> None:
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert elapsed < BODY_TIMEOUT_S + 2.0, elapsed
 
+
+
+def test_stalled_request_headers_are_a_408(shared: ServerProcess) -> None:
+    host, port = shared.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        t0 = time.monotonic()
+        answer = b""
+        while part := sock.recv(4096):
+            answer += part
+        elapsed = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"]
+    assert elapsed < BODY_TIMEOUT_S + 2.0, elapsed
