@@ -4,7 +4,6 @@ is the `SQLiteOutbox` on the same file."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
@@ -14,92 +13,30 @@ import numpy as np
 
 from ..db import Database
 from ..migrations import migrate
-from ..models import Memory, MemoryCategory, MemoryFilter
+from ..models import Memory, MemoryFilter
 from ..timefmt import from_db, to_db, to_db_opt
+from . import store_shared as shared
 from .sqlite_outbox import SQLiteOutbox
+from .store_shared import COLUMNS as _COLUMNS
+from .store_shared import Dialect, normalize_content
 
 __all__ = ["SQLiteMemoryStore", "normalize_content"]
 
-_WS = re.compile(r"\s+")
 
-_COLUMNS = (
-    "rid, id, user_id, session_id, agent_id, turn_id, content, category, importance, "
-    "entity_refs, metadata, created_at, valid_from, valid_until, supersedes, superseded_by, "
-    "forgotten_at, access_count, last_accessed, embedding_model"
-)
+def _in_list(column: str, values: list[Any]) -> tuple[str, list[Any]]:
+    return f"{column} IN ({','.join('?' * len(values))})", values
 
 
-def normalize_content(text: str) -> str:
-    """The exact-duplicate key: case, spacing and final punctuation do not make a new fact."""
-    return _WS.sub(" ", text).strip().rstrip(".!").strip().casefold()
-
-
-def _json_list(text: str) -> list[Any]:
-    # Most rows hold the empty default; recall turns ~85 rows into memories per query.
-    return [] if text == "[]" else json.loads(text)
-
-
-def _json_dict(text: str) -> dict[str, Any]:
-    return {} if text == "{}" else json.loads(text)
-
-
-def _row_to_memory(row: Any) -> Memory:
-    return Memory(
-        id=row["id"],
-        content=row["content"],
-        user_id=row["user_id"],
-        session_id=row["session_id"],
-        agent_id=row["agent_id"],
-        turn_id=row["turn_id"],
-        category=MemoryCategory(row["category"]),
-        importance=row["importance"],
-        entity_refs=_json_list(row["entity_refs"]),
-        metadata=_json_dict(row["metadata"]),
-        created_at=from_db(row["created_at"]),  # type: ignore[arg-type]
-        valid_from=from_db(row["valid_from"]),  # type: ignore[arg-type]
-        valid_until=from_db(row["valid_until"]),
-        supersedes=row["supersedes"],
-        superseded_by=row["superseded_by"],
-        forgotten_at=from_db(row["forgotten_at"]),
-        access_count=row["access_count"],
-        last_accessed=from_db(row["last_accessed"]),
-        embedding_model=row["embedding_model"],
-    )
+_SQLITE = Dialect(mark="?", one_of=_in_list, time=to_db)
 
 
 def where_clause(flt: MemoryFilter) -> tuple[str, list[Any]]:
-    """SQL conditions for a filter. User isolation and scope are part of the WHERE clause itself,
-    never applied to results afterwards."""
-    clauses = ["user_id = ?"]
-    params: list[Any] = [flt.user_id]
-    if flt.all_scopes:
-        for column in ("session_id", "agent_id", "turn_id"):
-            value = getattr(flt, column)
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-    else:
-        keys = flt.scope.visible_keys()
-        clauses.append(f"scope_key IN ({','.join('?' * len(keys))})")
-        params.extend(keys)
-    if flt.as_of is not None:
-        clauses.append("valid_from <= ? AND (valid_until IS NULL OR valid_until > ?)")
-        params.extend([to_db(flt.as_of), to_db(flt.as_of)])
-    elif not flt.include_superseded:
-        clauses.append("valid_until IS NULL")
-    if flt.categories:
-        clauses.append(f"category IN ({','.join('?' * len(flt.categories))})")
-        params.extend(c.value for c in flt.categories)
-    if flt.min_importance is not None:
-        clauses.append("importance >= ?")
-        params.append(flt.min_importance)
-    if flt.created_after is not None:
-        clauses.append("created_at >= ?")
-        params.append(to_db(flt.created_after))
-    if flt.created_before is not None:
-        clauses.append("created_at < ?")
-        params.append(to_db(flt.created_before))
-    return " AND ".join(clauses), params
+    """SQL conditions for a filter, in SQLite's spelling (see store_shared.where_clause)."""
+    return shared.where_clause(flt, _SQLITE)
+
+
+def _row_to_memory(row: Any) -> Memory:
+    return shared.row_to_memory(row, from_db)
 
 
 class SQLiteMemoryStore:
@@ -246,29 +183,7 @@ class SQLiteMemoryStore:
         return None if row is None else _row_to_memory(row)
 
     def chain(self, memory_id: str) -> list[Memory]:
-        start = self.get(memory_id)
-        if start is None:
-            return []
-        older: list[Memory] = []
-        seen = {start.id}
-        cursor = start
-        while cursor.supersedes and cursor.supersedes not in seen:
-            prev = self.get(cursor.supersedes)
-            if prev is None:
-                break
-            older.append(prev)
-            seen.add(prev.id)
-            cursor = prev
-        newer: list[Memory] = []
-        cursor = start
-        while cursor.superseded_by and cursor.superseded_by not in seen:
-            nxt = self.get(cursor.superseded_by)
-            if nxt is None:
-                break
-            newer.append(nxt)
-            seen.add(nxt.id)
-            cursor = nxt
-        return [*reversed(older), start, *newer]
+        return shared.chain(self.get, memory_id)
 
     def embeddings_as_of(self, flt: MemoryFilter) -> list[tuple[int, np.ndarray]]:
         where, params = where_clause(flt)
@@ -326,10 +241,7 @@ class SQLiteMemoryStore:
     # --- purge and stats --------------------------------------------------------------------
 
     def purge(self, flt: MemoryFilter) -> tuple[list[int], dict[str, int]]:
-        flt = MemoryFilter(
-            user_id=flt.user_id, session_id=flt.session_id, agent_id=flt.agent_id,
-            turn_id=flt.turn_id, all_scopes=True, include_superseded=True, limit=None,
-        )
+        flt = shared.purge_filter(flt)
         where, params = where_clause(flt)
         conn = self.db.conn
         rows = conn.execute(f"SELECT rid, id FROM memories WHERE {where}", params).fetchall()
@@ -353,11 +265,7 @@ class SQLiteMemoryStore:
             for oid, payload in conn.execute(
                 f"SELECT id, payload FROM {table} WHERE user_id = ?", (flt.user_id,)
             ).fetchall():
-                scope = json.loads(payload).get("scope", {})
-                if all(
-                    getattr(flt, key) is None or scope.get(key) == getattr(flt, key)
-                    for key in ("session_id", "agent_id", "turn_id")
-                ):
+                if shared.in_scope(json.loads(payload).get("scope", {}), flt):
                     conn.execute(f"DELETE FROM {table} WHERE id = ?", (oid,))
                     outbox += 1
         deleted = conn.execute(f"DELETE FROM memories WHERE {where}", params).rowcount
@@ -381,7 +289,7 @@ class SQLiteMemoryStore:
             f" FROM memories {cond}",
             params,
         ).fetchone()
-        rows, n_current, n_superseded, n_forgotten = (int(v or 0) for v in row)
+        counts = [int(v or 0) for v in row]
 
         def grouped(expr: str) -> dict[str, int]:
             return {
@@ -392,19 +300,6 @@ class SQLiteMemoryStore:
                 ).fetchall()
             }
 
-        by_scope = grouped(
-            "CASE WHEN turn_id IS NOT NULL THEN 'turn' WHEN agent_id IS NOT NULL THEN 'agent'"
-            " WHEN session_id IS NOT NULL THEN 'session' ELSE 'user' END"
+        return shared.stats_summary(
+            counts, grouped, user_id, self.outbox.size(), self.outbox.dead_count()
         )
-        return {
-            "total": n_current,
-            "current": n_current,
-            "superseded": n_superseded,
-            "forgotten": n_forgotten,
-            "rows": rows,
-            "categories": grouped("category"),
-            "scopes": {lvl: by_scope.get(lvl, 0) for lvl in ("user", "session", "agent", "turn")},
-            "users": grouped("user_id") if user_id is None else {user_id: n_current},
-            "outbox_pending": self.outbox.size(),
-            "outbox_dead": self.outbox.dead_count(),
-        }

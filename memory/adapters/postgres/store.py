@@ -11,18 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from ...models import Memory, MemoryCategory, MemoryFilter
-from ..sqlite_store import normalize_content
+from ...models import Memory, MemoryFilter
+from .. import store_shared as shared
+from ..store_shared import COLUMNS as _COLUMNS
+from ..store_shared import Dialect, normalize_content
 from .connection import PgDatabase
 from .outbox import PostgresOutbox
 
 __all__ = ["PostgresMemoryStore", "where_clause"]
 
-_COLUMNS = (
-    "rid, id, user_id, session_id, agent_id, turn_id, content, category, importance, "
-    "entity_refs, metadata, created_at, valid_from, valid_until, supersedes, superseded_by, "
-    "forgotten_at, access_count, last_accessed, embedding_model"
-)
 _VACUUMED = ("memories", "memory_events", "outbox", "outbox_dead", "memory_text", "memory_vectors")
 _PAGE = 1000  # rows per round trip when iterating everything
 
@@ -33,73 +30,28 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _json_list(text: str) -> list[Any]:
-    return [] if text == "[]" else json.loads(text)
-
-
-def _json_dict(text: str) -> dict[str, Any]:
-    return {} if text == "{}" else json.loads(text)
-
-
 def _row_to_memory(row: dict[str, Any]) -> Memory:
-    return Memory(
-        id=row["id"],
-        content=row["content"],
-        user_id=row["user_id"],
-        session_id=row["session_id"],
-        agent_id=row["agent_id"],
-        turn_id=row["turn_id"],
-        category=MemoryCategory(row["category"]),
-        importance=row["importance"],
-        entity_refs=_json_list(row["entity_refs"]),
-        metadata=_json_dict(row["metadata"]),
-        created_at=_utc(row["created_at"]),  # type: ignore[arg-type]
-        valid_from=_utc(row["valid_from"]),  # type: ignore[arg-type]
-        valid_until=_utc(row["valid_until"]),
-        supersedes=row["supersedes"],
-        superseded_by=row["superseded_by"],
-        forgotten_at=_utc(row["forgotten_at"]),
-        access_count=row["access_count"],
-        last_accessed=_utc(row["last_accessed"]),
-        embedding_model=row["embedding_model"],
-    )
+    return shared.row_to_memory(row, _utc)
 
 
 def _vector(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.frombuffer(bytes(blob), dtype=np.float32)
 
 
+def _any(column: str, values: list[Any]) -> tuple[str, list[Any]]:
+    return f"{column} = ANY(%s)", [values]
+
+
+def _as_is(value: datetime) -> datetime:
+    return value  # psycopg sends aware datetimes as timestamptz
+
+
+_POSTGRES = Dialect(mark="%s", one_of=_any, time=_as_is)
+
+
 def where_clause(flt: MemoryFilter) -> tuple[str, list[Any]]:
-    """SQL conditions for a filter; user isolation and scope are part of the WHERE clause."""
-    clauses = ["user_id = %s"]
-    params: list[Any] = [flt.user_id]
-    if flt.all_scopes:
-        for column in ("session_id", "agent_id", "turn_id"):
-            value = getattr(flt, column)
-            if value is not None:
-                clauses.append(f"{column} = %s")
-                params.append(value)
-    else:
-        clauses.append("scope_key = ANY(%s)")
-        params.append(flt.scope.visible_keys())
-    if flt.as_of is not None:
-        clauses.append("valid_from <= %s AND (valid_until IS NULL OR valid_until > %s)")
-        params.extend([flt.as_of, flt.as_of])
-    elif not flt.include_superseded:
-        clauses.append("valid_until IS NULL")
-    if flt.categories:
-        clauses.append("category = ANY(%s)")
-        params.append([c.value for c in flt.categories])
-    if flt.min_importance is not None:
-        clauses.append("importance >= %s")
-        params.append(flt.min_importance)
-    if flt.created_after is not None:
-        clauses.append("created_at >= %s")
-        params.append(flt.created_after)
-    if flt.created_before is not None:
-        clauses.append("created_at < %s")
-        params.append(flt.created_before)
-    return " AND ".join(clauses), params
+    """SQL conditions for a filter, in PostgreSQL's spelling (see store_shared.where_clause)."""
+    return shared.where_clause(flt, _POSTGRES)
 
 
 class PostgresMemoryStore:
@@ -241,29 +193,7 @@ class PostgresMemoryStore:
         return None if row is None else _row_to_memory(row)
 
     def chain(self, memory_id: str) -> list[Memory]:
-        start = self.get(memory_id)
-        if start is None:
-            return []
-        older: list[Memory] = []
-        seen = {start.id}
-        cursor = start
-        while cursor.supersedes and cursor.supersedes not in seen:
-            prev = self.get(cursor.supersedes)
-            if prev is None:
-                break
-            older.append(prev)
-            seen.add(prev.id)
-            cursor = prev
-        newer: list[Memory] = []
-        cursor = start
-        while cursor.superseded_by and cursor.superseded_by not in seen:
-            nxt = self.get(cursor.superseded_by)
-            if nxt is None:
-                break
-            newer.append(nxt)
-            seen.add(nxt.id)
-            cursor = nxt
-        return [*reversed(older), start, *newer]
+        return shared.chain(self.get, memory_id)
 
     def embeddings_as_of(self, flt: MemoryFilter) -> list[tuple[int, np.ndarray]]:
         where, params = where_clause(flt)
@@ -329,10 +259,7 @@ class PostgresMemoryStore:
     # --- purge and stats --------------------------------------------------------------------
 
     def purge(self, flt: MemoryFilter) -> tuple[list[int], dict[str, int]]:
-        flt = MemoryFilter(
-            user_id=flt.user_id, session_id=flt.session_id, agent_id=flt.agent_id,
-            turn_id=flt.turn_id, all_scopes=True, include_superseded=True, limit=None,
-        )
+        flt = shared.purge_filter(flt)
         where, params = where_clause(flt)
         db = self.db
         with db.transaction():
@@ -355,7 +282,7 @@ class PostgresMemoryStore:
                     for oid, payload in db.fetchall(
                         f"SELECT id, payload FROM {table} WHERE user_id = %s", (flt.user_id,)
                     )
-                    if _in_scope(json.loads(payload).get("scope", {}), flt)
+                    if shared.in_scope(json.loads(payload).get("scope", {}), flt)
                 ]
                 if doomed:
                     outbox += db.execute(f"DELETE FROM {table} WHERE id = ANY(%s)", (doomed,))
@@ -385,7 +312,7 @@ class PostgresMemoryStore:
             f" FROM memories {cond}",
             params,
         )
-        rows, n_current, n_superseded, n_forgotten = (int(v or 0) for v in row)
+        counts = [int(v or 0) for v in row]
 
         def grouped(expr: str) -> dict[str, int]:
             return {
@@ -396,27 +323,8 @@ class PostgresMemoryStore:
                 )
             }
 
-        by_scope = grouped(
-            "CASE WHEN turn_id IS NOT NULL THEN 'turn' WHEN agent_id IS NOT NULL THEN 'agent'"
-            " WHEN session_id IS NOT NULL THEN 'session' ELSE 'user' END"
+        summary = shared.stats_summary(
+            counts, grouped, user_id, self.outbox.size(), self.outbox.dead_count()
         )
-        return {
-            "total": n_current,
-            "current": n_current,
-            "superseded": n_superseded,
-            "forgotten": n_forgotten,
-            "rows": rows,
-            "categories": grouped("category"),
-            "scopes": {lvl: by_scope.get(lvl, 0) for lvl in ("user", "session", "agent", "turn")},
-            "users": grouped("user_id") if user_id is None else {user_id: n_current},
-            "outbox_pending": self.outbox.size(),
-            "outbox_dead": self.outbox.dead_count(),
-            "db_bytes": int(db.scalar("SELECT pg_database_size(current_database())")),
-        }
-
-
-def _in_scope(scope: dict[str, Any], flt: MemoryFilter) -> bool:
-    return all(
-        getattr(flt, key) is None or scope.get(key) == getattr(flt, key)
-        for key in ("session_id", "agent_id", "turn_id")
-    )
+        summary["db_bytes"] = int(db.scalar("SELECT pg_database_size(current_database())"))
+        return summary
