@@ -216,8 +216,7 @@ class SQLiteMemoryStore:
             " VALUES (?,?,?,?,?,?,?)",
             (
                 memory_id, user_id, op, to_db(at), request_id,
-                None if old is None else json.dumps(old, default=str),
-                None if new is None else json.dumps(new, default=str),
+                shared.event_json(old), shared.event_json(new),
             ),
         )
 
@@ -227,16 +226,7 @@ class SQLiteMemoryStore:
             " ORDER BY id",
             (memory_id,),
         ).fetchall()
-        return [
-            {
-                "op": r["op"],
-                "at": from_db(r["at"]),
-                "request_id": r["request_id"],
-                "old": None if r["old"] is None else json.loads(r["old"]),
-                "new": None if r["new"] is None else json.loads(r["new"]),
-            }
-            for r in rows
-        ]
+        return [shared.row_to_event(r, from_db) for r in rows]
 
     # --- purge and stats --------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
-"""What the SQLite and PostgreSQL memory stores share apart from SQL dialect: the column list, a row
-turned into a `Memory`, the filter turned into WHERE conditions (given the dialect's placeholder,
-list test and time encoding), a supersession chain walk, purge's scope test, and the stats shape."""
+"""What the SQLite and PostgreSQL memory stores share apart from SQL dialect: the column list,
+a row turned into a `Memory` or an audit event, the filter turned into WHERE conditions (given
+the dialect's placeholder, list test and time encoding), a supersession chain walk, purge's scope
+test, and the stats shape."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ __all__ = [
     "COLUMNS",
     "Dialect",
     "chain",
+    "event_json",
     "in_scope",
     "normalize_content",
     "purge_filter",
+    "row_to_event",
     "row_to_memory",
     "stats_summary",
     "where_clause",
@@ -71,6 +74,22 @@ def row_to_memory(row: Mapping[str, Any], when: Callable[[Any], datetime | None]
         last_accessed=when(row["last_accessed"]),
         embedding_model=row["embedding_model"],
     )
+
+
+def event_json(value: Any) -> str | None:
+    """An audit event's old/new value as stored (anything not JSON, such as a time, as text)."""
+    return None if value is None else json.dumps(value, default=str)
+
+
+def row_to_event(row: Mapping[str, Any], when: Callable[[Any], datetime | None]) -> dict[str, Any]:
+    """A `memory_events` row (op, at, request_id, old, new) as the event dict stores return."""
+    return {
+        "op": row["op"],
+        "at": when(row["at"]),
+        "request_id": row["request_id"],
+        "old": None if row["old"] is None else json.loads(row["old"]),
+        "new": None if row["new"] is None else json.loads(row["new"]),
+    }
 
 
 @dataclass(frozen=True)

@@ -234,8 +234,7 @@ class PostgresMemoryStore:
             " VALUES (%s, %s, %s, %s, %s, %s, %s)",
             (
                 memory_id, user_id, op, _utc(at) or datetime.now(UTC), request_id,
-                None if old is None else json.dumps(old, default=str),
-                None if new is None else json.dumps(new, default=str),
+                shared.event_json(old), shared.event_json(new),
             ),
         )
 
@@ -245,16 +244,7 @@ class PostgresMemoryStore:
             " ORDER BY id",
             (memory_id,), dicts=True,
         )
-        return [
-            {
-                "op": r["op"],
-                "at": _utc(r["at"]),
-                "request_id": r["request_id"],
-                "old": None if r["old"] is None else json.loads(r["old"]),
-                "new": None if r["new"] is None else json.loads(r["new"]),
-            }
-            for r in rows
-        ]
+        return [shared.row_to_event(r, _utc) for r in rows]
 
     # --- purge and stats --------------------------------------------------------------------
 
