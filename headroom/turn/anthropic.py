@@ -26,26 +26,22 @@ from typing import Any
 from ..memory.models import Memory
 from .format import Injected
 from .inject import EXTRACTION_INSTRUCTION, render_memories
-from .stripper import Block, BlockStripper
+from .stripper import Block, BlockStripper, split_block
+from .wire_text import joined_text, last_index
 
 __all__ = ["MESSAGES", "Messages", "MessagesStreamStripper", "strip_message"]
 
 
+def _is_user(message: Any) -> bool:
+    return isinstance(message, Mapping) and message.get("role") == "user"
+
+
 def _last_user_index(messages: Sequence[Any]) -> int:
-    for i in range(len(messages) - 1, -1, -1):
-        if isinstance(messages[i], Mapping) and messages[i].get("role") == "user":
-            return i
-    return len(messages)
+    return last_index(messages, _is_user)
 
 
 def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [b.get("text") for b in content
-                 if isinstance(b, Mapping) and b.get("type") == "text"]
-        return "\n".join(p for p in parts if isinstance(p, str) and p)
-    return ""
+    return joined_text(content, lambda block: block.get("type") == "text")
 
 
 def _as_blocks(content: Any) -> list[Any]:
@@ -71,7 +67,7 @@ class Messages:
         """The latest user text: a user turn of only `tool_result`s continues the request of
         the user turn before it, so that one's text is what recall searches with."""
         for message in reversed(body["messages"]):
-            if isinstance(message, Mapping) and message.get("role") == "user":
+            if _is_user(message):
                 text = _text_of(message.get("content"))
                 if text:
                     return text
@@ -145,10 +141,9 @@ def strip_message(message: Mapping[str, Any]) -> tuple[dict[str, Any], Block | N
         if isinstance(part, dict) and part.get("type") == "text" and isinstance(
             part.get("text"), str
         ):
-            stripper = BlockStripper()
-            part["text"] = stripper.feed(part["text"]) + stripper.finish()
-            if stripper.block is not None:
-                block = Block(index, stripper.block, stripper.truncated)
+            part["text"], body, truncated = split_block(part["text"])
+            if body is not None:
+                block = Block(index, body, truncated)
     return out, block
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..memory.models import Memory
 from .format import Injected
 from .inject import inject, query_text
-from .stripper import Block, BlockStripper, pick_block
+from .stripper import Block, BlockStripper, pick_block, split_block
 
 __all__ = ["CHAT_COMPLETIONS", "ChatCompletions", "ChunkRewriter", "is_cut_off", "strip_completion"]
 
@@ -92,12 +92,11 @@ def strip_completion(completion: Mapping[str, Any]) -> tuple[dict[str, Any], dic
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             continue
         index = choice.get("index", position)
-        stripper = BlockStripper()
-        visible = stripper.feed(message["content"])
-        visible += stripper.finish(cut_off=is_cut_off(choice.get("finish_reason")))
-        message["content"] = visible
-        if stripper.block is not None and isinstance(index, int):
-            blocks[index] = Block(index, stripper.block, stripper.truncated)
+        message["content"], body, truncated = split_block(
+            message["content"], cut_off=is_cut_off(choice.get("finish_reason"))
+        )
+        if body is not None and isinstance(index, int):
+            blocks[index] = Block(index, body, truncated)
     return out, blocks
 
 

@@ -27,7 +27,8 @@ from typing import Any
 from ..memory.models import Memory
 from .format import Injected
 from .inject import EXTRACTION_INSTRUCTION, render_memories
-from .stripper import Block, BlockStripper
+from .stripper import Block, BlockStripper, split_block
+from .wire_text import joined_text, last_index
 
 __all__ = ["RESPONSES", "Responses", "ResponsesStreamStripper", "strip_response"]
 
@@ -43,21 +44,14 @@ def _is_user_item(item: Any) -> bool:
 
 
 def _last_user_index(items: Sequence[Any]) -> int:
-    for i in range(len(items) - 1, -1, -1):
-        if _is_user_item(items[i]):
-            return i
-    return len(items)
+    return last_index(items, _is_user_item)
 
 
 def _item_text(item: Mapping[str, Any]) -> str:
-    content = item.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, Mapping)
-                 and p.get("type", "input_text") in ("input_text", "text", "output_text")]
-        return "\n".join(p for p in parts if isinstance(p, str) and p)
-    return ""
+    return joined_text(
+        item.get("content"),
+        lambda part: part.get("type", "input_text") in ("input_text", "text", "output_text"),
+    )
 
 
 class Responses:
@@ -155,10 +149,9 @@ def strip_response(response: Mapping[str, Any]) -> tuple[dict[str, Any], Block |
     out = copy.deepcopy(dict(response))
     block: Block | None = None
     for (o, _), part in _text_parts(out.get("output")):
-        stripper = BlockStripper()
-        part["text"] = stripper.feed(part["text"]) + stripper.finish()
-        if stripper.block is not None:
-            block = Block(o, stripper.block, stripper.truncated)
+        part["text"], body, truncated = split_block(part["text"])
+        if body is not None:
+            block = Block(o, body, truncated)
     if block is not None or isinstance(out.get("output_text"), str):
         _visible_output_text(out)
     return out, block
