@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> list[faults.Tally]:
                 ("body nested 100,000 deep",
                  lambda: faults.test_a_body_nested_100000_deep_is_a_400(shared)),
                 ("stalled client body", lambda: faults.test_a_stalled_client_body_is_a_408(shared)),
+                ("stalled request headers",
+                 lambda: faults.test_stalled_request_headers_are_a_408(shared)),
             ]
             for case, attack in cases:
                 tallies.append(repeated(case, attack, n))
@@ -136,9 +138,9 @@ def section(tallies: list[faults.Tally], args: argparse.Namespace) -> str:
     return "\n".join([
         SECTION, "",
         f"`python bench/faults.py` ({when}, commit {commit}, {machine()}, shared with other "
-        "jobs). Real `headroom serve` processes (uvicorn, create_app) on real SQLite files in "
-        "front of a scripted fake upstream; the model is a deterministic fake that refuses "
-        "invalid UTF-8 like the real tokenizer. Arguments: "
+        "jobs). Real server processes (proxy.server.serve, what `headroom serve` runs) on real "
+        "SQLite files in front of a scripted fake upstream; only the model is swapped, for a "
+        "deterministic fake that refuses invalid UTF-8 like the real tokenizer. Arguments: "
         f"`--kill-requests {args.kill_requests} --users {args.users} --steps {args.steps} "
         f"--disk-facts {args.disk_facts} --poison-others {args.poison_others} "
         f"--repeat {args.repeat}`.", "",
