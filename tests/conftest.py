@@ -31,6 +31,7 @@ from headroom.memory.db import sqlite_versions
 from headroom.memory.embedders import LocalEmbedder, OnnxEmbedder
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import MemoryConfig
+from tests.cli_fixtures import db, hr, served  # noqa: F401 (fixtures)
 from tests.fakes import FakeEmbedder
 from tests.pg import pg_database, pg_server, schema_url  # noqa: F401 (fixtures)
 

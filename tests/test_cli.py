@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,37 +26,12 @@ from typer.testing import CliRunner, Result
 from headroom import cli
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import EmbedderBackend, MemoryConfig
+from tests.cli_fixtures import Invoke
 from tests.fakes import FakeEmbedder
 from tests.servers import free_port, running_upstream
 
 ROOT = Path(cli.__file__).resolve().parent
 
-Invoke = Callable[..., Result]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "memory.db"
-
-
-@pytest.fixture
-def hr(monkeypatch: pytest.MonkeyPatch, local_embedder: Any, db: Path) -> Invoke:
-    """Run `headroom ARGS --db <temp db>` in-process; `expect` is the exit code."""
-    import headroom.memory.embedders
-    monkeypatch.setattr(headroom.memory.embedders, "make_embedder", lambda config: local_embedder)
-    monkeypatch.setenv("COLUMNS", "200")  # rich tables wide enough not to wrap ids
-    runner = CliRunner()
-
-    def invoke(*args: Any, input: str | None = None, expect: int = 0, db_path: Path = db,
-               env: dict[str, str] | None = None) -> Result:
-        argv = [str(a) for a in args]
-        if argv and argv[0] in ("memories", "stats", "doctor") and "--db" not in argv:
-            argv += ["--db", str(db_path)]
-        result = runner.invoke(cli.app, argv, input=input, env=env, catch_exceptions=False)
-        assert result.exit_code == expect, (result.stdout, result.stderr)
-        return result
-
-    return invoke
 
 
 def add(hr: Invoke, text: str, user: str = "alice", *options: Any) -> str:

@@ -12,12 +12,13 @@ from typing import Any, get_args
 
 import pytest
 import typer
-from typer.testing import CliRunner, Result
+from typer.testing import CliRunner
 
 from headroom import cli
 from headroom._cli import options
 from headroom.memory.models import EmbedderBackend, MemoryConfig
 from headroom.proxy.config import ProxyConfig
+from tests.cli_fixtures import invoke_serve as _serve
 from tests.servers import running_upstream
 
 
@@ -78,25 +79,6 @@ def test_every_db_option_is_the_shared_one() -> None:
 # --- the flags reach their destination ---------------------------------------------------------
 
 
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> list[ProxyConfig]:
-    """`serve` builds its config and stops short of running the server (the process boundary)."""
-    import headroom.proxy.server
-
-    started: list[ProxyConfig] = []
-    monkeypatch.setattr(headroom.proxy.server, "serve", lambda config, **kw: started.append(config))
-    return started
-
-
-def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-           expect: int = 0) -> Result:
-    result = CliRunner().invoke(
-        cli.app, ["serve", "--db", str(tmp_path / "m.db"), *args],
-        env={"COLUMNS": "200", **(env or {})},  # usage errors' boxes wrap at the width
-        catch_exceptions=False,
-    )
-    assert result.exit_code == expect, (result.stdout, result.stderr)
-    return result
 
 
 def test_serve_timeouts_from_flags_and_environment(

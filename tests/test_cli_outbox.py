@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from headroom import cli
 from headroom.memory.adapters import SQLiteOutbox
 from headroom.memory.db import Database
 from headroom.memory.hierarchical import HierarchicalMemory
@@ -21,27 +20,6 @@ from headroom.memory.models import AddOp, MemoryConfig, MemoryFilter, MemoryOps,
 from tests.servers import running_upstream
 
 ERROR = "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "memory.db"
-
-
-@pytest.fixture
-def hr(monkeypatch: pytest.MonkeyPatch, local_embedder: Any, db: Path) -> Any:
-    import headroom.memory.embedders
-
-    monkeypatch.setattr(headroom.memory.embedders, "make_embedder", lambda config: local_embedder)
-    runner = CliRunner()
-
-    def invoke(*args: str, expect: int = 0) -> Result:
-        argv = [*args, "--db", str(db)]
-        result = runner.invoke(cli.app, argv, env={"COLUMNS": "200"}, catch_exceptions=False)
-        assert result.exit_code == expect, (result.stdout, result.stderr)
-        return result
-
-    return invoke
 
 
 async def _queue(db: Path, embedder: Any, writes: list[tuple[str, str]]) -> list[int]:

@@ -6,31 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from headroom import cli
 from headroom.proxy.config import ProxyConfig
-
-
-@pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> list[ProxyConfig]:
-    """`serve` builds its config and stops short of running the server (the process boundary)."""
-    import headroom.proxy.server
-
-    started: list[ProxyConfig] = []
-    monkeypatch.setattr(headroom.proxy.server, "serve", lambda config, **kw: started.append(config))
-    return started
-
-
-def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
-           expect: int = 0) -> Result:
-    result = CliRunner().invoke(
-        cli.app, ["serve", "--db", str(tmp_path / "m.db"), *args],
-        env={"COLUMNS": "250", **(env or {})}, catch_exceptions=False,
-    )
-    assert result.exit_code == expect, (result.stdout, result.stderr)
-    return result
+from tests.cli_fixtures import invoke_serve as _serve
 
 
 def _auth_line(result: Result) -> str:
