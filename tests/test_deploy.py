@@ -16,6 +16,7 @@ import subprocess
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -481,4 +482,298 @@ def test_readme_covers_essentials() -> None:
         "Postgres",
         "replicas: 1",
     ):
+        assert needle in text, needle
+
+
+# ------------------------------------------------- PostgreSQL + 3 replicas --
+
+COMPOSE_PG = DEPLOY / "compose.postgres.yaml"
+K8S_PG = DEPLOY / "k8s-postgres"
+MAIN_README = ROOT / "README.md"
+PG_SCHEMA = ROOT / "memory" / "adapters" / "postgres" / "schema.py"
+
+# A value compose takes from the shell or an --env-file: ${VAR}, ${VAR:-x}, ${VAR:?message}.
+_INTERPOLATED = re.compile(r"\$\{[A-Z_][A-Z0-9_]*(?::?[-?][^}]*)?\}")
+_SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY$")
+
+
+def _compose_pg() -> dict[str, Any]:
+    (compose,) = _load_all(COMPOSE_PG)
+    return compose
+
+
+def _pg_services() -> dict[str, dict[str, Any]]:
+    return _compose_pg()["services"]
+
+
+def _proxy_services() -> dict[str, dict[str, Any]]:
+    """The headroom replicas' services: those built from the repo's Dockerfile."""
+    return {n: s for n, s in _pg_services().items() if "build" in s}
+
+
+def _replica_count(svc: dict[str, Any]) -> int:
+    return int(svc.get("deploy", {}).get("replicas", 1))
+
+
+def _named_mounts(svc: dict[str, Any]) -> dict[str, str]:
+    """target -> source of a service's short-syntax volumes."""
+    mounts: dict[str, str] = {}
+    for vol in svc.get("volumes", []):
+        source, target = vol.split(":")[:2]
+        mounts[target] = source
+    return mounts
+
+
+def test_compose_pg_three_replicas_on_postgres() -> None:
+    proxies = _proxy_services()
+    assert sum(_replica_count(s) for s in proxies.values()) == 3
+    for svc in proxies.values():
+        url = svc["environment"]["HEADROOM_DB"]
+        assert url.startswith("postgresql://")
+        parts = urlsplit(url)
+        assert parts.hostname in _pg_services(), "HEADROOM_DB must name the compose database"
+        assert parts.password is None, "the password goes in PGPASSWORD, not the URL"
+        assert svc["depends_on"][parts.hostname]["condition"] == "service_healthy"
+        assert "ports" not in svc, "replicas are reached only through the balancer"
+
+
+def test_compose_pg_database_service() -> None:
+    (name,) = [n for n, s in _pg_services().items() if str(s.get("image", "")).startswith("pg")]
+    db = _pg_services()[name]
+    assert db["image"] == "pgvector/pgvector:pg16"
+    test = db["healthcheck"]["test"]
+    assert "pg_isready" in (" ".join(test) if isinstance(test, list) else test)
+    data = _named_mounts(db).get("/var/lib/postgresql/data")
+    assert data in (_compose_pg().get("volumes") or {}), "the data must be on a named volume"
+    assert "ports" not in db, "the database is not published"
+    # The replicas log in as the user the image creates, on the database it creates.
+    url = urlsplit(next(iter(_proxy_services().values()))["environment"]["HEADROOM_DB"])
+    assert url.username == db["environment"]["POSTGRES_USER"]
+    assert url.path.lstrip("/") == db["environment"]["POSTGRES_DB"]
+
+
+def test_compose_pg_no_literal_secrets() -> None:
+    for name, svc in _pg_services().items():
+        for key, value in (svc.get("environment") or {}).items():
+            if _SECRET_NAME.search(key):
+                assert value in (None, "") or _INTERPOLATED.fullmatch(str(value)), (
+                    f"{name}.{key} holds a literal secret"
+                )
+    db_env = _pg_services()["postgres"]["environment"]
+    # Without a password compose must refuse to start, not run with an empty one.
+    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?[^}]+\}", db_env["POSTGRES_PASSWORD"])
+    for svc in _proxy_services().values():
+        assert svc["environment"]["PGPASSWORD"] == db_env["POSTGRES_PASSWORD"]
+    example = (DEPLOY / "postgres.env.example").read_text(encoding="utf-8")
+    assert re.findall(r"^POSTGRES_PASSWORD=(.*)$", example, flags=re.MULTILINE) == [""]
+
+
+def test_compose_pg_key_file_on_one_shared_volume() -> None:
+    declared = _compose_pg().get("volumes") or {}
+    sources = set()
+    for svc in _proxy_services().values():
+        key_db = PurePosixPath(svc["environment"]["HEADROOM_KEY_DB"])
+        source = _named_mounts(svc).get(str(key_db.parent))
+        assert source in declared, "HEADROOM_KEY_DB must live on a declared named volume"
+        sources.add(source)
+    assert len(sources) == 1, "every replica must read the same key file"
+    text = COMPOSE_PG.read_text(encoding="utf-8")
+    assert "SQLite" in text and "future work" in text
+
+
+def test_compose_pg_one_port_through_the_balancer() -> None:
+    published = {n: s["ports"] for n, s in _pg_services().items() if s.get("ports")}
+    assert len(published) == 1
+    ((lb_name, ports),) = published.items()
+    assert len(ports) == 1 and str(ports[0]).endswith(":8787:8787")
+    lb = _pg_services()[lb_name]
+    conf_mounts = [v for v in lb["volumes"] if v.split(":")[1].startswith("/etc/nginx/")]
+    assert len(conf_mounts) == 1
+    conf_path = (COMPOSE_PG.parent / conf_mounts[0].split(":")[0]).resolve()
+    assert conf_path.is_file()
+    conf = conf_path.read_text(encoding="utf-8")
+    assert re.search(r"^\s*listen 8787;", conf, flags=re.MULTILINE)
+    servers = re.findall(r"^\s*server (\S+):(\d+)\b", conf, flags=re.MULTILINE)
+    assert servers
+    for host, port in servers:
+        assert host in _proxy_services(), f"nginx balances to unknown service {host!r}"
+        assert port == _proxy_services()[host]["environment"]["HEADROOM_PORT"]
+    (upstream,) = re.findall(r"^\s*upstream (\w+)", conf, flags=re.MULTILINE)
+    assert f"proxy_pass http://{upstream};" in conf
+    # Streaming answers must not be held back by the balancer.
+    assert "proxy_buffering off;" in conf
+    # A POST that reached one replica must never be replayed on another.
+    assert "non_idempotent" not in re.sub(r"#.*", "", conf)
+
+
+def test_compose_pg_replica_lifecycle() -> None:
+    for svc in _proxy_services().values():
+        build = svc["build"]
+        assert (COMPOSE_PG.parent / build["context"]).resolve() == ROOT
+        assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
+        test = " ".join(svc["healthcheck"]["test"])
+        assert "/readyz" in test or "/healthz" in test
+        assert svc["stop_grace_period"] == "30s"
+        assert svc["read_only"] is True and "/tmp" in svc["tmpfs"]
+
+
+def _k8s_pg_docs() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted(K8S_PG.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs.extend(_load_all(path))
+    return docs
+
+
+def _k8s_pg(kind: str) -> list[dict[str, Any]]:
+    return [d for d in _k8s_pg_docs() if d["kind"] == kind]
+
+
+def _k8s_pg_container() -> dict[str, Any]:
+    (dep,) = _k8s_pg("Deployment")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_k8s_pg_kinds_and_kustomization() -> None:
+    kinds = sorted(d["kind"] for d in _k8s_pg_docs())
+    assert kinds == [
+        "Deployment", "PersistentVolumeClaim", "PodDisruptionBudget", "Secret", "Secret",
+        "Service",
+    ]
+    for doc in _k8s_pg_docs():
+        assert "namespace" not in doc["metadata"]
+    (kust,) = _load_all(K8S_PG / "kustomization.yaml")
+    listed = {(K8S_PG / r).resolve() for r in kust["resources"]}
+    assert all(p.is_file() for p in listed)
+    assert {p.resolve() for p in K8S_PG.glob("*.yaml") if p.name != "kustomization.yaml"} == listed
+
+
+def test_k8s_pg_three_replicas_rolling() -> None:
+    (dep,) = _k8s_pg("Deployment")
+    spec = dep["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod_labels = spec["template"]["metadata"]["labels"]
+    (svc,) = _k8s_pg("Service")
+    (pdb,) = _k8s_pg("PodDisruptionBudget")
+    for selector in (spec["selector"]["matchLabels"], svc["spec"]["selector"],
+                     pdb["spec"]["selector"]["matchLabels"]):
+        assert all(pod_labels.get(k) == v for k, v in selector.items())
+    assert 0 < pdb["spec"]["minAvailable"] < spec["replicas"]
+    assert spec["template"]["spec"]["enableServiceLinks"] is False
+
+
+def test_k8s_pg_db_url_from_secret() -> None:
+    env = {e["name"]: e for e in _k8s_pg_container()["env"]}
+    ref = env["HEADROOM_DB"]["valueFrom"]["secretKeyRef"]
+    assert "value" not in env["HEADROOM_DB"]
+    assert not ref.get("optional", False), "the pods must not start without the URL"
+    secrets = {s["metadata"]["name"]: s for s in _k8s_pg("Secret")}
+    assert ref["key"] in secrets[ref["name"]]["stringData"]
+    for e in env.values():
+        if "secretKeyRef" in e.get("valueFrom", {}):
+            r = e["valueFrom"]["secretKeyRef"]
+            assert r["key"] in secrets[r["name"]]["stringData"]
+    # The committed example holds placeholders only.
+    for secret in secrets.values():
+        assert all(v == "" for v in secret["stringData"].values()), secret["metadata"]["name"]
+
+
+def test_k8s_pg_probes() -> None:
+    c = _k8s_pg_container()
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert named[c[probe]["httpGet"]["port"]] == int(env["HEADROOM_PORT"])
+    (svc,) = _k8s_pg("Service")
+    assert named[svc["spec"]["ports"][0]["targetPort"]] == 8787
+
+
+def test_k8s_pg_key_file_on_rwx_volume() -> None:
+    (pvc,) = _k8s_pg("PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every replica mounts the key file"
+    (dep,) = _k8s_pg("Deployment")
+    vols = [
+        v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]
+        if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
+    ]
+    assert len(vols) == 1
+    c = _k8s_pg_container()
+    (mount,) = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == vols[0]]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert PurePosixPath(env["HEADROOM_KEY_DB"]).parent == PurePosixPath(mount)
+    assert "ReadWriteMany" in (K8S_PG / "keys-pvc.yaml").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
+@pytest.mark.parametrize(
+    ("url", "starts"),
+    [("postgresql://h@db/h", True), ("postgres://h@db/h", True), ("", False),
+     ("/data/memory.db", False)],
+)
+def test_k8s_pg_command_refuses_a_non_postgres_url(url: str, starts: bool) -> None:
+    command = _k8s_pg_container()["command"]
+    assert command[:2] == ["sh", "-c"]
+    script = command[2]
+    assert script.count("exec headroom serve --host 0.0.0.0") == 1
+    # Run the real guard, with the server replaced by a marker.
+    probe = script.replace("exec headroom serve --host 0.0.0.0", "exec echo serving")
+    out = subprocess.run(
+        ["sh", "-c", probe], capture_output=True, text=True, timeout=10,
+        env={"PATH": "/usr/bin:/bin", "HEADROOM_DB": url},
+    )
+    assert (out.returncode == 0 and out.stdout.strip() == "serving") is starts, out
+    if not starts:
+        assert out.returncode == 1 and "postgresql://" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_pg_renders() -> None:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S_PG)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    (dep,) = [d for d in rendered if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 3
+
+
+def _user_keyed_tables() -> tuple[set[str], set[str]]:
+    """(tables with a user_id column, the others) from the PostgreSQL schema's DDL."""
+    source = PG_SCHEMA.read_text(encoding="utf-8")
+    keyed: set[str] = set()
+    other: set[str] = set()
+    for match in re.finditer(r'CREATE TABLE (?:IF NOT EXISTS )?(\w+)["\s]*\(', source):
+        columns = source[match.end():].split(')"', 1)[0]
+        (keyed if re.search(r"\buser_id text\b", columns) else other).add(match.group(1))
+    return keyed, other
+
+
+def test_main_readme_postgres_section_matches_schema() -> None:
+    text = MAIN_README.read_text(encoding="utf-8")
+    start = text.index("## Moving from SQLite to PostgreSQL")
+    assert text.index("\n## ", start + 1) == text.index("\n## Other APIs")
+    section = text[start:text.index("\n## Other APIs")]
+    assert "headroom memories export all.jsonl" in section
+    assert re.search(r"headroom memories import all\.jsonl --db postgresql://", section)
+    assert "not been measured yet" in section
+    keyed, other = _user_keyed_tables()
+    assert {"memories", "memory_vectors", "memory_text"} <= keyed
+    distributed = set(re.findall(r"create_distributed_table\('(\w+)', 'user_id'", section))
+    reference = set(re.findall(r"create_reference_table\('(\w+)'\)", section))
+    local = {t for t in keyed - distributed if re.search(rf"\b{t}\b[^\n]*stay", section)}
+    assert distributed | local == keyed, "a user-keyed table is not placed"
+    assert reference == other, "every other table should be a reference table"
+    assert distributed.isdisjoint(local)
+
+
+def test_readme_covers_postgres_deploy() -> None:
+    text = README.read_text(encoding="utf-8")
+    for needle in ("compose.postgres.yaml", "k8s-postgres", "ReadWriteMany", "replicas: 3",
+                   "secretKeyRef", "future work"):
         assert needle in text, needle
