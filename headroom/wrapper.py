@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -184,8 +183,7 @@ class MemoryClient:
             self._client = _install(client, self._maker)
         else:
             self._client = client
-            completions = _Completions(client.chat.completions, scope, runtime, settings,
-                                       is_async)
+            completions = _Completions(client.chat.completions, self._maker, is_async)
             self.chat = _Namespace(client.chat, completions=completions)
             _warn_once(f"plain:{type(client).__name__}",
                        f"{type(client).__name__} is not an openai/anthropic SDK client: only "
@@ -232,33 +230,18 @@ class _Namespace:
 
 
 class _Completions:
-    def __init__(self, inner: Any, scope: Scope, runtime: Runtime, settings: RecallSettings,
-                 is_async: bool) -> None:
+    def __init__(self, inner: Any, maker: TurnMaker, is_async: bool) -> None:
         self._inner = inner
-        self._scope = scope
-        self._runtime = runtime
-        self._settings = settings
+        self._maker = maker
+        self._runtime = maker.runtime
         self.create = self._acreate if is_async else self._create
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def _turn(self) -> Turn:
-        return Turn(CHAT_COMPLETIONS, self._runtime.service, self._scope,
-                    request_id="hr-" + uuid.uuid4().hex[:20], settings=self._settings)
-
-    async def _prepare(self, turn: Turn, kwargs: dict[str, Any]) -> dict[str, Any]:
-        try:
-            await self._runtime.read_own_writes()
-            return await turn.prepare(kwargs)
-        except Exception:  # every step fails open already; this guards the promise regardless
-            log.exception("memory could not prepare the request; sending it unchanged")
-            turn.extraction = False
-            return kwargs
-
     def _create(self, **kwargs: Any) -> Any:
-        turn = self._turn()
-        body = self._runtime.run(self._prepare(turn, kwargs))
+        turn = self._maker.turn(CHAT_COMPLETIONS)
+        body = self._runtime.run(self._maker.prepare(turn, kwargs))
         response = self._inner.create(**body)
         if CHAT_COMPLETIONS.streams(kwargs):
             return _SyncStream(response, _ChunkStripper(turn.stream_stripper()),
@@ -267,8 +250,8 @@ class _Completions:
         return response
 
     async def _acreate(self, **kwargs: Any) -> Any:
-        turn = self._turn()
-        body = await self._runtime.arun(self._prepare(turn, kwargs))
+        turn = self._maker.turn(CHAT_COMPLETIONS)
+        body = await self._runtime.arun(self._maker.prepare(turn, kwargs))
         response = await self._inner.create(**body)
         if CHAT_COMPLETIONS.streams(kwargs):
             return _AsyncStream(response, _ChunkStripper(turn.stream_stripper()),
