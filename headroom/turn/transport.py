@@ -119,6 +119,14 @@ def transport_classes(hx: ModuleType) -> tuple[type, type]:
         return fmt.streams(body) and "json" not in response.headers.get("content-type", "").lower()
 
 
+    def _as_is(turn: Turn, response: hx.Response, request: hx.Request) -> hx.Response:
+        """A read answer passed on unstripped: the receipt, but no block outcome to report."""
+        receipt = {k: v for k, v in turn.receipt().items() if k != BLOCK_HEADER}
+        return hx.Response(response.status_code, headers=_headers(response, receipt),
+                              content=response.content, request=request,
+                              extensions=response.extensions)
+
+
     def _whole(turn: Turn, response: hx.Response, request: hx.Request,
                store: Callable[[Block | None], None]) -> hx.Response:
         """A read answer without its block (store: the caller's way to run `turn.store`)."""
@@ -126,10 +134,7 @@ def transport_classes(hx: ModuleType) -> tuple[type, type]:
             answer = loads(response.content)
         except ValueError:
             log.warning("answer of %s is not JSON; returned as is", turn.request_id)
-            receipt = {k: v for k, v in turn.receipt().items() if k != BLOCK_HEADER}
-            return hx.Response(response.status_code, headers=_headers(response, receipt),
-                                  content=response.content, request=request,
-                                  extensions=response.extensions)
+            return _as_is(turn, response, request)
         clean, block = turn.strip_answer(answer)
         store(block)
         return hx.Response(response.status_code, headers=_headers(response, turn.receipt()),
@@ -177,9 +182,7 @@ def transport_classes(hx: ModuleType) -> tuple[type, type]:
 
             if response.status_code >= 400:
                 response.read()
-                receipt = {k: v for k, v in turn.receipt().items() if k != BLOCK_HEADER}
-                return hx.Response(response.status_code, headers=_headers(response, receipt),
-                                      content=response.content, request=request)
+                return _as_is(turn, response, request)
             if _streamed(fmt, body, response):
                 return hx.Response(response.status_code, request=request,
                                       headers=_headers(response, turn.receipt()),
@@ -249,9 +252,7 @@ def transport_classes(hx: ModuleType) -> tuple[type, type]:
 
             if response.status_code >= 400:
                 await response.aread()
-                receipt = {k: v for k, v in turn.receipt().items() if k != BLOCK_HEADER}
-                return hx.Response(response.status_code, headers=_headers(response, receipt),
-                                      content=response.content, request=request)
+                return _as_is(turn, response, request)
             if _streamed(fmt, body, response):
                 return hx.Response(response.status_code, request=request,
                                       headers=_headers(response, turn.receipt()),
