@@ -30,6 +30,7 @@ from .limits import admit_new_memories
 from .passthrough import forward
 from .pipeline import chat_completions, memory_turn
 from .readiness import readiness
+from .relay import readers_finished
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def create_app(
             yield
         finally:
             log.info("shutting down: draining pending memory writes")
+            await readers_finished()  # a block whose client left is stored before the drain
             await service.stop(config.drain_timeout_s)
             await upstream.aclose()
             if anthropic_upstream is not upstream:

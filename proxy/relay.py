@@ -31,7 +31,7 @@ from .upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BLOCK_TAIL_S", "relay_stream"]
+__all__ = ["BLOCK_TAIL_S", "readers_finished", "relay_stream"]
 
 BLOCK_TAIL_S = 3.0
 _QUEUE_CHUNKS = 16  # a slow client slows the upstream read down instead of filling memory
@@ -39,6 +39,22 @@ _QUEUE_CHUNKS = 16  # a slow client slows the upstream read down instead of fill
 
 # The event loop keeps only weak references to tasks; a reader outliving its client needs one.
 _readers: set[asyncio.Task[None]] = set()
+
+
+async def readers_finished(timeout: float = BLOCK_TAIL_S + 1) -> bool:
+    """Wait for readers still storing a block after their client left; False if some did not end.
+
+    The client's request is over by then, so nothing else waits on them: shutdown must, or the
+    block the reader was finishing would be cut off with the event loop.
+    """
+    running = {task for task in _readers if task.get_loop() is asyncio.get_running_loop()}
+    if not running:
+        return True
+    _, late = await asyncio.wait(running, timeout=timeout)
+    if late:
+        log.warning("%d stream reader(s) still running after %.0fs; their blocks may be cut off",
+                    len(late), timeout)
+    return not late
 
 
 async def relay_stream(response: httpx.Response, turn: Turn) -> AsyncIterator[bytes]:

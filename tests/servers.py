@@ -561,11 +561,15 @@ class Proxy:
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until every request has finished and every queued memory write is applied."""
+        from headroom.proxy.relay import readers_finished
+
         deadline = time.monotonic() + timeout
         while self.inflight.count:
             if time.monotonic() > deadline:
                 raise TimeoutError("requests still in flight")
             time.sleep(0.01)
+        # A reader storing a block after its client left is no longer an in-flight request.
+        assert self.run(readers_finished(timeout), timeout + 5), "stream readers still running"
         self.run(self.service.flush(timeout), timeout + 5)
 
     def memories(self, user_id: str, *, include_superseded: bool = False) -> list[Any]:
