@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..memory.models import Memory, MemoryFilter, SearchResult
+from ..memory.recall import PRESETS
 from . import output
 from .engine import engine, resolve, run
 from .options import (
@@ -88,6 +89,12 @@ class SearchMode(enum.StrEnum):
     TEXT = "text"
 
 
+def _recall_preset(value: str) -> str:
+    if value not in PRESETS:
+        raise typer.BadParameter(f"{value!r} is not a preset; one of {', '.join(PRESETS)}")
+    return value
+
+
 _SCORE_COLUMNS = {
     SearchMode.HYBRID: ("score", "sim", "bm25"),
     SearchMode.SEMANTIC: ("sim",),
@@ -111,6 +118,14 @@ def search(
         ),
     ] = SearchMode.HYBRID,
     top_k: Annotated[int, typer.Option(min=1, help="How many results.")] = 10,
+    recall_preset: Annotated[
+        str,
+        typer.Option(
+            "--recall-preset", envvar="HEADROOM_RECALL_PRESET", callback=_recall_preset,
+            help="Hybrid mode: how it ranks, as `headroom serve --recall-preset` does; one of "
+            f"{', '.join(PRESETS)}.",
+        ),
+    ] = "default",
     as_of: Annotated[
         datetime | None,
         typer.Option(parser=parse_when, metavar="WHEN", help="Semantic mode: what was true then."),
@@ -143,7 +158,9 @@ def search(
                     query, user, session, agent, None, top_k, categories=cats,
                     include_superseded=include_superseded, as_of=as_of,
                 )
-            return await mem.hybrid_search(query, user, session, agent, None, top_k, cats)
+            return await mem.hybrid_search(
+                query, user, session, agent, None, top_k, cats, preset=recall_preset
+            )
 
     if mode is SearchMode.TEXT:
         results = run(go())
