@@ -1,5 +1,6 @@
-"""Embedding backends (local torch or ONNX Runtime, OpenAI, Ollama), a query-embedding cache,
-and `make_embedder(config)`, which picks one from a `MemoryConfig`."""
+"""Embedding backends (local torch or ONNX Runtime, OpenAI, Ollama), a query-embedding cache, a
+micro-batcher for concurrent queries, and `make_embedder(config)`, which picks one from a
+`MemoryConfig`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 from ..errors import ConfigError
 from ..models import EmbedderBackend, MemoryConfig
 from ..ports import Embedder
+from .batching import BatchingEmbedder
 from .cached import CachedEmbedder
 from .local import LocalEmbedder, import_torch
 from .ollama import OllamaEmbedder
@@ -17,6 +19,7 @@ from .openai import OPENAI_DIMENSIONS, OpenAIEmbedder
 
 __all__ = [
     "LOCAL_RUNTIMES",
+    "BatchingEmbedder",
     "CachedEmbedder",
     "LocalEmbedder",
     "OllamaEmbedder",

@@ -1,0 +1,181 @@
+"""`BatchingEmbedder`: queries that arrive while a model call runs share the next call, get the
+vectors they would get alone, and a lone query never waits; and the engine's query path uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from headroom.memory import HierarchicalMemory, MemoryConfig
+from headroom.memory.embedders import BatchingEmbedder, OnnxEmbedder
+from headroom.memory.errors import EmbedderError
+from headroom.memory.ports import Embedder
+from tests.fakes import FakeEmbedder
+
+QUERIES = [
+    "what language should I use for my microservice?",
+    "where does my sister live",
+    "hi",
+    "which database did we pick for the billing service and why",
+    "Ünïcödé: 東京 trip plans 🎉",
+    "my dog's name",
+    "remind me of the deadline we agreed on last week",
+    "favourite food",
+]
+
+
+class GatedEmbedder:
+    """Its first call blocks until `release` is set, so the test controls what overlaps it."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self.inner = inner
+        self.model_id = inner.model_id
+        self.release = threading.Event()
+        self.calls: list[list[str]] = []
+        self._armed = True
+
+    def arm(self) -> None:
+        """Make the next call the blocking one again."""
+        self.release.clear()
+        self._armed = True
+
+    @property
+    def dimension(self) -> int:
+        return self.inner.dimension
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        if self._armed:
+            self._armed = False
+            assert self.release.wait(10), "the test never released the first call"
+        return self.inner.embed(texts)
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.002)
+
+
+def _embed_concurrently(
+    batcher: BatchingEmbedder, gate: GatedEmbedder, calls: list[list[str]]
+) -> list[np.ndarray | BaseException]:
+    """The first call starts alone and blocks in the model; the others queue behind it; then the
+    gate opens. Returns each call's vectors (or error) in the order of `calls`."""
+    results: list[np.ndarray | BaseException] = [RuntimeError("not run")] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = batcher.embed(calls[i])
+        except BaseException as exc:  # the test inspects it
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(0,))]
+    threads[0].start()
+    _wait_until(lambda: len(gate.calls) == 1)
+    threads += [threading.Thread(target=run, args=(i,)) for i in range(1, len(calls))]
+    for thread in threads[1:]:
+        thread.start()
+    _wait_until(lambda: batcher.stats()["queued"] == len(calls) - 1)
+    gate.release.set()
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def test_queries_arriving_during_a_call_share_the_next_one_and_get_their_own_vectors() -> None:
+    fake = FakeEmbedder()
+    gate = GatedEmbedder(fake)
+    batcher = BatchingEmbedder(gate, max_batch=16)
+    results = _embed_concurrently(batcher, gate, [[q] for q in QUERIES])
+    for query, got in zip(QUERIES, results, strict=True):
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, FakeEmbedder().embed([query]))
+    # The first alone, then all seven that queued behind it in one call.
+    assert gate.calls == [QUERIES[:1], QUERIES[1:]]
+    assert batcher.stats() == {"model_calls": 2, "texts": len(QUERIES), "queued": 0}
+
+
+def test_a_lone_call_runs_at_once_with_exactly_its_texts() -> None:
+    fake = FakeEmbedder()
+    batcher = BatchingEmbedder(fake, max_batch=4)
+    out = batcher.embed(["a", "b"])
+    assert fake.calls == [["a", "b"]]
+    np.testing.assert_array_equal(out, FakeEmbedder().embed(["a", "b"]))
+    assert batcher.embed([]).shape == (0, fake.dimension)
+    with pytest.raises(TypeError):
+        batcher.embed("a bare string")  # type: ignore[arg-type]
+    assert fake.calls == [["a", "b"]]
+
+
+def test_batches_are_capped_in_order_and_a_big_call_runs_alone() -> None:
+    gate = GatedEmbedder(FakeEmbedder())
+    batcher = BatchingEmbedder(gate, max_batch=3)
+    calls = [["first"], ["q1"], ["q2"], ["big1", "big2", "big3", "big4"], ["q3"], ["q4", "q5"]]
+    results = _embed_concurrently(batcher, gate, calls)
+    for texts, got in zip(calls, results, strict=True):
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, FakeEmbedder().embed(texts))
+    assert gate.calls == [
+        ["first"], ["q1", "q2"], ["big1", "big2", "big3", "big4"], ["q3", "q4", "q5"]
+    ]
+
+
+def test_a_failed_batch_fails_each_of_its_callers_and_the_next_call_works() -> None:
+    fake = FakeEmbedder()
+    gate = GatedEmbedder(fake)
+    batcher = BatchingEmbedder(gate)
+
+    original = gate.embed
+
+    def failing_second_call(texts: Sequence[str]) -> np.ndarray:
+        if len(gate.calls) == 1 and texts != ["first"]:
+            gate.calls.append(list(texts))
+            raise EmbedderError("model fell over")
+        return original(texts)
+
+    gate.embed = failing_second_call  # type: ignore[method-assign]
+    results = _embed_concurrently(batcher, gate, [["first"], ["x"], ["y"]])
+    assert isinstance(results[0], np.ndarray)
+    assert all(isinstance(r, EmbedderError) for r in results[1:])
+    np.testing.assert_array_equal(batcher.embed(["after"]), FakeEmbedder().embed(["after"]))
+
+
+def test_real_model_vectors_match_single_calls(local_embedder: OnnxEmbedder) -> None:
+    gate = GatedEmbedder(local_embedder)
+    batcher = BatchingEmbedder(gate)
+    results = _embed_concurrently(batcher, gate, [[q] for q in QUERIES])
+    singles = np.vstack([local_embedder.embed([q]) for q in QUERIES])
+    np.testing.assert_allclose(np.vstack(results), singles, atol=1e-5)  # type: ignore[arg-type]
+    assert len(gate.calls) == 2
+
+
+async def test_the_engine_batches_concurrent_query_embeddings(tmp_path: Path) -> None:
+    gate = GatedEmbedder(FakeEmbedder())
+    memory = await HierarchicalMemory.create(MemoryConfig(db_path=tmp_path / "m.db"), embedder=gate)
+    try:
+        gate.calls.clear()
+        gate.arm()
+        batcher = memory._executors.query_batcher
+        tasks = [asyncio.create_task(memory.embed_query(q)) for q in QUERIES]
+        deadline = time.monotonic() + 10
+        while batcher.stats()["queued"] < len(QUERIES) - 1:
+            assert time.monotonic() < deadline, batcher.stats()
+            await asyncio.sleep(0.002)
+        gate.release.set()
+        vectors = await asyncio.gather(*tasks)
+        for query, vector in zip(QUERIES, vectors, strict=True):
+            np.testing.assert_array_equal(vector, FakeEmbedder().embed([query])[0])
+        assert len(gate.calls) == 2  # one alone, seven together
+        # Repeats come from the query cache in front of the batcher: no model call at all.
+        await asyncio.gather(*(memory.embed_query(q) for q in QUERIES))
+        assert len(gate.calls) == 2
+    finally:
+        await memory.close()
