@@ -29,16 +29,18 @@ from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..memory.errors import StorageError
 from .errors import (
     AuthenticationError,
     BadRequestError,
     PermissionDeniedError,
     ProxyError,
     RateLimitError,
+    ServiceUnavailableError,
     UnsupportedMediaTypeError,
     error_response,
 )
-from .keys import KEY_PREFIX, KeyStore
+from .keys import KEY_PREFIX, KeyStore, open_key_store
 from .limits import RateLimiter
 from .policy import (
     DEFAULT_UPSTREAM_ROUTES,
@@ -132,12 +134,18 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, policy: AuthPolicy, keys: KeyStore | None = None) -> None:
         self.app = app
         self.policy = policy
-        self.keys = keys or KeyStore(policy.key_db)
+        # A store given by the caller is the caller's to close; the one opened here closes
+        # with the server (its PostgreSQL pool would otherwise outlive the app).
+        self._owns_keys = keys is None
+        self.keys: KeyStore = keys or open_key_store(policy.key_db)
         self.limiter = RateLimiter()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":  # no route takes one; refuse the handshake here
             await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] == "lifespan" and self._owns_keys:
+            await self.app(scope, receive, self._closing_keys_after_shutdown(send))
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -176,6 +184,14 @@ class AuthMiddleware:
             await self.app(scope, receive, send_with_headers)
         finally:
             reset_principal(token)
+
+    def _closing_keys_after_shutdown(self, send: Send) -> Send:
+        async def send_then_close(message: Message) -> None:
+            await send(message)
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await asyncio.to_thread(self.keys.close)
+
+        return send_then_close
 
     async def _admit(
         self, scope: Scope, origin: str | None, allowed_origin: str | None
@@ -245,7 +261,14 @@ class AuthMiddleware:
             for name in presented:
                 _drop_header(scope, name)
             token = next(iter(presented.values()))
-            check = await asyncio.to_thread(self.keys.verify, token)
+            try:
+                check = await asyncio.to_thread(self.keys.verify, token)
+            except StorageError as exc:
+                # Not failing open: a key that cannot be checked admits nobody.
+                raise ServiceUnavailableError(
+                    f"proxy keys cannot be checked now (key store unreachable: {exc.reason}); "
+                    "retry shortly", code="key_store_unavailable",
+                ) from exc
             if not check.ok or check.key is None:
                 reason = check.reason or "unknown"
                 raise AuthenticationError(

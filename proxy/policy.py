@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .keys import default_key_db_path
+from ..memory.models import is_database_url
+from .keys import default_key_db
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class RouteRule:
 class AuthPolicy:
     required: bool
     reason: str
-    key_db: Path
+    key_db: Path | str  # a SQLite file or a postgresql:// URL (proxy.keys.open_key_store)
     # auth off although an upstream key is set: anonymous requests get it (explicitly allowed)
     open_relay: bool = False
     cors_origins: frozenset[str] = frozenset()
@@ -123,7 +124,7 @@ def resolve_auth(config: Any) -> AuthPolicy:
             )
         required = False
         reason = "--auth off" + (f" although {' and '.join(exposed)}" if exposed else "")
-    key_db = Path(config.key_db_path) if config.key_db_path else default_key_db_path(
+    key_db = _key_db(config.key_db_path) if config.key_db_path else default_key_db(
         config.db_path
     )
     return AuthPolicy(
@@ -139,6 +140,11 @@ def resolve_auth(config: Any) -> AuthPolicy:
 
 
 
+
+
+def _key_db(target: str | Path) -> Path | str:
+    """A postgresql:// URL stays a str (a Path would fold its `//`)."""
+    return str(target) if is_database_url(target) else Path(target)
 
 
 def log_policy(policy: AuthPolicy) -> None:

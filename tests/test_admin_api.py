@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from headroom.proxy.keys import KeyStore
+from headroom.proxy.keys import open_key_store
+from tests.backend_targets import key_target
 from tests.servers import Proxy, Reply, memory_block, running_proxy
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hello"}]}
@@ -39,8 +40,10 @@ def write(proxy: Proxy, key: str, user: str, *facts: str) -> None:
 
 
 @pytest.fixture
-def setup(tmp_path: Path, local_embedder: Any) -> Iterator[Setup]:
-    store = KeyStore(tmp_path / "p.keys.db")
+def setup(tmp_path: Path, local_embedder: Any, request: pytest.FixtureRequest,
+          proxy_backend: str) -> Iterator[Setup]:
+    keys = key_target(request, proxy_backend, tmp_path)  # the gate reads this leg's store
+    store = open_key_store(keys)
     acme_rec, acme = store.create("acme")
     admin_rec, admin = store.create("acme", admin=True)
     _, globex = store.create("globex")
@@ -49,7 +52,8 @@ def setup(tmp_path: Path, local_embedder: Any) -> Iterator[Setup]:
     revoked_rec, revoked_admin = store.create("acme", admin=True)
     store.revoke(revoked_rec.id)
     store.close()
-    with running_proxy(tmp_path / "p.db", local_embedder, auth="on", warm=False) as proxy:
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on", warm=False,
+                       key_db_path=keys) as proxy:
         write(proxy, acme, "alice", "Lives in Lisbon", "Has a cat named Miso")
         write(proxy, acme, "bob", "Allergic to peanuts")
         write(proxy, globex, "alice", "Works night shifts")
@@ -163,11 +167,14 @@ def test_bad_admin_requests_are_400(setup: Setup) -> None:
     assert admin(setup, "GET", "/memories/search", user="alice").status_code == 400
 
 
-def test_admin_work_over_the_key_limit_is_429(tmp_path: Path, local_embedder: Any) -> None:
-    store = KeyStore(tmp_path / "p.keys.db")
+def test_admin_work_over_the_key_limit_is_429(
+    tmp_path: Path, local_embedder: Any, request: pytest.FixtureRequest, proxy_backend: str
+) -> None:
+    keys = key_target(request, proxy_backend, tmp_path)
+    store = open_key_store(keys)
     _, key = store.create("acme", admin=True, requests_per_minute=2)
     store.close()
-    with running_proxy(tmp_path / "p.db", local_embedder, auth="on") as proxy:
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on", key_db_path=keys) as proxy:
         url = f"{proxy.url}/admin/v1/users"
         headers = {"authorization": f"Bearer {key}"}
         assert [httpx.get(url, headers=headers).status_code for _ in range(2)] == [200, 200]

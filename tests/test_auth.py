@@ -2,7 +2,8 @@
 official `openai` SDK as client): every route with no key, a wrong, revoked, expired or other
 tenant's key, and the right one; user bindings; tenants as namespaces; the operator's upstream key
 only on authenticated requests to allowlisted routes; per-key limits; secrets never in logs or
-files."""
+files. Runs on both backends (conftest PROXY_MODULES): on PostgreSQL the memories and the keys
+are both there."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 
 from headroom.proxy.auth import AuthConfigError, log_policy, resolve_auth
 from headroom.proxy.config import ProxyConfig
-from headroom.proxy.keys import KeyStore
+from headroom.proxy.keys import open_key_store
+from tests.backend_targets import key_target
 from tests.servers import Proxy, Reply, instructed, memory_block, recalled, running_proxy
 
 OPERATOR_KEY = "sk-operator-5f1c2d9e8b7a"
@@ -43,8 +46,8 @@ class Keys:
                 self.team, self.limited]
 
 
-def make_keys(path: Path) -> Keys:
-    store = KeyStore(path)
+def make_keys(target: Path | str) -> Keys:
+    store = open_key_store(target)
     ids: dict[str, str] = {}
 
     def create(label: str, tenant: str, **kw: Any) -> str:
@@ -69,14 +72,21 @@ def make_keys(path: Path) -> Keys:
 
 
 @pytest.fixture(scope="module")
-def gated(tmp_path_factory: pytest.TempPathFactory, local_embedder: Any) -> Iterator[
-    tuple[Proxy, Keys]
-]:
+def gated(tmp_path_factory: pytest.TempPathFactory, local_embedder: Any,
+          request: pytest.FixtureRequest, proxy_backend: str) -> Iterator[tuple[Proxy, Keys]]:
     """Auth on because an upstream key is configured (loopback bind, `auth=auto`)."""
     root = tmp_path_factory.mktemp("gated")
-    keys = make_keys(root / "p.keys.db")
-    with running_proxy(root / "p.db", local_embedder, upstream_key=OPERATOR_KEY) as proxy:
+    target = key_target(request, proxy_backend, root)
+    keys = make_keys(target)
+    with running_proxy(root / "p.db", local_embedder, upstream_key=OPERATOR_KEY,
+                       key_db_path=target) as proxy:
         yield proxy, keys
+
+
+@pytest.fixture
+def keys_at(request: pytest.FixtureRequest, proxy_backend: str, tmp_path: Path) -> Path | str:
+    """A fresh key store of this leg's backend, for a test's own server (`key_db_path`)."""
+    return key_target(request, proxy_backend, tmp_path)
 
 
 def bearer(key: str | None) -> dict[str, str]:
@@ -262,12 +272,31 @@ def test_the_operator_key_never_reaches_an_unauthenticated_request(
         assert proxy.upstream.received_headers[-1]["authorization"] == "Bearer sk-mine"
 
 
+def _stored_text(proxy: Proxy, keys_at: Path | str, directory: Path) -> dict[str, bytes]:
+    """What the proxy left on disk or in the database, by where: files, or PostgreSQL rows."""
+    if isinstance(keys_at, Path):
+        files = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+        assert "p.db" in files and keys_at.name in files
+        return files
+    stored: dict[str, bytes] = {}
+    memory_url = str(proxy.app.state.service.config.db_path)
+    for url, tables in ((memory_url, ("memories", "memory_events", "outbox")),
+                        (keys_at, ("headroom_keys",))):
+        with psycopg.connect(url) as conn:
+            for table in tables:
+                rows = conn.execute(f"SELECT row_to_json(t)::text FROM {table} t").fetchall()
+                stored[table] = "\n".join(r[0] for r in rows).encode()
+    assert stored["headroom_keys"] and stored["memories"]
+    return stored
+
+
 def test_keys_never_reach_logs_or_files(
-    tmp_path: Path, local_embedder: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, local_embedder: Any, caplog: pytest.LogCaptureFixture, keys_at: Path | str
 ) -> None:
-    keys = make_keys(tmp_path / "p.keys.db")
+    keys = make_keys(keys_at)
     caplog.set_level(logging.DEBUG)
-    with running_proxy(tmp_path / "p.db", local_embedder, upstream_key=OPERATOR_KEY) as proxy:
+    with running_proxy(tmp_path / "p.db", local_embedder, upstream_key=OPERATOR_KEY,
+                       key_db_path=keys_at) as proxy:
         client = proxy.client("secret-user", api_key=keys.acme)
         proxy.upstream.queue(Reply("ok" + memory_block(add=["Keeps a diary"])))
         client.chat.completions.create(**CHAT)
@@ -277,15 +306,14 @@ def test_keys_never_reach_logs_or_files(
         httpx.get(proxy.url + "/v1/%2e%2e/x", headers=bearer(keys.acme))
         proxy.settle()
         logged = "\n".join(r.getMessage() for r in caplog.records) + repr(proxy.app.state.config)
+        stored = _stored_text(proxy, keys_at, tmp_path)
     assert "auth on (an upstream key is configured)" in logged  # the capture saw the server
     secrets = [*keys.all(), OPERATOR_KEY]
-    files = [p for p in tmp_path.iterdir() if p.is_file()]
-    assert any(p.name == "p.db" for p in files) and any(p.name == "p.keys.db" for p in files)
     for secret in secrets:
         assert secret not in logged
         secret_part = secret[len("hk_") + 13:] if secret.startswith("hk_") else secret
-        for path in files:
-            assert secret_part.encode() not in path.read_bytes(), path
+        for where, text in stored.items():
+            assert secret_part.encode() not in text, where
 
 
 def test_startup_mode_and_why() -> None:
@@ -308,9 +336,10 @@ def test_startup_mode_and_why() -> None:
         policy(upstream_routes=("GET /files",))
 
 
-def test_each_tenant_can_spend_its_own_upstream_key(tmp_path: Path, local_embedder: Any) -> None:
-    keys = make_keys(tmp_path / "p.keys.db")
-    with running_proxy(tmp_path / "p.db", local_embedder,
+def test_each_tenant_can_spend_its_own_upstream_key(tmp_path: Path, local_embedder: Any,
+                                                    keys_at: Path | str) -> None:
+    keys = make_keys(keys_at)
+    with running_proxy(tmp_path / "p.db", local_embedder, key_db_path=keys_at,
                        tenant_upstream_keys={"globex": "sk-globex-own"}) as proxy:
         assert proxy.app.state.auth.required  # a tenant key alone means auth is on
         seen = proxy.upstream.received_headers
@@ -354,12 +383,13 @@ def test_a_proxy_key_in_x_api_key_or_api_key_counts_and_stays_here(
 
 
 def test_over_its_new_memory_limit_a_key_stores_only_forgets(
-    tmp_path: Path, local_embedder: Any
+    tmp_path: Path, local_embedder: Any, keys_at: Path | str
 ) -> None:
-    store = KeyStore(tmp_path / "p.keys.db")
+    store = open_key_store(keys_at)
     _, key = store.create("acme", memories_per_minute=2)
     store.close()
-    with running_proxy(tmp_path / "p.db", local_embedder, auth="on") as proxy:
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on",
+                       key_db_path=keys_at) as proxy:
         client = proxy.client("writer", api_key=key)
         proxy.upstream.queue(Reply("ok" + memory_block(add=["Fact one", "Fact two", "Fact 3"])))
         raw = client.chat.completions.with_raw_response.create(**CHAT)
@@ -378,9 +408,10 @@ def test_over_its_new_memory_limit_a_key_stores_only_forgets(
 
 
 def test_without_an_operator_key_a_client_brings_its_own(tmp_path: Path, local_embedder: Any,
-                                                         ) -> None:
-    keys = make_keys(tmp_path / "p.keys.db")
-    with running_proxy(tmp_path / "p.db", local_embedder, auth="on") as proxy:
+                                                         keys_at: Path | str) -> None:
+    keys = make_keys(keys_at)
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on",
+                       key_db_path=keys_at) as proxy:
         client = proxy.client("own-key-user", api_key="sk-the-clients-own",
                               **{"X-Api-Key": keys.acme})
         client.chat.completions.create(**CHAT)
@@ -391,11 +422,12 @@ def test_without_an_operator_key_a_client_brings_its_own(tmp_path: Path, local_e
 
 
 def test_the_new_memory_limit_holds_for_streamed_answers(tmp_path: Path, local_embedder: Any,
-                                                         ) -> None:
-    store = KeyStore(tmp_path / "p.keys.db")
+                                                         keys_at: Path | str) -> None:
+    store = open_key_store(keys_at)
     _, key = store.create("acme", memories_per_minute=1)
     store.close()
-    with running_proxy(tmp_path / "p.db", local_embedder, auth="on") as proxy:
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on",
+                       key_db_path=keys_at) as proxy:
         client = proxy.client("streamer", api_key=key)
         proxy.upstream.queue(Reply("Two facts." + memory_block(add=["Fact A", "Fact B"])),
                              Reply("One fact." + memory_block(add=["Fact C"])))
@@ -405,3 +437,27 @@ def test_the_new_memory_limit_holds_for_streamed_answers(tmp_path: Path, local_e
                            if c.choices) == expected
             proxy.settle()
         assert [m.content for m in proxy.memories("acme|streamer")] == ["Fact C"]
+
+
+def test_a_key_made_or_revoked_anywhere_counts_at_once_on_every_replica(
+    tmp_path: Path, local_embedder: Any, keys_at: Path | str
+) -> None:
+    """Two servers on one database and one key store (replicas), keys managed from outside them
+    (as `headroom keys` does): no replica serves a revoked key, none needs a restart."""
+    with running_proxy(tmp_path / "p.db", local_embedder, auth="on",
+                       key_db_path=keys_at) as replica_a, \
+            running_proxy(tmp_path / "p.db", local_embedder, auth="on",
+                          key_db_path=keys_at) as replica_b:
+        admin = open_key_store(keys_at)
+        try:
+            record, key = admin.create("acme", user="alice")
+            for replica in (replica_a, replica_b):  # both, without waiting
+                answer = replica.client("alice", api_key=key).chat.completions.create(**CHAT)
+                assert answer.choices[0].message.content == "Hello!"
+            admin.revoke(record.id)
+            for replica in (replica_a, replica_b):
+                assert_error(httpx.post(replica.base_url + "/chat/completions", json=CHAT,
+                                        headers={**bearer(key), "x-headroom-user-id": "alice"}),
+                             401, "authentication_error", "api_key_revoked")
+        finally:
+            admin.close()

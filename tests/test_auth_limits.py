@@ -12,7 +12,7 @@ from starlette.datastructures import Headers
 from headroom.memory.models import AddOp, ForgetOp, MemoryOps, UpdateOp
 from headroom.proxy.auth import AuthMiddleware, resolve_auth
 from headroom.proxy.config import ProxyConfig
-from headroom.proxy.keys import KeyStore
+from headroom.proxy.keys import open_key_store
 from headroom.proxy.limits import RateLimiter, admit_new_memories
 from headroom.proxy.scope import KEYLESS, MemoryMode, Principal, RequestScope, scope_from_request
 
@@ -74,7 +74,7 @@ def test_a_key_out_of_new_memories_gets_recall_only() -> None:
 
 
 async def test_the_gates_notes_join_the_turns_own(tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / "k.db")
+    store = open_key_store(tmp_path / "k.db")
     _, key = store.create("acme", requests_per_minute=0)
     seen: list[RequestScope] = []
 

@@ -1,7 +1,9 @@
 """`headroom keys`: create, list and revoke the proxy keys clients use as their `api_key`.
 
-Keys live in their own small file next to the database (`memory.db` → `memory.keys.db`), or at
-`--key-db` / HEADROOM_KEY_DB; the secret is printed once and only its hash is stored.
+Keys live in their own small file next to a SQLite database (`memory.db` → `memory.keys.db`),
+in a PostgreSQL memory database itself (every replica reads them there), or at `--key-db` /
+HEADROOM_KEY_DB (a file or a postgresql:// URL); the secret is printed once and only its hash is
+stored.
 """
 
 from pathlib import Path
@@ -10,33 +12,55 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ..proxy.keys import KeyStore, KeyStoreError, ProxyKey, default_key_db_path, parse_duration
+from ..memory.models import is_database_url
+from ..proxy.keys import (
+    KeyStore,
+    KeyStoreError,
+    ProxyKey,
+    default_key_db,
+    open_key_store,
+    parse_duration,
+)
 from .errors import CommandError
 from .options import DbOpt, JsonOpt, db_path
 from .output import out, print_json, table, when
 
-__all__ = ["KeyDbOpt", "app", "key_db_path"]
+__all__ = ["KeyDbOpt", "app", "key_db_path", "parse_key_db"]
 
 app = typer.Typer(
     help="Proxy keys: each binds a client to a tenant (and optionally one user or a prefix).",
     no_args_is_help=True,
 )
 
+
+
+def parse_key_db(value: str) -> Path | str:
+    """A key file as a Path; a postgresql:// URL kept as given (a Path would fold its `//`)."""
+    if is_database_url(value):
+        return value
+    path = Path(value)
+    if path.is_dir():
+        raise typer.BadParameter(f"{value!r} is a directory, not a key file")
+    return path
+
+
 KeyDbOpt = Annotated[
-    Path | None,
+    Path | None,  # or a postgresql:// URL as a str: parse_key_db decides
     typer.Option(
-        "--key-db", envvar="HEADROOM_KEY_DB", dir_okay=False, show_default=False,
-        help="Key file. Default: next to the database (memory.db -> memory.keys.db).",
+        "--key-db", envvar="HEADROOM_KEY_DB", show_default=False, parser=parse_key_db,
+        help="Where proxy keys live: a SQLite file or a postgresql://user@host/db URL. "
+        "Default: beside a SQLite --db (memory.db -> memory.keys.db); in the database itself "
+        "for a postgresql:// --db (every replica sees the same keys).",
     ),
 ]
 
 
-def key_db_path(db: Path | None, key_db: Path | None) -> Path:
-    return key_db if key_db is not None else default_key_db_path(db_path(db))
+def key_db_path(db: Path | str | None, key_db: Path | str | None) -> Path | str:
+    return key_db if key_db is not None else default_key_db(db_path(db))
 
 
-def _store(db: Path | None, key_db: Path | None) -> KeyStore:
-    return KeyStore(key_db_path(db, key_db))
+def _store(db: Path | str | None, key_db: Path | str | None) -> KeyStore:
+    return open_key_store(key_db_path(db, key_db))
 
 
 def _binding(key: ProxyKey) -> str:

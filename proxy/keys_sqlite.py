@@ -1,0 +1,130 @@
+"""Proxy keys in a small SQLite file of their own (`memory.db` → `memory.keys.db`): the key store
+of a single machine. Hashes only, in a file only its owner can read."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from .keys import KeyCheck, KeyStoreError, ProxyKey, check_presented, new_key, record_from_row
+
+__all__ = ["SqliteKeyStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS proxy_keys (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    user_id TEXT,
+    user_prefix TEXT,
+    admin INTEGER NOT NULL DEFAULT 0,
+    name TEXT,
+    requests_per_minute INTEGER,
+    memories_per_minute INTEGER,
+    created_at TEXT NOT NULL,
+    expires_at TEXT,
+    revoked_at TEXT
+);
+"""
+
+
+class SqliteKeyStore:
+    """Thread-safe; one connection, serialised by a lock (lookups are one primary-key read).
+    Other processes (the `headroom keys` CLI) may write the same file at any time: every read
+    goes to the file, so a revocation counts from the next request."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                # Hashes only, but still nobody else's business.
+                fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0,
+                                   isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def create(
+        self, tenant: str, *, user: str | None = None, user_prefix: str | None = None,
+        admin: bool = False, expires_in: timedelta | None = None, name: str | None = None,
+        requests_per_minute: int | None = None, memories_per_minute: int | None = None,
+    ) -> tuple[ProxyKey, str]:
+        minted = new_key(
+            tenant, user=user, user_prefix=user_prefix, admin=admin, expires_in=expires_in,
+            name=name, requests_per_minute=requests_per_minute,
+            memories_per_minute=memories_per_minute,
+        )
+        key = minted.record
+        with self._lock:
+            self._connection().execute(
+                "INSERT INTO proxy_keys (id, secret_sha256, tenant, user_id, user_prefix, admin,"
+                " name, requests_per_minute, memories_per_minute, created_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key.id, minted.digest, key.tenant, key.user, key.user_prefix, int(key.admin),
+                 key.name, key.requests_per_minute, key.memories_per_minute,
+                 key.created_at.isoformat(),
+                 key.expires_at.isoformat() if key.expires_at else None),
+            )
+        return key, minted.secret
+
+    def list(self, tenant: str | None = None) -> list[ProxyKey]:
+        sql = "SELECT * FROM proxy_keys"
+        params: tuple[str, ...] = ()
+        if tenant is not None:
+            sql += " WHERE tenant = ?"
+            params = (tenant,)
+        with self._lock:
+            rows = self._connection().execute(sql + " ORDER BY created_at, id", params).fetchall()
+        return [record_from_row(row) for row in rows]
+
+    def get(self, key_id: str) -> ProxyKey:
+        row = self._row(key_id)
+        if row is None:
+            raise KeyStoreError(f"no key with id {key_id!r}")
+        return record_from_row(row)
+
+    def revoke(self, key_id: str) -> ProxyKey:
+        with self._lock:
+            self._connection().execute(
+                "UPDATE proxy_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+                (_now_text(), key_id),
+            )
+        return self.get(key_id)
+
+    def verify(self, presented: str) -> KeyCheck:
+        # No file yet means no keys: a keyless server does not create one for a stray `hk_`.
+        if self._conn is None and not self.path.exists():
+            return check_presented(presented, lambda key_id: None)
+        return check_presented(presented, self._row)
+
+    def _row(self, key_id: str) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._connection().execute(
+                "SELECT * FROM proxy_keys WHERE id = ?", (key_id,)
+            ).fetchone()
+        return row
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat()
