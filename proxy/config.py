@@ -54,6 +54,9 @@ class ProxyConfig:
     # How long an answer's last byte waits for its memory ops to commit to the outbox; past it
     # the answer goes out anyway and the ops stay queued in memory for retry (fail open).
     durable_wait_s: float = 1.0
+    # Proxy processes serving the one port (HEADROOM_WORKERS), each with its own engine and model
+    # (proxy.workers); they share the database, whose write path is safe for several processes.
+    workers: int = 1
 
     # Tenants and keys (proxy.auth): `auto` requires proxy keys on a non-loopback bind or when an
     # upstream key is set; `off` there also needs allow_unauthenticated (logged loudly).

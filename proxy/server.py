@@ -22,12 +22,14 @@ from .config import ProxyConfig
 from .errors import RequestTimeoutError, error_body
 from .logs import configure_logging
 
-__all__ = ["HeaderTimeoutProtocol", "header_timeout_protocol", "serve"]
+__all__ = [
+    "STARTUP_FAILURE", "HeaderTimeoutProtocol", "build_server", "header_timeout_protocol", "serve"
+]
 
 log = logging.getLogger(__name__)
 
 # uvicorn exits with this when the app's startup fails (as `uvicorn.main.run` does).
-_STARTUP_FAILURE = 3
+STARTUP_FAILURE = 3
 
 
 class HeaderTimeoutProtocol(H11Protocol):
@@ -114,11 +116,8 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(config: ProxyConfig, *, on_ready: Callable[[], None] | None = None) -> None:
-    """Blocking. SIGTERM or SIGINT starts a graceful shutdown, which runs the app's lifespan
-    exit: in-flight requests finish and pending memory writes drain, then the process exits 0.
-    A failed startup exits 3."""
-    configure_logging(config.log_level)
+def build_server(config: ProxyConfig, *, on_ready: Callable[[], None] | None = None) -> _Server:
+    """One proxy under uvicorn, not yet running; `on_ready` runs once it accepts requests."""
     app = create_app(config)
     server = _Server(
         uvicorn.Config(
@@ -134,9 +133,25 @@ def serve(config: ProxyConfig, *, on_ready: Callable[[], None] | None = None) ->
 
         async def startup(sockets: object = None) -> None:
             await original(sockets=sockets)  # type: ignore[arg-type]
-            on_ready()
+            if server.started:
+                on_ready()
 
         server.startup = startup  # type: ignore[method-assign]
+    return server
+
+
+def serve(config: ProxyConfig, *, on_ready: Callable[[], None] | None = None) -> None:
+    """Blocking. SIGTERM or SIGINT starts a graceful shutdown, which runs the app's lifespan
+    exit: in-flight requests finish and pending memory writes drain, then the process exits 0.
+    A failed startup exits 3. `config.workers` > 1 runs that many proxy processes on the one
+    port (proxy.workers), with the same exits."""
+    configure_logging(config.log_level)
+    if config.workers > 1:
+        from .workers import serve_workers
+
+        serve_workers(config, on_ready=on_ready)
+        return
+    server = build_server(config, on_ready=on_ready)
     server.run()
     if not server.started:
-        sys.exit(_STARTUP_FAILURE)
+        sys.exit(STARTUP_FAILURE)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..memory.errors import ConfigError
 from ..memory.recall import PRESETS
 from ..proxy.auth import AuthConfigError
 from ..proxy.config import ProxyConfig
@@ -208,6 +209,17 @@ KeyMemoriesOpt = _per_minute(
 )
 
 
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers", envvar="HEADROOM_WORKERS", min=1,
+        help="Proxy processes serving the port, each with its own model (~250 MB RSS more per "
+        "worker). Raise it to use more cores under concurrent load; needs a database file or a "
+        "postgresql:// URL.",
+    ),
+]
+
+
 def _routes(text: str | None) -> dict[str, Any]:
     if text is None:
         return {}
@@ -277,6 +289,7 @@ def serve(
     tenant_upstream_keys_file: TenantKeysOpt = None,
     key_requests_per_minute: KeyRequestsOpt = None,
     key_memories_per_minute: KeyMemoriesOpt = None,
+    workers: WorkersOpt = 1,
     *,
     upstream: UpstreamOptions,
     embed: EmbedOptions,
@@ -311,11 +324,17 @@ def serve(
         cors_origins=tuple(cors_origin or ()),
         tenant_upstream_keys=_tenant_keys(tenant_upstream_keys_file),
         key_requests_per_minute=key_requests_per_minute,
-        key_memories_per_minute=key_memories_per_minute,
+        key_memories_per_minute=key_memories_per_minute, workers=workers,
         **_routes(upstream_routes),
         # Unset timeouts keep ProxyConfig's defaults, which are the one place they are written.
         **{name: value for name, value in given.items() if value is not None},
     )
+    from ..proxy.workers import check_workers
+
+    try:
+        check_workers(config)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--workers'") from None
     try:
         summary = startup_summary(config)
     except AuthConfigError as exc:  # a setting the server would refuse: say so before starting
