@@ -186,12 +186,13 @@ class AuthMiddleware:
             reset_principal(token)
 
     def _closing_keys_after_shutdown(self, send: Send) -> Send:
-        async def send_then_close(message: Message) -> None:
-            await send(message)
+        async def close_then_send(message: Message) -> None:
+            # Before the server hears "complete": after it, it stops waiting on this task.
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await asyncio.to_thread(self.keys.close)
+            await send(message)
 
-        return send_then_close
+        return close_then_send
 
     async def _admit(
         self, scope: Scope, origin: str | None, allowed_origin: str | None

@@ -36,10 +36,10 @@ from tests.fakes import FakeEmbedder
 from tests.pg import pg_database, pg_server, schema_url  # noqa: F401 (fixtures)
 
 BACKENDS = ("sqlite", "postgres")
-# The modules whose engines run on both backends.
+# The modules whose engines (and, for test_keys.py, key stores) run on both backends.
 ENGINE_MODULES = (
     "test_engine_", "test_recall.py", "test_recall_scenarios.py", "test_turn_core.py",
-    "test_spec_examples.py",
+    "test_spec_examples.py", "test_keys.py",
 )
 # The proxy modules whose servers (module-scoped, tests/servers.py) run on both backends: the
 # whole module's tests on one backend, then on the other.
@@ -47,7 +47,7 @@ ENGINE_MODULES = (
 PROXY_MODULES = (
     "test_proxy_e2e.py", "test_admin_api.py", "test_proxy_errors.py", "test_proxy_passthrough.py",
     "test_anthropic_api.py", "test_responses_api.py", "test_proxy_disconnect.py",
-    "test_auth_memory_frame.py",
+    "test_auth_memory_frame.py", "test_auth.py", "test_proxy_edge.py", "test_proxy_restart.py",
 )
 
 

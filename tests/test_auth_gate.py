@@ -224,3 +224,28 @@ async def test_websockets_are_refused(tmp_path: Path) -> None:
     await gate({"type": "websocket", "path": "/v1/realtime", "raw_path": b"/v1/realtime",
                 "headers": [], "query_string": b""}, receive, send)
     assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
+
+
+async def test_a_key_store_that_cannot_be_reached_admits_nobody(tmp_path: Path) -> None:
+    """Keys in a PostgreSQL database that is down: a 503 in the OpenAI shape, never the route,
+    never a silent pass as keyless; a request that brings no proxy key is not held up."""
+    reached: list[Any] = []
+
+    async def route(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    gone = f"postgresql://headroom:s3cret@/headroom?host={tmp_path / 'no-server'}"
+    config = ProxyConfig(db_path=tmp_path / "m.db", key_db_path=gone)
+    gate = AuthMiddleware(route, resolve_auth(config))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(gate), base_url="http://t") as c:
+        refused = await c.get("/v1/models",
+                              headers={"authorization": "Bearer hk_0123456789ab_whatever"})
+        keyless = await c.get("/v1/models")
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "key_store_unavailable")
+    assert error["message"] and "s3cret" not in refused.text
+    assert keyless.status_code == 200 and len(reached) == 1
+    gate.keys.close()

@@ -1,5 +1,6 @@
 """The proxy's edge: what a request body may be (`parse_json_body`), read timeouts, headers, the
-process (SIGTERM, logging) and readiness, each against a real server where it matters."""
+process (SIGTERM, logging) and readiness, each against a real server where it matters. On both
+backends (conftest PROXY_MODULES); the server process reaches its PostgreSQL schema by URL."""
 
 from __future__ import annotations
 
@@ -17,19 +18,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import orjson
+import psycopg
 import pytest
 
 from headroom.memory.models import MemoryConfig
 from headroom.proxy.body import MAX_DEPTH, parse_json_body
 from headroom.proxy.config import ProxyConfig
 from headroom.proxy.errors import BadRequestError, error_response
+from headroom.proxy.readiness import database_unreachable, readiness
+from tests.backend_targets import database_target
 from tests.fakes import FakeEmbedder
 from tests.servers import (
     FakeUpstream,
@@ -377,7 +381,7 @@ class Served:
     process: subprocess.Popen[bytes]
     port: int
     upstream: FakeUpstream
-    db_path: Path
+    db_path: Path | str  # a SQLite file, or a PostgreSQL schema's URL
     stderr_path: Path
 
     @property
@@ -412,19 +416,21 @@ def _ready(served: Served) -> bool:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+           proxy_backend: str) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("served")
+    db = database_target(request, proxy_backend, tmp)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     for quieted_by_the_server in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
         env.pop(quieted_by_the_server, None)
     with running_upstream() as (upstream_root, fake), (tmp / "stderr.txt").open("wb") as err:
         port = free_port()
-        config = {"port": port, "db_path": str(tmp / "p.db"), "upstream_url": upstream_root,
+        config = {"port": port, "db_path": str(db), "upstream_url": upstream_root,
                   "header_read_timeout_s": 1.0, "body_read_timeout_s": 1.0,
                   "drain_timeout_s": 20.0}
         process = subprocess.Popen([sys.executable, "-c", _SERVE, json.dumps(config)],
                                    stdout=subprocess.DEVNULL, stderr=err, env=env)
-        served = Served(process, port, fake, tmp / "p.db", tmp / "stderr.txt")
+        served = Served(process, port, fake, db, tmp / "stderr.txt")
         try:
             _wait_until(lambda: _ready(served), 180, "the server to be ready")
             yield served
@@ -554,10 +560,20 @@ def test_sigterm_drains_in_flight_work_and_exits_0(served: Served) -> None:
     assert b"".join(received).rstrip().endswith(b"data: [DONE]")
     log = served.stderr()
     assert "shutdown complete" in log and "Traceback" not in log
-    with contextlib.closing(sqlite3.connect(served.db_path)) as db:
-        rows = db.execute("SELECT content FROM memories WHERE user_id = ?",
-                          ("sigterm-user",)).fetchall()
-    assert rows == [("Stopped gracefully",)]
+    assert _contents(served.db_path, "sigterm-user") == ["Stopped gracefully"]
+
+
+def _contents(db: Path | str, user: str) -> list[str]:
+    """A user's memory texts, read from the database past any server."""
+    if isinstance(db, str):
+        with psycopg.connect(db) as conn:
+            rows = conn.execute("SELECT content FROM memories WHERE user_id = %s",
+                                (user,)).fetchall()
+    else:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = conn.execute("SELECT content FROM memories WHERE user_id = ?",
+                                (user,)).fetchall()
+    return [row[0] for row in rows]
 
 
 # --- readiness ------------------------------------------------------------------------------------
@@ -604,6 +620,49 @@ def test_a_model_that_fails_to_load_is_degraded_not_unready(tmp_path: Path) -> N
         p.upstream.queue(Reply("Hi!"))
         assert p.client("ready-noload").chat.completions.create(
             **CHAT).choices[0].message.content == "Hi!"
+
+
+class _SlowOutboxEngine:
+    """An engine whose health read timed out, as HierarchicalMemory reports it."""
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "degraded", "reasons": ["outbox unreadable within 2s"]}
+
+
+@dataclass
+class _Service:
+    """What readiness() reads of a MemoryService."""
+
+    config: MemoryConfig
+    engine: Any = field(default_factory=_SlowOutboxEngine)
+    open_error: str | None = None
+    model_error: str | None = None
+    ready: bool = True
+
+    def status(self) -> dict[str, Any]:
+        return {"database": "ok"}
+
+
+async def test_a_slow_outbox_read_says_whether_the_database_is_unreachable(
+    tmp_path: Path, request: pytest.FixtureRequest, proxy_backend: str
+) -> None:
+    """The same timeout, two causes: a database that does not answer, or one that is busy."""
+    gone: Path | str = tmp_path / "never-created.db"
+    if proxy_backend == "postgres":
+        gone = f"postgresql://headroom:s3cret@/headroom?host={tmp_path / 'no-server'}"
+    status, body = await readiness(_Service(MemoryConfig(db_path=gone)))  # type: ignore[arg-type]
+    assert (status, body["status"]) == (200, "degraded")
+    [reason] = body["reasons"]
+    assert reason.startswith("database unreachable (") and "outbox unreadable within 2s" in reason
+    assert "s3cret" not in reason
+
+    there = database_target(request, proxy_backend, tmp_path, "there.db")
+    if isinstance(there, Path):
+        sqlite3.connect(there).close()
+    status, body = await readiness(_Service(MemoryConfig(db_path=there)))  # type: ignore[arg-type]
+    [reason] = body["reasons"]
+    assert reason.startswith("outbox unreadable within 2s") and "busy or locked" in reason
+    assert database_unreachable(there) is None
 
 
 # --- configuration ------------------------------------------------------------------------------

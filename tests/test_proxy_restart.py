@@ -1,6 +1,7 @@
 """Write-behind: the response waits only for the outbox insert (never for embedding or indexing),
 shutdown drains the queue, and the outbox left by a killed process is replayed on the next start,
-each memory applied exactly once."""
+each memory applied exactly once. On both backends (conftest PROXY_MODULES): on PostgreSQL each
+test's database is a schema of its own, which the killed server process reaches by URL."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from headroom.memory.db import connect
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import AddOp, MemoryConfig, MemoryFilter, MemoryOps, Scope
+from tests.backend_rows import row_counts
+from tests.backend_targets import database_target
 from tests.servers import (
     FakeUpstream,
     GatedEmbedder,
@@ -33,15 +36,18 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "What do I like?"}]}
 
 
-def _count(db: Path, sql: str) -> int:
-    conn = connect(db, readonly=True)
-    try:
-        return int(conn.execute(sql).fetchone()[0])
-    finally:
-        conn.close()
+@pytest.fixture
+def database(request: pytest.FixtureRequest, proxy_backend: str, tmp_path: Path) -> Path | str:
+    """This leg's database: a file, or a PostgreSQL schema's URL (also for a server process)."""
+    return database_target(request, proxy_backend, tmp_path)
 
 
-async def _rows(db: Path, embedder: Any, user: str) -> tuple[list[str], int]:
+def _count(db: Path | str, table: str) -> int:
+    """Rows in `table` ("outbox" or "memories"), read past the engine as another process would."""
+    return row_counts(db)[table]
+
+
+async def _rows(db: Path | str, embedder: Any, user: str) -> tuple[list[str], int]:
     """(every memory text of `user`, outbox rows left) from a fresh engine on `db`."""
     engine = await HierarchicalMemory.create(MemoryConfig(db_path=db), embedder=embedder)
     try:
@@ -72,8 +78,8 @@ def test_the_response_never_waits_for_the_write(tmp_path: Path, local_embedder: 
         assert [m.content for m in p.memories("rae")] == ["Paddles a sea kayak"]
 
 
-async def test_shutdown_drains_pending_writes(tmp_path: Path, local_embedder: Any) -> None:
-    db = tmp_path / "p.db"
+async def test_shutdown_drains_pending_writes(database: Path | str, local_embedder: Any) -> None:
+    db = database
     gated = GatedEmbedder(local_embedder, trigger="kayak")
     gated.gate.clear()
     try:
@@ -89,19 +95,19 @@ async def test_shutdown_drains_pending_writes(tmp_path: Path, local_embedder: An
 
 
 async def test_outbox_left_by_a_killed_process_is_replayed_once(
-    tmp_path: Path, local_embedder: Any
+    database: Path | str, local_embedder: Any
 ) -> None:
     """Rows inserted by `submit` with no worker running: exactly what a process killed right
     after answering leaves behind."""
-    db = tmp_path / "p.db"
+    db = database
     engine = await HierarchicalMemory.create(MemoryConfig(db_path=db), embedder=local_embedder)
     ops = MemoryOps(add=(AddOp("Grows tomatoes on the balcony"),))
     await engine.submit(ops, Scope("tia"), request_id="hr-before-crash-1")
     await engine.submit(ops, Scope("tia", "s2"), request_id="hr-before-crash-2")  # sent twice
     await engine.submit(MemoryOps(add=(AddOp("Owns a sailboat"),)), Scope("ugo"))
     await engine.close()  # no worker: nothing applied, nothing drained
-    assert _count(db, "SELECT count(*) FROM outbox") == 3
-    assert _count(db, "SELECT count(*) FROM memories") == 0
+    assert _count(db, "outbox") == 3
+    assert _count(db, "memories") == 0
 
     for _ in range(2):  # start, stop, start again: applied once, never twice
         with running_proxy(db, local_embedder) as p:
@@ -110,15 +116,15 @@ async def test_outbox_left_by_a_killed_process_is_replayed_once(
             p.upstream.queue(Reply("Tomatoes."))
             p.client("tia", "s3").chat.completions.create(**CHAT)
             assert "Grows tomatoes on the balcony" in (recalled(p.upstream.last) or "")
-    assert _count(db, "SELECT count(*) FROM outbox") == 0
-    assert _count(db, "SELECT count(*) FROM memories") == 2
+    assert _count(db, "outbox") == 0
+    assert _count(db, "memories") == 2
 
 
-def test_sigkill_after_answering_loses_nothing(tmp_path: Path, local_embedder: Any) -> None:
+def test_sigkill_after_answering_loses_nothing(database: Path | str, local_embedder: Any) -> None:
     """A real proxy process answers, queues the block in its outbox and is SIGKILLed before
     applying it (its model is still loading: it listens at once and loads in the background).
     The next start replays the outbox: the memory is there exactly once."""
-    db = tmp_path / "p.db"
+    db = database
     port = free_port()
     upstream = FakeUpstream()
     with running_upstream(upstream) as (upstream_url, _):
@@ -148,7 +154,7 @@ def test_sigkill_after_answering_loses_nothing(tmp_path: Path, local_embedder: A
                                 headers={"x-headroom-user-id": "vera"}, timeout=30)
             assert answer.json()["choices"][0]["message"]["content"] == "Noted."
             # Durable before acknowledged: the row committed before the answer's last byte.
-            assert _count(db, "SELECT count(*) FROM outbox") == 1
+            assert _count(db, "outbox") == 1
             process.send_signal(signal.SIGKILL)
             process.wait(10)
         finally:
@@ -158,9 +164,9 @@ def test_sigkill_after_answering_loses_nothing(tmp_path: Path, local_embedder: A
             assert process.stderr is not None
             process.stderr.close()
         assert process.returncode == -signal.SIGKILL
-        assert _count(db, "SELECT count(*) FROM memories") == 0  # killed before applying
+        assert _count(db, "memories") == 0  # killed before applying
 
         with running_proxy(db, local_embedder, upstream=upstream) as p:
             assert [m.content for m in p.memories("vera")] == ["Keeps bees in the garden"]
-    assert _count(db, "SELECT count(*) FROM outbox") == 0
-    assert _count(db, "SELECT count(*) FROM memories") == 1
+    assert _count(db, "outbox") == 0
+    assert _count(db, "memories") == 1
