@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +36,7 @@ __all__ = [
     "KeyStoreError",
     "NewKey",
     "ProxyKey",
+    "StoredKey",
     "check_presented",
     "default_key_db",
     "new_key",
@@ -105,6 +106,15 @@ class KeyCheck:
         return self.key is not None and self.reason is None
 
 
+@dataclass(frozen=True)
+class StoredKey:
+    """A key as a store keeps it: its record and the digest of its secret. What moves when keys
+    are copied from one store to another (`headroom keys copy`): the clients keep their keys."""
+
+    record: ProxyKey
+    digest: str
+
+
 class KeyStore(Protocol):
     """Where keys live. Thread-safe; blocking (the proxy calls it through `asyncio.to_thread`).
     `create` raises `KeyStoreError` on bad settings, `get` and `revoke` on an unknown id;
@@ -129,6 +139,14 @@ class KeyStore(Protocol):
         ...
 
     def verify(self, presented: str) -> KeyCheck: ...
+
+    def export(self) -> list[StoredKey]:
+        """Every key, with its digest, by creation time."""
+        ...
+
+    def restore(self, keys: Iterable[StoredKey]) -> int:
+        """Add the keys whose id is not here yet (revocations included); returns how many."""
+        ...
 
     def close(self) -> None: ...
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -23,7 +23,15 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..memory.adapters.postgres.connection import redact_url, storage_error
 from ..memory.errors import StorageError
-from .keys import KeyCheck, KeyStoreError, ProxyKey, check_presented, new_key, record_from_row
+from .keys import (
+    KeyCheck,
+    KeyStoreError,
+    ProxyKey,
+    StoredKey,
+    check_presented,
+    new_key,
+    record_from_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,17 +175,21 @@ class PgKeyStore:
             name=name, requests_per_minute=requests_per_minute,
             memories_per_minute=memories_per_minute,
         )
-        key = minted.record
         with self._connection() as conn:
-            conn.execute(
-                "INSERT INTO headroom_keys (id, secret_sha256, tenant, user_id, user_prefix,"
-                " admin, name, requests_per_minute, memories_per_minute, created_at, expires_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (key.id, minted.digest, key.tenant, key.user, key.user_prefix, key.admin,
-                 key.name, key.requests_per_minute, key.memories_per_minute, key.created_at,
-                 key.expires_at),
-            )
-        return key, minted.secret
+            conn.execute(_INSERT, _values(StoredKey(minted.record, minted.digest)))
+        return minted.record, minted.secret
+
+    def export(self) -> list[StoredKey]:
+        rows = self._fetchall("SELECT * FROM headroom_keys ORDER BY created_at, id")
+        return [StoredKey(record_from_row(row), row["secret_sha256"]) for row in rows]
+
+    def restore(self, keys: Iterable[StoredKey]) -> int:
+        added = 0
+        with self._connection() as conn, conn.transaction():  # all of them or none
+            for key in keys:
+                added += conn.execute(_INSERT + " ON CONFLICT (id) DO NOTHING",
+                                      _values(key)).rowcount
+        return added
 
     def list(self, tenant: str | None = None) -> list[ProxyKey]:
         where, params = ("WHERE tenant = %s", (tenant,)) if tenant is not None else ("", ())
@@ -201,6 +213,20 @@ class PgKeyStore:
 
     def verify(self, presented: str) -> KeyCheck:
         return check_presented(presented, self._row)
+
+
+_INSERT = (
+    "INSERT INTO headroom_keys (id, secret_sha256, tenant, user_id, user_prefix, admin, name,"
+    " requests_per_minute, memories_per_minute, created_at, expires_at, revoked_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _values(key: StoredKey) -> tuple[object, ...]:
+    r = key.record
+    return (r.id, key.digest, r.tenant, r.user, r.user_prefix, r.admin, r.name,
+            r.requests_per_minute, r.memories_per_minute, r.created_at, r.expires_at,
+            r.revoked_at)
 
 
 def _reraise(exc: Exception, where: str) -> NoReturn:

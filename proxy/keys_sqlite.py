@@ -6,10 +6,19 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from .keys import KeyCheck, KeyStoreError, ProxyKey, check_presented, new_key, record_from_row
+from .keys import (
+    KeyCheck,
+    KeyStoreError,
+    ProxyKey,
+    StoredKey,
+    check_presented,
+    new_key,
+    record_from_row,
+)
 
 __all__ = ["SqliteKeyStore"]
 
@@ -75,18 +84,28 @@ class SqliteKeyStore:
             name=name, requests_per_minute=requests_per_minute,
             memories_per_minute=memories_per_minute,
         )
-        key = minted.record
         with self._lock:
-            self._connection().execute(
-                "INSERT INTO proxy_keys (id, secret_sha256, tenant, user_id, user_prefix, admin,"
-                " name, requests_per_minute, memories_per_minute, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key.id, minted.digest, key.tenant, key.user, key.user_prefix, int(key.admin),
-                 key.name, key.requests_per_minute, key.memories_per_minute,
-                 key.created_at.isoformat(),
-                 key.expires_at.isoformat() if key.expires_at else None),
-            )
-        return key, minted.secret
+            self._connection().execute(_INSERT, _values(StoredKey(minted.record, minted.digest)))
+        return minted.record, minted.secret
+
+    def export(self) -> list[StoredKey]:
+        if self._conn is None and not self.path.exists():
+            raise KeyStoreError(f"no key file at {self.path}")
+        with self._lock:
+            rows = self._connection().execute(
+                "SELECT * FROM proxy_keys ORDER BY created_at, id").fetchall()
+        return [StoredKey(record_from_row(row), row["secret_sha256"]) for row in rows]
+
+    def restore(self, keys: Iterable[StoredKey]) -> int:
+        added = 0
+        with self._lock:
+            conn = self._connection()
+            with conn:  # one transaction: all of them or none
+                conn.execute("BEGIN IMMEDIATE")
+                for key in keys:
+                    added += conn.execute(_INSERT.replace("INSERT", "INSERT OR IGNORE", 1),
+                                          _values(key)).rowcount
+        return added
 
     def list(self, tenant: str | None = None) -> list[ProxyKey]:
         sql = "SELECT * FROM proxy_keys"
@@ -124,6 +143,21 @@ class SqliteKeyStore:
                 "SELECT * FROM proxy_keys WHERE id = ?", (key_id,)
             ).fetchone()
         return row
+
+
+_INSERT = (
+    "INSERT INTO proxy_keys (id, secret_sha256, tenant, user_id, user_prefix, admin, name,"
+    " requests_per_minute, memories_per_minute, created_at, expires_at, revoked_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _values(key: StoredKey) -> tuple[object, ...]:
+    r = key.record
+    return (r.id, key.digest, r.tenant, r.user, r.user_prefix, int(r.admin), r.name,
+            r.requests_per_minute, r.memories_per_minute, r.created_at.isoformat(),
+            r.expires_at.isoformat() if r.expires_at else None,
+            r.revoked_at.isoformat() if r.revoked_at else None)
 
 
 def _now_text() -> str:

@@ -21,6 +21,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from headroom.proxy.keys import default_key_db
+from headroom.proxy.keys_postgres import KEY_MIGRATIONS
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -568,17 +571,15 @@ def test_compose_pg_no_literal_secrets() -> None:
     assert re.findall(r"^POSTGRES_PASSWORD=(.*)$", example, flags=re.MULTILINE) == [""]
 
 
-def test_compose_pg_key_file_on_one_shared_volume() -> None:
-    declared = _compose_pg().get("volumes") or {}
-    sources = set()
+def test_compose_pg_keys_live_in_the_database_not_on_a_shared_volume() -> None:
+    """Every replica's key store is the one database: no key file, no volume to share."""
     for svc in _proxy_services().values():
-        key_db = PurePosixPath(svc["environment"]["HEADROOM_KEY_DB"])
-        source = _named_mounts(svc).get(str(key_db.parent))
-        assert source in declared, "HEADROOM_KEY_DB must live on a declared named volume"
-        sources.add(source)
-    assert len(sources) == 1, "every replica must read the same key file"
-    text = COMPOSE_PG.read_text(encoding="utf-8")
-    assert "SQLite" in text and "future work" in text
+        env = svc["environment"]
+        key_db = env.get("HEADROOM_KEY_DB") or default_key_db(env["HEADROOM_DB"])
+        assert key_db == env["HEADROOM_DB"], "the keys must be in the replicas' database"
+        assert not svc.get("volumes"), "a stateless replica mounts no volume"
+    assert set(_compose_pg().get("volumes") or {}) == {"postgres-data"}
+    assert "future work" not in COMPOSE_PG.read_text(encoding="utf-8")
 
 
 def test_compose_pg_one_port_through_the_balancer() -> None:
@@ -637,10 +638,7 @@ def _k8s_pg_container() -> dict[str, Any]:
 
 def test_k8s_pg_kinds_and_kustomization() -> None:
     kinds = sorted(d["kind"] for d in _k8s_pg_docs())
-    assert kinds == [
-        "Deployment", "PersistentVolumeClaim", "PodDisruptionBudget", "Secret", "Secret",
-        "Service",
-    ]
+    assert kinds == ["Deployment", "PodDisruptionBudget", "Secret", "Secret", "Service"]
     for doc in _k8s_pg_docs():
         assert "namespace" not in doc["metadata"]
     (kust,) = _load_all(K8S_PG / "kustomization.yaml")
@@ -694,20 +692,16 @@ def test_k8s_pg_probes() -> None:
     assert named[svc["spec"]["ports"][0]["targetPort"]] == 8787
 
 
-def test_k8s_pg_key_file_on_rwx_volume() -> None:
-    (pvc,) = _k8s_pg("PersistentVolumeClaim")
-    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every replica mounts the key file"
+def test_k8s_pg_keys_live_in_the_database_with_no_claim() -> None:
+    """HEADROOM_KEY_DB unset: the pods' keys default to HEADROOM_DB's database."""
+    env = {e["name"]: e for e in _k8s_pg_container()["env"]}
+    assert "HEADROOM_KEY_DB" not in env
+    url = "postgresql://headroom@db-host:5432/headroom"  # what the Secret holds, in shape
+    assert default_key_db(url) == url
     (dep,) = _k8s_pg("Deployment")
-    vols = [
-        v["name"] for v in dep["spec"]["template"]["spec"]["volumes"]
-        if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
-    ]
-    assert len(vols) == 1
-    c = _k8s_pg_container()
-    (mount,) = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == vols[0]]
-    env = {e["name"]: e.get("value") for e in c["env"]}
-    assert PurePosixPath(env["HEADROOM_KEY_DB"]).parent == PurePosixPath(mount)
-    assert "ReadWriteMany" in (K8S_PG / "keys-pvc.yaml").read_text(encoding="utf-8")
+    volumes = dep["spec"]["template"]["spec"]["volumes"]
+    assert [v["name"] for v in volumes] == ["tmp"] and "emptyDir" in volumes[0]
+    assert _k8s_pg("PersistentVolumeClaim") == []
 
 
 @pytest.mark.skipif(shutil.which("sh") is None, reason="no POSIX shell")
@@ -743,6 +737,17 @@ def test_kustomize_pg_renders() -> None:
     assert dep["spec"]["replicas"] == 3
 
 
+def _key_store_tables() -> set[str]:
+    """The tables the PostgreSQL key store creates (its migrations and their bookkeeping)."""
+    tables = {
+        m.group(1) for _, statements in KEY_MIGRATIONS for sql in statements
+        if (m := re.match(r"CREATE TABLE (\w+)", sql))
+    }
+    source = (ROOT / "proxy" / "keys_postgres.py").read_text(encoding="utf-8")
+    (version,) = re.findall(r'_VERSION_TABLE = "(\w+)"', source)
+    return tables | {version}
+
+
 def _user_keyed_tables() -> tuple[set[str], set[str]]:
     """(tables with a user_id column, the others) from the PostgreSQL schema's DDL."""
     source = PG_SCHEMA.read_text(encoding="utf-8")
@@ -768,12 +773,16 @@ def test_main_readme_postgres_section_matches_schema() -> None:
     reference = set(re.findall(r"create_reference_table\('(\w+)'\)", section))
     local = {t for t in keyed - distributed if re.search(rf"\b{t}\b[^\n]*stay", section)}
     assert distributed | local == keyed, "a user-keyed table is not placed"
-    assert reference == other, "every other table should be a reference table"
+    keys = _key_store_tables()
+    assert "headroom_keys" in keys
+    # Small, read by primary key on every request, from any shard's work: replicated.
+    assert reference == other | keys, "every other table should be a reference table"
     assert distributed.isdisjoint(local)
 
 
 def test_readme_covers_postgres_deploy() -> None:
     text = README.read_text(encoding="utf-8")
-    for needle in ("compose.postgres.yaml", "k8s-postgres", "ReadWriteMany", "replicas: 3",
-                   "secretKeyRef", "future work"):
+    for needle in ("compose.postgres.yaml", "k8s-postgres", "replicas: 3", "secretKeyRef",
+                   "headroom_keys", "key_store_unavailable", "headroom keys copy"):
         assert needle in text, needle
+    assert "key store in PostgreSQL is future work" not in text

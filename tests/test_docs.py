@@ -36,7 +36,7 @@ def test_the_tree_has_every_command() -> None:
         for c in ("list", "search", "show", "history", "add", "update", "forget", "purge",
                   "export", "import")
     } | {f"headroom outbox {c}" for c in ("status", "dead", "redrive")} | {
-        f"headroom keys {c}" for c in ("create", "list", "revoke")
+        f"headroom keys {c}" for c in ("create", "list", "revoke", "copy")
     }
     assert names == expected
 

@@ -238,3 +238,44 @@ def test_cli_says_in_one_line_when_the_key_database_cannot_be_reached(tmp_path: 
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "s3cret" not in result.output and "no-server" in result.output
+
+
+def test_keys_copied_to_another_store_keep_working_and_revocations_stay(
+    target: Path | str, tmp_path: Path
+) -> None:
+    """SQLite → this leg's store: what `headroom keys copy` does when a deployment moves."""
+    source = open_key_store(tmp_path / "old.keys.db")
+    kept, kept_secret = source.create("acme", user="alice", requests_per_minute=7,
+                                      expires_in=timedelta(days=3), name="web")
+    gone, gone_secret = source.create("globex", admin=True)
+    source.revoke(gone.id)
+    exported = source.export()
+    source.close()
+    copy = open_key_store(target)
+    try:
+        assert copy.restore(exported) == 2
+        assert copy.restore(exported) == 0  # again: nothing doubled, nothing changed
+        assert copy.verify(kept_secret).key == kept
+        assert copy.verify(gone_secret).reason == "revoked"
+        assert [k.record for k in copy.export()] == [kept, copy.get(gone.id)]
+        assert {k.digest for k in copy.export()} == {k.digest for k in exported}
+    finally:
+        copy.close()
+
+
+def test_cli_copy(target: Path | str, tmp_path: Path) -> None:
+    memory = ["--db", str(tmp_path / "memory.db")]
+    made = json.loads(_hr("keys", "create", "--tenant", "acme", "--json", *memory))
+    printed = _hr("keys", "copy", "--to", str(target), *memory)
+    assert printed.startswith("copied 1 keys from ") and "already there" not in printed
+    assert "1 already there" in _hr("keys", "copy", "--to", str(target), *memory)
+    store = open_key_store(target)
+    try:
+        assert store.verify(made["key"]).ok
+    finally:
+        store.close()
+    for args in (["--to", str(tmp_path / "memory.keys.db"), *memory],  # itself
+                 ["--to", str(target), "--key-db", str(tmp_path / "typo.keys.db")]):
+        result = _cli().invoke(app, ["keys", "copy", *args])
+        assert result.exit_code == 1 and result.output.startswith("error: "), result.output
+    assert not (tmp_path / "typo.keys.db").exists()

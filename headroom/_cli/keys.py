@@ -163,3 +163,32 @@ def revoke(
     finally:
         store.close()
     out().print(f"key {key.id} revoked at {when(key.revoked_at)}")
+
+
+@app.command("copy")
+def copy(
+    to: Annotated[
+        Path,  # or a postgresql:// URL as a str: parse_key_db decides
+        typer.Option("--to", parser=parse_key_db, show_default=False,
+                     help="The key store to copy into: a SQLite file or a postgresql:// URL."),
+    ],
+    db: DbOpt = None,
+    key_db: KeyDbOpt = None,
+) -> None:
+    """Copy every key (hashes, bindings, limits, revocations) into another key store, e.g. from
+    a SQLite deployment's key file into PostgreSQL: clients keep their keys. Keys already there
+    are left as they are, so running it again is safe."""
+    source, target = _store(db, key_db), open_key_store(to)
+    try:
+        if source.location == target.location:
+            raise CommandError(f"{source.location} is both the source and the target")
+        keys = source.export()
+        added = target.restore(keys)
+    except KeyStoreError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        source.close()
+        target.close()
+    out().print(f"copied {added} keys from {escape(source.location)} to "
+                f"{escape(target.location)}"
+                + (f" ({len(keys) - added} already there)" if len(keys) > added else ""))
