@@ -31,6 +31,7 @@ from .passthrough import forward
 from .pipeline import chat_completions, memory_turn
 from .readiness import readiness
 from .relay import readers_finished
+from .timing import ArrivalStamp
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def create_app(
     app.add_middleware(AuthMiddleware, policy=policy)
     if config.path_aliases:  # outside the gate: it checks the path the request is served as
         app.add_middleware(PathAliases, aliases=config.path_aliases)
+    app.add_middleware(ArrivalStamp)  # outside everything: the receipt counts from here
     app.state.service = service
     app.state.auth = policy
     app.state.config = config

@@ -28,6 +28,7 @@ from .jsonio import dumps, loads
 from .passthrough import ClosingStreamingResponse, forward, read_body
 from .relay import relay_stream
 from .scope import scope_from_request
+from .timing import ProxyClock
 from .upstream import Upstream, request_headers, response_headers, target
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ async def memory_turn(
     fmt: WireFormat,
 ) -> Response:
     """One request of `fmt` with memory, relayed whole or streamed."""
+    clock = ProxyClock(request.scope)  # the receipt's overhead: see proxy/timing.py
     raw = await read_body(request, config.max_body_bytes)
     body = parse_json_body(raw)
     rs = scope_from_request(request.headers, {"user": fmt.user(body)})
@@ -66,11 +68,11 @@ async def memory_turn(
     headers = request_headers(request.headers, config, decode=True)
     path, query = target(request.scope)
     upstream_response = await _unless_client_leaves(request, turn, upstream.send(
-        "POST", path, query=query, headers=headers, content=content
+        "POST", path, query=query, headers=headers, content=content, clock=clock
     ))
     if upstream_response is None:
         return _client_left()
-    receipt = turn.receipt()
+    receipt = turn.receipt(clock.ms)
     if upstream_response.status_code >= 400:
         # No answer, so no block outcome to report.
         receipt.pop(BLOCK_HEADER, None)
@@ -86,7 +88,8 @@ async def memory_turn(
     payload = await _unless_client_leaves(request, turn, upstream.read(upstream_response))
     if payload is None:
         return _client_left()
-    return await _respond_whole(payload, upstream_response, turn, receipt)
+    clock.resume()
+    return await _respond_whole(payload, upstream_response, turn, clock)
 
 
 async def _unless_client_leaves(
@@ -124,12 +127,13 @@ def _client_left() -> Response:
 
 
 async def _respond_whole(
-    payload: bytes, upstream_response: httpx.Response, turn: Turn, receipt: dict[str, str]
+    payload: bytes, upstream_response: httpx.Response, turn: Turn, clock: ProxyClock
 ) -> Response:
     try:
         answer = loads(payload)
     except ValueError:
         log.warning("upstream answer of %s is not JSON; relayed as is", turn.request_id)
+        receipt = turn.receipt(clock.ms)
         receipt.pop(BLOCK_HEADER, None)
         # `payload` is httpx's decoded body: framed anew, without the upstream's encoding.
         return Response(payload, upstream_response.status_code,
@@ -137,10 +141,12 @@ async def _respond_whole(
                                                  extra=receipt))
     clean, block = turn.strip_answer(answer)
     await turn.store(block)  # durable before the answer leaves (a bounded wait)
+    content = dumps(clean)
     return Response(
-        dumps(clean), upstream_response.status_code,
+        content, upstream_response.status_code,
         # Read again: the block's outcome is known now.
-        headers=response_headers(upstream_response, keep_length=False, extra=turn.receipt()),
+        headers=response_headers(upstream_response, keep_length=False,
+                                 extra=turn.receipt(clock.ms)),
         media_type="application/json",
     )
 

@@ -94,13 +94,44 @@ async def test_no_stray_question_mark_and_the_query_kept_byte_for_byte() -> None
 
 
 async def test_the_timeouts_come_from_the_config() -> None:
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200)
+
     upstream = Upstream(ProxyConfig(upstream_url="http://up", upstream_connect_timeout_s=3,
-                                    upstream_read_timeout_s=42))
+                                    upstream_read_timeout_s=42),
+                        transport=httpx.MockTransport(handler))
     try:
-        timeout = upstream.client.timeout
-        assert (timeout.connect, timeout.read, timeout.write, timeout.pool) == (3, 42, 42, 3)
+        await _send(upstream)
     finally:
         await upstream.aclose()
+    # httpcore reads each request's timeouts from this extension.
+    assert sent[0].extensions["timeout"] == {"connect": 3, "read": 42, "write": 42, "pool": 3}
+
+
+async def test_the_upstream_gets_a_clients_default_headers_under_the_callers_own() -> None:
+    sent: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200)
+
+    upstream = Upstream(ProxyConfig(upstream_url="http://up"),
+                        transport=httpx.MockTransport(handler))
+    try:
+        await upstream.send("POST", "/v1/x", query=b"", content=b"{}",
+                            headers={"user-agent": "my-sdk/1", "authorization": "Bearer k"})
+        await upstream.send("POST", "/v1/x", query=b"", content=b"{}", headers={})
+    finally:
+        await upstream.aclose()
+    plain = httpx.AsyncClient().headers
+    assert sent[0].headers["user-agent"] == "my-sdk/1"
+    assert sent[0].headers["authorization"] == "Bearer k"
+    assert sent[0].headers["accept"] == plain["accept"]
+    # With nothing of its own, the upstream sees what an httpx client sends.
+    assert {k: sent[1].headers[k] for k in plain} == dict(plain)
 
 
 def _slow(head_delay_s: float, chunk_delay_s: float, chunks: int) -> httpx.MockTransport:

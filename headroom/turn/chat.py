@@ -8,7 +8,6 @@ Streaming (`ChunkRewriter`) and non-streaming (`strip_completion`) run the same 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,18 +82,26 @@ CHAT_COMPLETIONS = ChatCompletions()
 
 def strip_completion(completion: Mapping[str, Any]) -> tuple[dict[str, Any], dict[int, Block]]:
     """The non-streaming path: a copy of a chat.completion with every choice's block removed,
-    and the blocks by choice index. Non-string content (None with tool calls) is left alone."""
-    out = copy.deepcopy(dict(completion))
+    and the blocks by choice index. Non-string content (None with tool calls) is left alone.
+
+    Only what changes is copied (the top level, `choices`, each choice and its message): the
+    rest is shared with the input, which is never modified. A deep copy of the whole answer
+    was most of the proxy's own work on a long one."""
+    out = dict(completion)
     blocks: dict[int, Block] = {}
     choices = out.get("choices")
-    for position, choice in enumerate(choices if isinstance(choices, list) else []):
+    if not isinstance(choices, list):
+        return out, blocks
+    out["choices"] = choices = list(choices)
+    for position, choice in enumerate(choices):
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             continue
         index = choice.get("index", position)
-        message["content"], body, truncated = split_block(
+        content, body, truncated = split_block(
             message["content"], cut_off=is_cut_off(choice.get("finish_reason"))
         )
+        choices[position] = {**choice, "message": {**message, "content": content}}
         if body is not None and isinstance(index, int):
             blocks[index] = Block(index, body, truncated)
     return out, blocks

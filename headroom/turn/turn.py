@@ -135,13 +135,18 @@ class Turn:
         level = logging.INFO if outcome in ("truncated", "invalid") else logging.DEBUG
         log.log(level, "memory block of %s: %s", self.request_id, outcome)
 
-    def receipt(self) -> dict[str, str]:
+    def receipt(self, overhead_ms: float | None = None) -> dict[str, str]:
         """The receipt headers: what memory did for this request. Before `store()` ran (a
-        stream's headers), the block header says `pending`."""
+        stream's headers), the block header says `pending`.
+
+        `overhead_ms`: the caller's measure of all it added to the request (the HTTP proxy
+        counts from the request's arrival, see `proxy/timing.py`); without it, the time
+        `prepare` took."""
+        overhead = self.overhead_ms if overhead_ms is None else overhead_ms
         headers = {
             "x-headroom-request-id": self.request_id,
             "x-headroom-memories-injected": str(self.injected),
-            "x-headroom-memory-overhead-ms": f"{self.overhead_ms:.1f}",
+            "x-headroom-memory-overhead-ms": f"{overhead:.1f}",
         }
         if self.active:
             headers[BLOCK_HEADER] = (
