@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -57,6 +58,7 @@ KEY_MIGRATIONS: list[tuple[str, list[str]]] = [
     ]),
 ]
 _VERSION_TABLE = "headroom_keys_schema"
+_RETRY_S = 1.0
 
 
 def _applied(conn: psycopg.Connection[Any]) -> set[str]:
@@ -109,6 +111,9 @@ class PgKeyStore:
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._lock = threading.Lock()
         self._closed = False
+        # The last failed attempt to connect: checks within _RETRY_S of it fail at once rather
+        # than queue behind one another's connect timeouts.
+        self._failed: tuple[float, StorageError] | None = None
 
     @property
     def location(self) -> str:
@@ -122,6 +127,8 @@ class PgKeyStore:
                 raise StorageError(f"key store {self.location} is closed", path=self.location)
             if self._pool is not None:
                 return self._pool
+            if self._failed is not None and time.monotonic() - self._failed[0] < _RETRY_S:
+                raise self._failed[1]
             try:
                 with psycopg.connect(self.url, autocommit=True,
                                      connect_timeout=max(1, int(self.timeout_s))) as conn:
@@ -134,7 +141,12 @@ class PgKeyStore:
                 )
                 pool.open(wait=True, timeout=self.timeout_s)
             except Exception as exc:
-                _reraise(exc, self.location)
+                failed = _storage_error(exc, self.location)
+                if failed is None:
+                    raise
+                self._failed = (time.monotonic(), failed)
+                raise failed from exc
+            self._failed = None
             self._pool = pool
             return pool
 
@@ -149,7 +161,7 @@ class PgKeyStore:
 
     def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._connection() as conn:
-            rows: list[dict[str, Any]] = conn.execute(sql, params).fetchall()  # type: ignore[assignment]
+            rows: list[dict[str, Any]] = conn.execute(sql, params).fetchall()
             return rows
 
     def _row(self, key_id: str) -> dict[str, Any] | None:
@@ -229,13 +241,22 @@ def _values(key: StoredKey) -> tuple[object, ...]:
             r.revoked_at)
 
 
-def _reraise(exc: Exception, where: str) -> NoReturn:
+def _storage_error(exc: Exception, where: str) -> StorageError | None:
     """A server failure as the one-line `StorageError` the CLI prints and the gate turns into a
-    503; anything else (a bug, a `KeyStoreError`) as itself."""
-    if isinstance(exc, StorageError) or not isinstance(exc, psycopg.Error | PoolTimeout):
-        raise exc
+    503; None for anything else (a bug, a `KeyStoreError`)."""
+    if isinstance(exc, StorageError):
+        return exc
+    if not isinstance(exc, psycopg.Error | PoolTimeout):
+        return None
     known = storage_error(exc, where)
     if known is None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         known = StorageError(f"key store {where}: {first}", reason="unavailable", path=where)
-    raise known from exc
+    return known
+
+
+def _reraise(exc: Exception, where: str) -> NoReturn:
+    translated = _storage_error(exc, where)
+    if translated is None or translated is exc:
+        raise exc
+    raise translated from exc

@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from headroom.memory.errors import StorageError
 from headroom.proxy.auth import AuthMiddleware, resolve_auth
 from headroom.proxy.config import ProxyConfig
+from headroom.proxy.keys_postgres import PgKeyStore
+from tests.pg import PgServer
 from tests.servers import FakeUpstream, Proxy, Reply, memory_block, running_proxy, running_server
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -249,3 +255,26 @@ async def test_a_key_store_that_cannot_be_reached_admits_nobody(tmp_path: Path) 
     assert error["message"] and "s3cret" not in refused.text
     assert keyless.status_code == 200 and len(reached) == 1
     gate.keys.close()
+
+
+def test_a_postgresql_key_store_down_at_startup_works_once_the_database_is_there(
+    pg_server: PgServer,
+) -> None:
+    """Checks fail (StorageError, the gate's 503) while the database is missing, fast after the
+    first attempt, and succeed from the first check after it appears: no restart needed."""
+    name = f"late_{uuid.uuid4().hex[:10]}"
+    store = PgKeyStore(pg_server.database_url(name), timeout_s=2)
+    try:
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(StorageError):
+                store.verify("hk_0123456789ab_whatever")
+        assert time.monotonic() - started < 0.5  # the second one did not try again yet
+        with psycopg.connect(pg_server.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        time.sleep(1.1)  # past the store's retry pause
+        record, secret = store.create("acme")
+        assert store.verify(secret).key == record
+    finally:
+        store.close()
+        pg_server.drop_database(pg_server.database_url(name))
