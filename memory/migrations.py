@@ -7,6 +7,7 @@ processes opening a new file at once cannot both apply it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -146,11 +147,69 @@ def m004_compact_vectors(conn: Any) -> None:
     )
 
 
+def m005_heavy_vectors(conn: Any) -> None:
+    """The heavy tier of the vector index (sign bits in blocks, floats by rowid; see
+    adapters/heavy_vectors.py), then the move into it of the users an older file already has
+    past `HEAVY_LIMIT` vectors, so their next search is not the linear float scan."""
+    conn.executescript(
+        """
+        CREATE TABLE memory_vector_heavy_users (
+            user_id TEXT PRIMARY KEY,
+            center BLOB NOT NULL,
+            version INTEGER NOT NULL
+        );
+        CREATE TABLE memory_vectors_heavy (
+            rowid INTEGER PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            block INTEGER NOT NULL,
+            embedding BLOB NOT NULL
+        );
+        CREATE INDEX memory_vectors_heavy_user ON memory_vectors_heavy(user_id);
+        CREATE TABLE memory_vector_blocks (
+            user_id TEXT NOT NULL,
+            block INTEGER NOT NULL,
+            rowids BLOB NOT NULL,
+            bits BLOB NOT NULL,
+            scopes BLOB NOT NULL,
+            categories BLOB NOT NULL,
+            PRIMARY KEY (user_id, block)
+        );
+        CREATE TABLE memory_vector_labels (
+            id INTEGER PRIMARY KEY,
+            user_id TEXT NOT NULL,
+            label TEXT NOT NULL,
+            UNIQUE (user_id, label)
+        );
+        """
+    )
+    row = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_vectors'").fetchone()
+    if row is None:  # a new file: the index creates its vec0 table when it knows the dimension
+        return
+    from .adapters.heavy_vectors import HEAVY_LIMIT, HeavyVectors
+    from .adapters.sqlite_vec_index import move_to_heavy
+
+    found = re.search(r"float\[(\d+)\]", str(row[0]))
+    if found is None:  # pragma: no cover - a vec0 table this code did not create
+        raise RuntimeError("cannot read the vector dimension of memory_vectors")
+    heavy = HeavyVectors(lambda: conn, int(found.group(1)))
+    users = [
+        str(r[0]) for r in conn.execute(
+            "SELECT user_id FROM memory_vectors GROUP BY user_id HAVING count(*) >= ?",
+            (HEAVY_LIMIT,),
+        ).fetchall()
+    ]
+    for user_id in users:
+        move_to_heavy(conn, heavy, user_id)
+    if users:
+        log.info("moved %d heavy users' vectors to the quantized tier", len(users))
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
     ("m002_fts_secure_delete", m002_fts_secure_delete),
     ("m003_outbox_leases", m003_outbox_leases),
     ("m004_compact_vectors", m004_compact_vectors),
+    ("m005_heavy_vectors", m005_heavy_vectors),
 ]
 
 
@@ -207,6 +266,9 @@ class _StatementRunner:
 
     def execute(self, sql: str, params: Any = ()) -> Any:
         return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        return self._conn.executemany(sql, rows)
 
 
 def _run_in_transaction(conn: Any, fn: Migration) -> None:

@@ -14,12 +14,20 @@ is. Measured on the 2-core Xeon (384 dimensions, k=10): an exact search over 128
 ~0.3 ms (512 rows 1.3 ms, 1,024 rows 6.4 ms, hence the limit of 128); the file grows by
 ~209 KB per new user with one memory before, ~4.7 KB after; a 10k-memory user's KNN p50 is the
 same (22.9 ms before, 21.1 ms after, same top 10 for 300 of 300 queries, interleaved runs).
+
+vec0 is brute force, though, and picks each chunk's top k with a k x n selection, so a heavy
+user's search grows with their vectors (issue 14: 57 ms at 100k). Once a user's partition
+reaches `heavy_limit` vectors, their vectors move out of vec0 into the heavy tier
+(`heavy_vectors.HeavyVectors`: a numpy scan of sign bits, then an exact float re-rank of the
+nearest few hundred); the move happens in the add that crosses the limit, in its transaction,
+and migration m005 moves the users an older file already has past it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,14 +35,31 @@ from ..db import Database
 from ..errors import ConfigError
 from ..migrations import migrate
 from ..models import MemoryCategory
+from .heavy_vectors import HEAVY_LIMIT, HeavyVectors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COMPACT_LIMIT", "SqliteVecIndex"]
+__all__ = ["COMPACT_LIMIT", "HEAVY_LIMIT", "SqliteVecIndex", "move_to_heavy"]
 
 _TABLE = "memory_vectors"
 _COMPACT = "memory_vectors_compact"
 COMPACT_LIMIT = 128
+
+
+def move_to_heavy(conn: Any, heavy: HeavyVectors, user_id: str) -> None:
+    """Move every vector of `user_id` from their vec0 partition into the heavy tier."""
+    rows = [
+        (int(r[0]), str(r[1]), str(r[2]), bytes(r[3]))
+        for r in conn.execute(
+            f"SELECT rowid, scope_key, category, embedding FROM {_TABLE} WHERE user_id = ?"
+            " ORDER BY rowid",
+            (user_id,),
+        ).fetchall()
+    ]
+    if not rows:
+        return
+    conn.executemany(f"DELETE FROM {_TABLE} WHERE rowid = ?", [(r[0],) for r in rows])
+    heavy.admit(user_id, rows)
 
 
 def _filters(
@@ -54,13 +79,20 @@ def _filters(
 class SqliteVecIndex:
     def __init__(
         self, db: Database, dimension: int, chunk_size: int = 128, *,
-        compact_limit: int = COMPACT_LIMIT,
+        compact_limit: int = COMPACT_LIMIT, heavy_limit: int = HEAVY_LIMIT,
+        oversample: int = 20, min_candidates: int = 500,
     ) -> None:
         if compact_limit < 1:
             raise ConfigError("compact_limit must be at least 1")
+        if heavy_limit < compact_limit:
+            raise ConfigError("heavy_limit must be at least compact_limit")
         self.db = db
         self.dimension = dimension
         self.compact_limit = compact_limit
+        self.heavy_limit = heavy_limit
+        self.heavy = HeavyVectors(
+            lambda: db.conn, dimension, oversample=oversample, min_candidates=min_candidates
+        )
         conn = db.conn
         migrate(conn)  # the compact table; a read only, once the store has migrated the file
         row = conn.execute(
@@ -104,8 +136,12 @@ class SqliteVecIndex:
             raise ConfigError(
                 f"embedding has dimension {vector.shape}, the index expects {self.dimension}"
             )
-        with self.db.transaction():  # joins the caller's: the move below is all or nothing
+        with self.db.transaction():  # joins the caller's: the moves below are all or nothing
             conn = self.db.conn
+            heavy_user = self.heavy.user(user_id)
+            if heavy_user is not None:
+                self.heavy.add(rowid, heavy_user, scope_key, category, vector)
+                return
             conn.execute(
                 f"INSERT INTO {_COMPACT}(rowid, user_id, scope_key, category, embedding)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -126,12 +162,18 @@ class SqliteVecIndex:
             (user_id,),
         )
         conn.execute(f"DELETE FROM {_COMPACT} WHERE user_id = ?", (user_id,))
+        held = conn.execute(
+            f"SELECT count(*) FROM {_TABLE} WHERE user_id = ?", (user_id,)
+        ).fetchone()[0]
+        if held >= self.heavy_limit:
+            move_to_heavy(conn, self.heavy, user_id)
 
     def remove(self, rowids: Sequence[int]) -> None:
         params = [(int(r),) for r in rowids]
         conn = self.db.conn
         conn.executemany(f"DELETE FROM {_COMPACT} WHERE rowid = ?", params)
         conn.executemany(f"DELETE FROM {_TABLE} WHERE rowid = ?", params)
+        self.heavy.remove([int(r) for r in rowids])
 
     def search(
         self, embedding: np.ndarray, user_id: str, *, scope_keys: Sequence[str] | None,
@@ -139,6 +181,12 @@ class SqliteVecIndex:
     ) -> list[tuple[int, float]]:
         if k <= 0:
             return []
+        heavy_user = self.heavy.user(user_id)
+        if heavy_user is not None:  # a heavy user has no vectors in the other tables
+            return self.heavy.search(
+                np.asarray(embedding, dtype=np.float32), heavy_user,
+                scope_keys=scope_keys, categories=categories, k=k,
+            )
         query = np.asarray(embedding, dtype=np.float32).tobytes()
         where, params = _filters(scope_keys, categories)
         conn = self.db.conn
@@ -160,10 +208,12 @@ class SqliteVecIndex:
     def count(self, user_id: str | None = None) -> int:
         conn = self.db.conn
         if user_id is None:
-            return sum(
+            return self.heavy.count() + sum(
                 int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
                 for t in (_COMPACT, _TABLE)
             )
+        if self.heavy.user(user_id) is not None:
+            return self.heavy.count(user_id)
         return sum(
             int(conn.execute(f"SELECT count(*) FROM {t} WHERE user_id = ?", (user_id,))
                 .fetchone()[0])

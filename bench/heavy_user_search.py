@@ -1,0 +1,367 @@
+"""Heavy-user search benchmark: one user with 1k / 10k / 100k memories (issue 14).
+
+    python bench/heavy_user_search.py [--sizes 1000,10000,100000] [--queries 300] [--quick]
+
+For each size, one store holds that many memories of one user (plus a few small users, so
+the file is not a one-user toy), built through the public `add_many` and cached under
+bench/.cache. Then, over `--queries` distinct queries (half at user scope, half inside a
+session), after a warm-up:
+
+- `vectors.search` at the depth recall asks for (the preset's `vector_depth`) and at k=10:
+  latency, and top-10 / top-depth agreement with an exact cosine over the user's stored
+  embeddings read from the `memories` table (the ground truth, independent of the index);
+- `text.search` (BM25) at the preset's `text_depth`;
+- `hybrid_search(..., query_vector=...)`: vector + full text + fusion + ranking, i.e. recall's
+  own cost with the query embedding excluded;
+- `recall(...)` with the query embedding a cache hit (each query was embedded once during the
+  warm-up), i.e. what the proxy's recall costs besides the model.
+
+Latencies are wall time and thread CPU time (the synchronous index calls) or process CPU time
+(the awaited calls, which run on a pool thread): the machine is shared, and CPU time is what
+other processes inflate least. Load averages are printed next to each size.
+
+Vectors are real all-MiniLM-L6-v2 embeddings of distinct sentences (`store_bench`'s templates),
+embedded once in chunks of 10k and cached. With `--real N` below the largest size, only N
+sentences are embedded and each further memory is two of them joined ("A; b"), with the vector
+the token-weighted mean of theirs, renormalised: MiniLM mean-pools its token states, so that is
+close to the embedding of the joined text, and it keeps the vectors on the real manifold (random
+Gaussian vectors would flatter or wreck sign quantization, neither of which says anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from store_bench import (  # noqa: E402
+    CACHE,
+    PoolEmbedder,
+    embed_cached,
+    machine,
+    make_memory_pool,
+    make_queries,
+    real_embedder,
+)
+
+from headroom.memory import HierarchicalMemory, MemoryConfig, MemoryDraft  # noqa: E402
+from headroom.memory.models import Scope, utcnow  # noqa: E402
+from headroom.memory.recall import clean_query  # noqa: E402
+
+HEAVY = "heavy-user"
+SMALL_USERS = 20
+SMALL_EACH = 50
+EMBED_CHUNK = 10_000
+TARGET_HYBRID_P50_MS = 8.0
+TARGET_TEXT_P50_MS = 3.0
+TARGET_AGREEMENT = 0.98
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def real_vectors(embedder: Any, texts: list[str]) -> np.ndarray:
+    """Embeddings of `texts`, cached per chunk of 10k so a larger run reuses a smaller one's."""
+    parts = []
+    for start in range(0, len(texts), EMBED_CHUNK):
+        t0 = time.perf_counter()
+        parts.append(embed_cached(embedder, texts[start : start + EMBED_CHUNK], "heavy-pool", 128))
+        took = time.perf_counter() - t0
+        if took > 1.0:
+            print(f"  embedded {start + len(parts[-1]):,} of {len(texts):,} sentences "
+                  f"({took:.0f} s for this chunk, load {load()})", flush=True)
+    return np.concatenate(parts).astype(np.float32)
+
+
+def memories_for(
+    size: int, sentences: list[tuple[str, str]], vectors: np.ndarray, seed: int
+) -> list[tuple[str, str, np.ndarray]]:
+    """`size` distinct (category, text, vector): the real sentences first, then joined pairs."""
+    out = [(c, t, vectors[i]) for i, (c, t) in enumerate(sentences[:size])]
+    rng = random.Random(seed)
+    seen: set[tuple[int, int]] = set()
+    n = len(sentences)
+    while len(out) < size:
+        a, b = rng.randrange(n), rng.randrange(n)
+        if a == b or (a, b) in seen:
+            continue
+        seen.add((a, b))
+        (cat, ta), (_, tb) = sentences[a], sentences[b]
+        wa, wb = len(ta.split()), len(tb.split())
+        v = wa * vectors[a] + wb * vectors[b]
+        v = (v / np.linalg.norm(v)).astype(np.float32)
+        out.append((cat, f"{ta}; {tb[0].lower()}{tb[1:]}", v))
+    return out
+
+
+def drafts_for(
+    memories: list[tuple[str, str, np.ndarray]], small: list[tuple[str, str, np.ndarray]],
+    seed: int,
+) -> list[MemoryDraft]:
+    """The heavy user's memories (~70% user scope, the rest in one of three sessions, ages over
+    a year) interleaved with `SMALL_USERS` users of `SMALL_EACH` memories each."""
+    rng = random.Random(seed)
+    now = utcnow()
+
+    def draft(cat: str, text: str, user: str) -> MemoryDraft:
+        session = f"s{rng.randrange(3)}" if rng.random() < 0.3 else None
+        return MemoryDraft(
+            text, user, session_id=session, category=cat,
+            importance=round(rng.uniform(0.2, 0.8), 2),
+            created_at=now - timedelta(days=rng.uniform(0, 365)), dedup=False,
+        )
+
+    drafts = [draft(c, t, HEAVY) for c, t, _ in memories]
+    for u in range(SMALL_USERS):
+        drafts += [draft(c, t, f"small-{u:02d}") for c, t, _ in
+                   small[u * SMALL_EACH : (u + 1) * SMALL_EACH]]
+    rng.shuffle(drafts)
+    return drafts
+
+
+async def build(path: Path, drafts: list[MemoryDraft], embedder: PoolEmbedder) -> float:
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    mem = await HierarchicalMemory.create(MemoryConfig(db_path=path), embedder=embedder)
+    try:
+        for i in range(0, len(drafts), 500):
+            await mem.add_many(drafts[i : i + 500])
+        await mem.optimize()
+    finally:
+        await mem.close()
+    return time.perf_counter() - t0
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    name: str
+    ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+
+    def p(self, q: float, cpu: bool = False) -> float:
+        return float(np.percentile(self.cpu_ms if cpu else self.ms, q))
+
+
+def time_sync(name: str, fn: Callable[[int], Any], n: int) -> Timing:
+    out = Timing(name)
+    for i in range(n):
+        c0, t0 = time.thread_time(), time.perf_counter()
+        fn(i)
+        out.ms.append((time.perf_counter() - t0) * 1000)
+        out.cpu_ms.append((time.thread_time() - c0) * 1000)
+    return out
+
+
+async def time_async(name: str, fn: Callable[[int], Awaitable[Any]], n: int) -> Timing:
+    out = Timing(name)
+    for i in range(n):
+        c0, t0 = time.process_time(), time.perf_counter()
+        await fn(i)
+        out.ms.append((time.perf_counter() - t0) * 1000)
+        out.cpu_ms.append((time.process_time() - c0) * 1000)
+    return out
+
+
+def exact_top(
+    query: np.ndarray, rowids: np.ndarray, matrix: np.ndarray, allowed: np.ndarray, k: int
+) -> list[int]:
+    sims = matrix[allowed] @ query
+    order = np.argsort(-sims, kind="stable")[:k]
+    return rowids[allowed][order].tolist()
+
+
+def agreement(found: Sequence[Sequence[int]], exact: Sequence[Sequence[int]]) -> float:
+    """Mean share of the exact top-k that the index returned."""
+    return statistics.fmean(
+        len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True) if e
+    )
+
+
+async def measure(
+    path: Path, size: int, queries: list[str], qvecs: np.ndarray, query_embedder: Any,
+) -> dict[str, Any]:
+    mem = await HierarchicalMemory.create(MemoryConfig(db_path=path), embedder=query_embedder)
+    try:
+        preset = mem.preset
+        conn = mem.store.db.conn  # type: ignore[attr-defined]
+        rows = conn.execute(
+            "SELECT rid, session_id, agent_id, turn_id, embedding FROM memories"
+            " WHERE user_id = ? AND valid_until IS NULL", (HEAVY,),
+        ).fetchall()
+        rowids = np.array([r[0] for r in rows], dtype=np.int64)
+        sessions = np.array([r[1] or "" for r in rows])
+        matrix = np.stack([np.frombuffer(r[4], dtype=np.float32) for r in rows])
+        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+        rng = random.Random(size)
+        n = len(queries)
+        scopes = [Scope(HEAVY, f"s{rng.randrange(3)}" if rng.random() < 0.5 else None)
+                  for _ in range(n)]
+        allowed = [(sessions == "") | (sessions == (s.session_id or "")) for s in scopes]
+        keys = [s.visible_keys() for s in scopes]
+        depth_v, depth_t = max(preset.vector_depth, 10), max(preset.text_depth, 10)
+
+        def vsearch(i: int, k: int) -> list[tuple[int, float]]:
+            return mem.vectors.search(qvecs[i], HEAVY, scope_keys=keys[i], categories=None, k=k)
+
+        def tsearch(i: int) -> list[tuple[int, float]]:
+            return mem.text.search(clean_query(queries[i], preset), HEAVY, scope_keys=keys[i],
+                                   categories=None, k=depth_t)
+
+        def hybrid(i: int) -> Awaitable[Any]:
+            s = scopes[i]
+            return mem.hybrid_search(queries[i], HEAVY, s.session_id, top_k=10,
+                                     query_vector=qvecs[i])
+
+        def recall(i: int) -> Awaitable[Any]:
+            return mem.recall(queries[i], HEAVY, scopes[i].session_id, top_k=10, touch=False)
+
+        for i in range(n):  # warm-up: page cache, statements, and every query's embedding
+            vsearch(i, depth_v)
+            tsearch(i)
+            await hybrid(i)
+            await recall(i)
+        before = load()
+        timings = [
+            time_sync(f"vectors.search k={depth_v}", lambda i: vsearch(i, depth_v), n),
+            time_sync("vectors.search k=10", lambda i: vsearch(i, 10), n),
+            time_sync(f"text.search k={depth_t}", tsearch, n),
+            await time_async("hybrid_search (query vector given)", hybrid, n),
+            await time_async("recall (query embedding cached)", recall, n),
+        ]
+        found10 = [[r for r, _ in vsearch(i, 10)] for i in range(n)]
+        found_d = [[r for r, _ in vsearch(i, depth_v)] for i in range(n)]
+        exact10 = [exact_top(qvecs[i], rowids, matrix, allowed[i], 10) for i in range(n)]
+        exact_d = [exact_top(qvecs[i], rowids, matrix, allowed[i], depth_v) for i in range(n)]
+        t_exact = time_sync(
+            "exact numpy cosine (reference)",
+            lambda i: exact_top(qvecs[i], rowids, matrix, allowed[i], depth_v), n,
+        )
+        tiers = {
+            name: int(conn.execute(f"SELECT count(*) FROM {table} WHERE user_id = ?",
+                                   (HEAVY,)).fetchone()[0])
+            for name, table in (("compact", "memory_vectors_compact"),
+                                ("vec0", "memory_vectors"), ("heavy", "memory_vectors_heavy"))
+        }
+        return {
+            "size": size, "memories": len(rows), "queries": n, "load": f"{before} → {load()}",
+            "timings": [*timings, t_exact], "agree10": agreement(found10, exact10),
+            "agree_depth": agreement(found_d, exact_d), "depth": depth_v, "tiers": tiers,
+            "db_mb": path.stat().st_size / 1e6,
+        }
+    finally:
+        await mem.close()
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| memories of the user | tier | what | p50 ms | p99 ms | CPU p50 ms | CPU p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        tier = next((t for t, c in r["tiers"].items() if c), "-")
+        for t in r["timings"]:
+            lines.append(
+                f"| {r['memories']:,} | {tier} | {t.name} | {t.p(50):.2f} | {t.p(99):.2f} | "
+                f"{t.p(50, True):.2f} | {t.p(99, True):.2f} |"
+            )
+    lines += ["", "| memories | top-10 agreement | top-depth agreement | file MB | load |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['memories']:,} | {r['agree10']:.4f} | {r['agree_depth']:.4f} "
+                     f"(k={r['depth']}) | {r['db_mb']:.0f} | {r['load']} |")
+    big = max(results, key=lambda r: r["size"])
+    hybrid = next(t for t in big["timings"] if t.name.startswith("hybrid"))
+    text = next(t for t in big["timings"] if t.name.startswith("text"))
+    lines += [
+        "", "| target at the largest size | measured | verdict |", "|---|---|---|",
+        f"| hybrid (vector + text + ranking) p50 ≤ {TARGET_HYBRID_P50_MS:g} ms | "
+        f"{hybrid.p(50):.2f} ms (CPU {hybrid.p(50, True):.2f}) | "
+        f"{'met' if hybrid.p(50) <= TARGET_HYBRID_P50_MS else '**not met**'} |",
+        f"| full-text p50 ≤ {TARGET_TEXT_P50_MS:g} ms | {text.p(50):.2f} ms "
+        f"(CPU {text.p(50, True):.2f}) | "
+        f"{'met' if text.p(50) <= TARGET_TEXT_P50_MS else '**not met**'} |",
+        f"| top-10 agreement ≥ {TARGET_AGREEMENT} | {big['agree10']:.4f} | "
+        f"{'met' if big['agree10'] >= TARGET_AGREEMENT else '**not met**'} |",
+    ]
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> None:
+    sizes = [1000, 10_000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    biggest = max(sizes)
+    real = min(args.real or biggest, biggest)
+    started = time.perf_counter()
+    m = machine()
+    print(f"{m['date']}: {m['nproc']} cores ({m['cpu']}), sqlite {m['sqlite']}, sqlite-vec "
+          f"{m['sqlite_vec']}, commit {m['commit']}, load {load()}", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / ".gitignore").write_text("*\n")
+    embedder = real_embedder("default", 1, cached=False)
+    sentences = make_memory_pool(real + SMALL_USERS * SMALL_EACH, seed=21)
+    vectors = real_vectors(embedder, [t for _, t in sentences])
+    small = [(c, t, vectors[real + i]) for i, (c, t) in enumerate(sentences[real:])]
+    queries = make_queries(args.queries, seed=5)
+    qvecs = embed_cached(embedder, queries, "heavy-queries", 128)
+    model_id = embedder.model_id
+    query_embedder = real_embedder("default", 1, cached=True)
+    results = []
+    for size in sizes:
+        memories = memories_for(size, sentences[:real], vectors, seed=size)
+        path = CACHE / f"heavy-{size}-{real}.db"
+        if args.rebuild or not path.exists():
+            lookup = {t: v for _, t, v in memories} | {t: v for _, t, v in small}
+            seconds = await build(path, drafts_for(memories, small, seed=size),
+                                  PoolEmbedder(model_id, lookup))
+            print(f"  built {size:,} in {seconds:.0f} s (load {load()})", flush=True)
+        result = await measure(path, size, queries, qvecs, query_embedder)
+        results.append(result)
+        print(f"  {size:,}: vector p50 {result['timings'][0].p(50):.2f} ms, agreement@10 "
+              f"{result['agree10']:.4f}, hybrid p50 {result['timings'][3].p(50):.2f} ms "
+              f"(load {load()})", flush=True)
+    print()
+    print(f"Command: `python bench/heavy_user_search.py {' '.join(sys.argv[1:])}`; "
+          f"{real:,} real sentence vectors; {time.perf_counter() - started:.0f} s in all.")
+    print()
+    print(table(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="1k and 10k only")
+    parser.add_argument("--real", type=int, default=0,
+                        help="sentences to embed (default: the largest size, all real)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached stores")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
