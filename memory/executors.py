@@ -41,7 +41,9 @@ class Executors:
         self._query_embedding = ThreadPoolExecutor(
             QUERY_BATCH_MAX, thread_name_prefix="headroom-query-embed"
         )
-        self.query_batcher = BatchingEmbedder(parts.embedder, QUERY_BATCH_MAX)
+        # An embedder may name a cheaper twin for queries (OnnxEmbedder(int8_queries=True)).
+        query_model = getattr(parts.embedder, "query_embedder", None) or parts.embedder
+        self.query_batcher = BatchingEmbedder(query_model, QUERY_BATCH_MAX)
         # Only queries go through the cache: memory contents would push repeat queries out.
         self._query_embedder = CachedEmbedder(
             self.query_batcher, parts.config.query_embedding_cache_size

@@ -179,3 +179,23 @@ async def test_the_engine_batches_concurrent_query_embeddings(tmp_path: Path) ->
         assert len(gate.calls) == 2
     finally:
         await memory.close()
+
+
+async def test_the_engine_embeds_queries_on_the_embedders_query_twin(tmp_path: Path) -> None:
+    """An embedder with a `query_embedder` (OnnxEmbedder(int8_queries=True)) gets memory
+    contents; its twin gets the queries."""
+    contents, queries = FakeEmbedder(), FakeEmbedder()
+    contents.query_embedder = queries  # type: ignore[attr-defined]
+    memory = await HierarchicalMemory.create(
+        MemoryConfig(db_path=tmp_path / "m.db"), embedder=contents
+    )
+    try:
+        await memory.add("I keep bees on the roof", user_id="u1")
+        contents_calls = len(contents.calls)
+        assert contents_calls >= 1
+        queries.calls.clear()
+        await memory.recall("bees", user_id="u1")
+        assert [call for call in queries.calls if call == ["bees"]]
+        assert len(contents.calls) == contents_calls
+    finally:
+        await memory.close()

@@ -31,6 +31,7 @@ from headroom.memory.embedders import (
     make_embedder,
 )
 from headroom.memory.embedders.local import resolve_local_model
+from headroom.memory.embedders.quantize import quantized_dir_for
 from headroom.memory.errors import ConfigError, EmbedderError
 from headroom.memory.models import EmbedderBackend, MemoryConfig
 from headroom.memory.ports import Embedder
@@ -222,6 +223,46 @@ def test_onnx_broken_cache_says_what_to_delete(
     (broken.export_dir / "model.onnx").write_bytes(b"not a model")
     with pytest.raises(EmbedderError, match="delete that directory"):
         broken.load()
+
+
+def test_int8_copy_is_made_once_in_the_cache_and_agrees_with_float(
+    onnx_embedder: OnnxEmbedder, caplog: pytest.LogCaptureFixture
+) -> None:
+    int8 = OnnxEmbedder(cache_dir=onnx_embedder.cache_dir, quantized=True)
+    with caplog.at_level("INFO", logger="headroom.embedders"):
+        int8.load()
+    assert "quantizing the ONNX model to int8" in caplog.text
+    int8_dir = quantized_dir_for(onnx_embedder.export_dir)
+    model_file = int8_dir / "model.onnx"
+    # int8 MatMul weights (the token embedding table stays float): well under the float file.
+    float_size = (onnx_embedder.export_dir / "model.onnx").stat().st_size
+    assert model_file.stat().st_size < float_size * 0.7
+    texts = [*TEXTS, *AGREEMENT_TEXTS]
+    cosines = cosine_rows(int8.embed(texts), onnx_embedder.embed(texts))
+    # These few texts are the odd ones ("hi", "", mixed scripts); over 1,200 ordinary LoCoMo
+    # sentences the mean is 0.9925 (bench/embed_bench.py).
+    assert cosines.mean() >= 0.985 and cosines.min() >= 0.96, cosines
+    assert int8.model_id == onnx_embedder.model_id  # its queries search float-made vectors
+    before = model_file.stat().st_mtime_ns
+    caplog.clear()
+    again = OnnxEmbedder(cache_dir=onnx_embedder.cache_dir, quantized=True)
+    with caplog.at_level("INFO", logger="headroom.embedders"):
+        again.load()
+    assert "quantizing" not in caplog.text
+    assert model_file.stat().st_mtime_ns == before
+    np.testing.assert_allclose(again.embed([QUERY]), int8.embed([QUERY]), atol=1e-6)
+
+
+def test_int8_queries_keep_contents_float_and_load_both(onnx_embedder: OnnxEmbedder) -> None:
+    embedder = OnnxEmbedder(cache_dir=onnx_embedder.cache_dir, int8_queries=True)
+    twin = embedder.query_embedder
+    assert twin is not None and twin.quantized and not embedder.quantized
+    assert twin.model_id == embedder.model_id
+    assert not embedder.loaded and not twin.loaded
+    embedder.load()
+    assert embedder.loaded and twin.loaded
+    np.testing.assert_allclose(embedder.embed(TEXTS), onnx_embedder.embed(TEXTS), atol=1e-5)
+    assert cosine_rows(twin.embed([QUERY]), embedder.embed([QUERY]))[0] >= 0.98
 
 
 # --- OpenAI ----------------------------------------------------------------------------------
@@ -493,6 +534,12 @@ def test_make_embedder_local_runtime_choice() -> None:
     assert torch_embedder.model_id == embedder.model_id  # same weights, same vectors
     # auto picks ONNX Runtime, which is a dependency
     assert isinstance(make_embedder(config(embedder_runtime="auto")), OnnxEmbedder)
+    int8_queries = make_embedder(config(embedder_runtime="onnx-int8"))
+    assert isinstance(int8_queries, OnnxEmbedder) and not int8_queries.quantized
+    assert int8_queries.query_embedder is not None and int8_queries.query_embedder.quantized
+    assert not int8_queries.loaded
+    automatic = make_embedder(config(embedder_runtime="auto"))
+    assert isinstance(automatic, OnnxEmbedder) and automatic.query_embedder is None
     with pytest.raises(ConfigError, match="unknown embedder_runtime 'tensorrt'"):
         config(embedder_runtime="tensorrt")
 

@@ -32,7 +32,8 @@ __all__ = [
 
 log = logging.getLogger("headroom.embedders")
 
-LOCAL_RUNTIMES = ("torch", "onnx")
+# "onnx-int8": memory contents on the float ONNX model, queries on its int8 copy (quantize.py).
+LOCAL_RUNTIMES = ("torch", "onnx", "onnx-int8")
 # These answer `dimensions` with an error, so a different vector_dimension is a config mistake.
 _FIXED_SIZE_OPENAI = frozenset({"text-embedding-ada-002"})
 
@@ -65,9 +66,10 @@ def make_embedder(config: MemoryConfig) -> Embedder:
             embedder = LocalEmbedder(
                 model, torch_threads=config.torch_threads, batch_size=config.embed_batch_size
             )
-        elif runtime == "onnx":
+        elif runtime in ("onnx", "onnx-int8"):
             embedder = OnnxEmbedder(
-                model, threads=config.torch_threads, batch_size=config.embed_batch_size
+                model, threads=config.torch_threads, batch_size=config.embed_batch_size,
+                int8_queries=runtime == "onnx-int8",
             )
         else:
             expected = ", ".join(LOCAL_RUNTIMES)

@@ -28,6 +28,7 @@ from .local import (
     resolve_local_model,
     sentence_dimension,
 )
+from .quantize import quantize_export
 
 __all__ = ["OnnxEmbedder", "default_onnx_cache_dir", "export_onnx"]
 
@@ -172,7 +173,12 @@ class OnnxEmbedder:
         threads: int = 1,
         batch_size: int = 64,
         cache_dir: str | Path | None = None,
+        quantized: bool = False,
+        int8_queries: bool = False,
     ) -> None:
+        """`quantized`: run the int8 copy of the model (memory/embedders/quantize.py).
+        `int8_queries`: this one stays float, for memory contents, and `query_embedder` is its
+        int8 twin, for queries (the engine's query path uses it; `load` loads both)."""
         if threads < 1:
             raise ValueError("threads must be at least 1")
         if batch_size < 1:
@@ -187,9 +193,21 @@ class OnnxEmbedder:
         self._tokenizer: Any = None
         self._input_fields: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+        self.quantized = quantized
+        # Same model_id: int8 query vectors search float-made memories (agreement measured).
+        self.query_embedder: OnnxEmbedder | None = (
+            OnnxEmbedder(
+                model, threads=threads, batch_size=batch_size, cache_dir=self.cache_dir,
+                quantized=True,
+            )
+            if int8_queries and not quantized
+            else None
+        )
 
     def __repr__(self) -> str:
-        return f"OnnxEmbedder({self.model!r}, threads={self.threads})"
+        extra = ", quantized=True" if self.quantized else ""
+        extra += ", int8_queries=True" if self.query_embedder is not None else ""
+        return f"OnnxEmbedder({self.model!r}, threads={self.threads}{extra})"
 
     @property
     def loaded(self) -> bool:
@@ -211,6 +229,8 @@ class OnnxEmbedder:
         return export_dir_for(self.model, self.cache_dir)
 
     def load(self) -> None:
+        if self.query_embedder is not None:
+            self.query_embedder.load()
         if self._session is not None:
             return
         with self._lock:
@@ -224,6 +244,8 @@ class OnnxEmbedder:
             target = self.export_dir
             if not (target / _META_FILE).exists():
                 export_onnx(self.model, target, threads=self.threads)
+            if self.quantized:
+                target = quantize_export(target)
             try:
                 meta = json.loads((target / _META_FILE).read_text(encoding="utf-8"))
                 tokenizer = Tokenizer.from_file(str(target / _TOKENIZER_FILE))
