@@ -11,8 +11,9 @@
 A memory problem never makes the server unready: the answer would still reach the client
 (fail open), and a 503 would take a working proxy out of rotation.
 
-When the outbox cannot be read in time, the probe connects to the database itself to say why: a
-server that does not answer is "database unreachable", one that answers is busy.
+When the outbox cannot be read (in time, or at all), the probe connects to the database itself
+to say why: a server that does not answer is "database unreachable"; one that answers a read
+that timed out is busy.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..turn.service import MemoryService
 
 __all__ = ["database_unreachable", "readiness"]
 
+_OUTBOX_UNREADABLE = "outbox unreadable"
 _SLOW_OUTBOX = "outbox unreadable within"
 _PROBE_TIMEOUT_S = 2.0
 
@@ -53,9 +55,9 @@ def database_unreachable(target: str | Path, timeout_s: float = _PROBE_TIMEOUT_S
     return None
 
 
-async def _explain_slow_outbox(reasons: list[str], target: str | Path) -> list[str]:
-    """Say whether a slow outbox read means the database is gone or just busy."""
-    if not any(r.startswith(_SLOW_OUTBOX) for r in reasons):
+async def _explain_unreadable_outbox(reasons: list[str], target: str | Path) -> list[str]:
+    """Say whether an outbox that cannot be read means the database is gone or just busy."""
+    if not any(r.startswith(_OUTBOX_UNREADABLE) for r in reasons):
         return reasons
     try:
         why = await asyncio.wait_for(asyncio.to_thread(database_unreachable, target),
@@ -66,7 +68,7 @@ async def _explain_slow_outbox(reasons: list[str], target: str | Path) -> list[s
         note = "the database answers, so it is busy or locked"
         return [f"{r} ({note})" if r.startswith(_SLOW_OUTBOX) else r for r in reasons]
     return [f"database unreachable ({display_name(target)}: {why}); {r}"
-            if r.startswith(_SLOW_OUTBOX) else r for r in reasons]
+            if r.startswith(_OUTBOX_UNREADABLE) else r for r in reasons]
 
 
 async def readiness(service: MemoryService) -> tuple[int, dict[str, Any]]:
@@ -81,7 +83,7 @@ async def readiness(service: MemoryService) -> tuple[int, dict[str, Any]]:
             health = await service.engine.health()
         except Exception as exc:  # a probe answers, whatever the engine does
             reasons.append(f"memory health unreadable: {type(exc).__name__}: {exc}")
-        reasons.extend(await _explain_slow_outbox(list(health.get("reasons", [])),
+        reasons.extend(await _explain_unreadable_outbox(list(health.get("reasons", [])),
                                                   service.config.db_path))
     if service.model_error is not None:
         reasons.append(f"embedding model failed to load, recall is off: {service.model_error}")

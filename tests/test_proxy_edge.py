@@ -622,11 +622,14 @@ def test_a_model_that_fails_to_load_is_degraded_not_unready(tmp_path: Path) -> N
             **CHAT).choices[0].message.content == "Hi!"
 
 
-class _SlowOutboxEngine:
-    """An engine whose health read timed out, as HierarchicalMemory reports it."""
+@dataclass
+class _UnreadableOutboxEngine:
+    """An engine whose outbox could not be read, as HierarchicalMemory reports it."""
+
+    reason: str = "outbox unreadable within 2s"
 
     async def health(self) -> dict[str, Any]:
-        return {"status": "degraded", "reasons": ["outbox unreadable within 2s"]}
+        return {"status": "degraded", "reasons": [self.reason]}
 
 
 @dataclass
@@ -634,7 +637,7 @@ class _Service:
     """What readiness() reads of a MemoryService."""
 
     config: MemoryConfig
-    engine: Any = field(default_factory=_SlowOutboxEngine)
+    engine: Any = field(default_factory=_UnreadableOutboxEngine)
     open_error: str | None = None
     model_error: str | None = None
     ready: bool = True
@@ -643,7 +646,7 @@ class _Service:
         return {"database": "ok"}
 
 
-async def test_a_slow_outbox_read_says_whether_the_database_is_unreachable(
+async def test_an_unreadable_outbox_says_whether_the_database_is_unreachable(
     tmp_path: Path, request: pytest.FixtureRequest, proxy_backend: str
 ) -> None:
     """The same timeout, two causes: a database that does not answer, or one that is busy."""
@@ -655,6 +658,9 @@ async def test_a_slow_outbox_read_says_whether_the_database_is_unreachable(
     [reason] = body["reasons"]
     assert reason.startswith("database unreachable (") and "outbox unreadable within 2s" in reason
     assert "s3cret" not in reason
+    failed = _UnreadableOutboxEngine("outbox unreadable: StorageError: unavailable (closed)")
+    _, body = await readiness(_Service(MemoryConfig(db_path=gone), failed))  # type: ignore[arg-type]
+    assert body["reasons"][0].startswith("database unreachable (")
 
     there = database_target(request, proxy_backend, tmp_path, "there.db")
     if isinstance(there, Path):
