@@ -204,12 +204,37 @@ def m005_heavy_vectors(conn: Any) -> None:
         log.info("moved %d heavy users' vectors to the quantized tier", len(users))
 
 
+def m006_fts_user_counts(conn: Any) -> None:
+    """Each user's number of full-text rows, kept by the text index as it writes: counting them
+    in FTS5 walks the user's whole posting list (~1 ms at 10k memories, ~9 ms at 100k), and
+    recall counts them on every query (common words)."""
+    conn.executescript(
+        """
+        CREATE TABLE memories_fts_users (
+            user_key TEXT PRIMARY KEY,
+            docs INTEGER NOT NULL
+        );
+        INSERT INTO memories_fts_users(user_key, docs)
+            SELECT user_key, count(*) FROM memories_fts GROUP BY user_key;
+        """
+    )
+
+
+def m007_core_index(conn: Any) -> None:
+    """The core tier reads a user's newest memories of importance >= a threshold; through
+    memories_user_time that walks every row of the user when few are that important (measured
+    23 ms at 10k memories, none important), through this index it reads only those (0.02 ms)."""
+    conn.execute("CREATE INDEX memories_user_importance ON memories(user_id, importance)")
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
     ("m002_fts_secure_delete", m002_fts_secure_delete),
     ("m003_outbox_leases", m003_outbox_leases),
     ("m004_compact_vectors", m004_compact_vectors),
     ("m005_heavy_vectors", m005_heavy_vectors),
+    ("m006_fts_user_counts", m006_fts_user_counts),
+    ("m007_core_index", m007_core_index),
 ]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from headroom.memory import migrations
 from headroom.memory.adapters import FTS5TextIndex, SQLiteMemoryStore, SqliteVecIndex
+from headroom.memory.adapters.fts5_index import user_token
 from headroom.memory.adapters.heavy_vectors import HEAVY_LIMIT, HeavyVectors
 from headroom.memory.db import Database
 from headroom.memory.hierarchical import HierarchicalMemory
@@ -248,6 +249,11 @@ def test_the_migration_moves_an_older_files_heavy_users(
             [(i + 1, "ann", v.tobytes(), USER, "fact") for i, v in enumerate(heavy)]
             + [(10_000 + i, "bob", v.tobytes(), USER, "fact") for i, v in enumerate(light)],
         )
+        conn.executemany(
+            "INSERT INTO memories_fts(rowid, content, user_key, scope_key, category)"
+            " VALUES (?, ?, ?, ?, 'fact')",
+            [(i, f"note {i}", user_token("ann" if i < 5 else "bob"), USER) for i in range(1, 8)],
+        )
     assert old.conn.execute(
         "SELECT count(*) FROM sqlite_master WHERE name = 'memory_vector_blocks'"
     ).fetchone()[0] == 0
@@ -255,7 +261,11 @@ def test_the_migration_moves_an_older_files_heavy_users(
 
     reopened = Database(path)
     try:
-        assert migrations.migrate(reopened.conn) == ["m005_heavy_vectors"]
+        assert migrations.migrate(reopened.conn) == [
+            "m005_heavy_vectors", "m006_fts_user_counts", "m007_core_index",
+        ]
+        text = FTS5TextIndex(reopened)
+        assert (text.count("ann"), text.count("bob"), text.count("carol")) == (4, 3, 0)
         index = SqliteVecIndex(reopened, 16)
         assert index.heavy.user("ann") is not None and index.heavy.user("bob") is None
         assert _tier_rows(reopened, "ann") == (0, 0, HEAVY_LIMIT + 10)
@@ -266,3 +276,21 @@ def test_the_migration_moves_an_older_files_heavy_users(
         assert [r for r, _ in hits] == _exact(rows, query, 10)
     finally:
         reopened.close()
+
+
+def test_the_text_index_counts_a_users_rows_as_it_writes(db: Database) -> None:
+    text = FTS5TextIndex(db)
+    with db.transaction():
+        for rid in range(1, 6):
+            text.add(rid, "ann", USER, FACT, f"ann likes tea number {rid}")
+        text.add(9, "bob", USER, FACT, "bob likes coffee")
+    assert (text.count("ann"), text.count("bob"), text.count()) == (5, 1, 6)
+    with db.transaction():
+        text.remove([1, 2, 77])  # 77 was never there
+    assert text.count("ann") == 3
+    hits = text.search("tea", "ann", scope_keys=None, categories=None, k=10)
+    assert sorted(r for r, _ in hits) == [3, 4, 5]
+    with db.transaction():
+        text.remove([3, 4, 5, 9])
+    assert (text.count("ann"), text.count("bob")) == (0, 0)
+    assert db.conn.execute("SELECT count(*) FROM memories_fts_users").fetchone()[0] == 0

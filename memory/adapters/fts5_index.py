@@ -3,6 +3,10 @@
 Matching `user_key:<token>` inside the MATCH expression makes FTS5 intersect posting lists, so one
 user's query never walks other users' matches. Query words are quoted one by one (never raw MATCH
 syntax) and OR-ed, so BM25 ranks by how many and how rare the shared words are.
+
+Each user's row count is kept beside the index (`memories_fts_users`, migration m006) as rows
+are added and removed: counting in FTS5 walks the user's whole posting list, and recall asks on
+every query.
 """
 
 from __future__ import annotations
@@ -48,15 +52,38 @@ class FTS5TextIndex:
     def add(
         self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory, content: str
     ) -> None:
-        self.db.conn.execute(
+        token = user_token(user_id)
+        conn = self.db.conn
+        conn.execute(
             "INSERT INTO memories_fts(rowid, content, user_key, scope_key, category)"
             " VALUES (?, ?, ?, ?, ?)",
-            (rowid, content, user_token(user_id), scope_key, category.value),
+            (rowid, content, token, scope_key, category.value),
+        )
+        conn.execute(
+            "INSERT INTO memories_fts_users(user_key, docs) VALUES (?, 1)"
+            " ON CONFLICT(user_key) DO UPDATE SET docs = docs + 1",
+            (token,),
         )
 
     def remove(self, rowids: Sequence[int]) -> None:
-        self.db.conn.executemany(
-            "DELETE FROM memories_fts WHERE rowid = ?", [(int(r),) for r in rowids]
+        conn = self.db.conn
+        removed: dict[str, int] = {}
+        for rowid in rowids:
+            row = conn.execute(
+                "SELECT user_key FROM memories_fts WHERE rowid = ?", (int(rowid),)
+            ).fetchone()
+            if row is None:
+                continue
+            conn.execute("DELETE FROM memories_fts WHERE rowid = ?", (int(rowid),))
+            removed[str(row[0])] = removed.get(str(row[0]), 0) + 1
+        for token, n in removed.items():
+            conn.execute(
+                "UPDATE memories_fts_users SET docs = docs - ? WHERE user_key = ?", (n, token)
+            )
+        # A user with no rows left leaves no row here either (purge leaves no trace).
+        conn.executemany(
+            "DELETE FROM memories_fts_users WHERE user_key = ? AND docs <= 0",
+            [(t,) for t in removed],
         )
 
     def search(
@@ -91,9 +118,7 @@ class FTS5TextIndex:
     def count(self, user_id: str | None = None) -> int:
         if user_id is None:
             return int(self.db.conn.execute("SELECT count(*) FROM memories_fts").fetchone()[0])
-        return int(
-            self.db.conn.execute(
-                "SELECT count(*) FROM memories_fts WHERE memories_fts MATCH ?",
-                (f"user_key:{user_token(user_id)}",),
-            ).fetchone()[0]
-        )
+        row = self.db.conn.execute(
+            "SELECT docs FROM memories_fts_users WHERE user_key = ?", (user_token(user_id),)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
