@@ -26,6 +26,7 @@ from ...models import MemoryCategory
 from ..fts5_index import fts_terms
 from .connection import PgDatabase
 from .schema import TEXT_CONFIG
+from .store import deferred_writes
 
 __all__ = ["PgTextIndex", "fold_diacritics"]
 
@@ -45,11 +46,13 @@ class PgTextIndex:
     def __init__(self, db: PgDatabase, stop_words: frozenset[str] = frozenset()) -> None:
         self.db = db
         self.stop_words = stop_words
+        self.deferred = deferred_writes(db)  # rows wait for the write transaction's next need
 
     def add(
         self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory, content: str
     ) -> None:
-        self.db.execute(
+        self.deferred.defer(
+            "memory_text", user_id,
             "INSERT INTO memory_text(rid, user_id, scope_key, category, tsv, doc_len)"
             " SELECT %s, %s, %s, %s, v,"
             "  coalesce((SELECT sum(coalesce(array_length(u.positions, 1), 1))"
@@ -59,6 +62,7 @@ class PgTextIndex:
         )
 
     def remove(self, rowids: Sequence[int]) -> None:
+        self.deferred.flush("memory_text")
         if rowids:
             self.db.execute(
                 "DELETE FROM memory_text WHERE rid = ANY(%s)", ([int(r) for r in rowids],)
@@ -71,6 +75,7 @@ class PgTextIndex:
         terms = [fold_diacritics(t) for t in fts_terms(query, self.stop_words)]
         if not terms or k <= 0:
             return []
+        self.deferred.flush("memory_text", user_id)
         tsquery = " || ".join(f"plainto_tsquery('{TEXT_CONFIG}', %s)" for _ in terms)
         filters = ""
         params: list[Any] = [" ".join(terms), *terms, user_id, user_id]
@@ -116,12 +121,14 @@ class PgTextIndex:
     def optimize(self) -> None:
         """Merge the GIN index's pending list into the index proper (what FTS5's 'optimize'
         does for its segments); a no-op when it is empty."""
+        self.deferred.flush("memory_text")
         if self.db.in_transaction:
             self.db.execute("SELECT gin_clean_pending_list('memory_text_tsv'::regclass)")
             return
         self.db.execute("VACUUM memory_text")
 
     def count(self, user_id: str | None = None) -> int:
+        self.deferred.flush("memory_text", user_id)
         if user_id is None:
             return int(self.db.scalar("SELECT count(*) FROM memory_text"))
         return int(

@@ -15,6 +15,11 @@ pay for a graph insert (measured ~15 ms per row with pgserver's pgvector, agains
 plain row). Per-user graphs keep one user's search off everyone else's rows and cost only the
 writes of users large enough to need them.
 
+Whether a user is large is counted (up to `exact_below`) at most every `_RECOUNT_S` seconds per
+user while they stay small, and at once when this process's own writes may have taken them past
+it: a dedup search before every write would otherwise pay a count too. A user who grows past it
+through other replicas is searched exactly (never wrongly, only slower) until the next count.
+
 The first search that finds a large user without a graph starts building it in the background
 (`CREATE INDEX CONCURRENTLY` on its own connection, so writes go on; a session advisory lock
 makes one replica build it) and answers exactly meanwhile. `build_graph` does it synchronously.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,8 +42,12 @@ from ...errors import ConfigError
 from ...models import MemoryCategory
 from .connection import PgDatabase
 from .schema import ensure_vector_table
+from .store import deferred_writes
 
 log = logging.getLogger(__name__)
+
+_RECOUNT_S = 60.0  # how long a count that found a user small is trusted
+_MAX_COUNTED = 100_000  # users whose counts are remembered (forgotten all at once past it)
 
 __all__ = ["PgVectorIndex", "graph_name"]
 
@@ -67,6 +77,9 @@ class PgVectorIndex:
         # Users seen past `exact_below`: counting 10k index entries per search would cost more
         # than the search. A user who shrinks again stays here, which only means a graph walk.
         self._large: set[str] = set()
+        # Small users: (vectors counted + added here since, when counted).
+        self._counted: dict[str, tuple[int, float]] = {}
+        self.deferred = deferred_writes(db)
         self._building: dict[str, threading.Thread] = {}
         self._builders: set[psycopg.Connection[Any]] = set()
         self._lock = threading.Lock()
@@ -86,13 +99,19 @@ class PgVectorIndex:
         self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory,
         embedding: np.ndarray,
     ) -> None:
-        self.db.execute(
+        self.deferred.defer(
+            "memory_vectors", user_id,
             "INSERT INTO memory_vectors(rid, user_id, scope_key, category, embedding)"
             " VALUES (%s, %s, %s, %s, %s)",
             (rowid, user_id, scope_key, category.value, self._checked(embedding)),
         )
+        with self._lock:
+            counted = self._counted.get(user_id)
+            if counted is not None:
+                self._counted[user_id] = (counted[0] + 1, counted[1])
 
     def remove(self, rowids: Sequence[int]) -> None:
+        self.deferred.flush("memory_vectors")
         if rowids:
             self.db.execute(
                 "DELETE FROM memory_vectors WHERE rid = ANY(%s)", ([int(r) for r in rowids],)
@@ -106,6 +125,7 @@ class PgVectorIndex:
     ) -> list[tuple[int, float]]:
         if k <= 0:
             return []
+        self.deferred.flush("memory_vectors", user_id)
         query = np.asarray(embedding, dtype=np.float32)
         extra = ""
         params: list[Any] = []
@@ -149,13 +169,23 @@ class PgVectorIndex:
         """Whether the user has at least `exact_below` vectors (counting stops there)."""
         if user_id in self._large:
             return True
-        n = self.db.scalar(
+        with self._lock:
+            counted = self._counted.get(user_id)
+        if (counted is not None and counted[0] < self.exact_below
+                and time.monotonic() - counted[1] < _RECOUNT_S):
+            return False
+        n = int(self.db.scalar(
             "SELECT count(*) FROM (SELECT 1 FROM memory_vectors WHERE user_id = %s LIMIT %s) s",
             (user_id, self.exact_below),
-        )
-        if int(n) < self.exact_below:
-            return False
-        self._large.add(user_id)
+        ))
+        with self._lock:
+            if n < self.exact_below:
+                if len(self._counted) >= _MAX_COUNTED:
+                    self._counted.clear()
+                self._counted[user_id] = (n, time.monotonic())
+                return False
+            self._counted.pop(user_id, None)
+            self._large.add(user_id)
         return True
 
     # --- per-user graphs --------------------------------------------------------------------
@@ -256,6 +286,7 @@ class PgVectorIndex:
             thread.join(timeout=10)
 
     def count(self, user_id: str | None = None) -> int:
+        self.deferred.flush("memory_vectors", user_id)
         if user_id is None:
             return int(self.db.scalar("SELECT count(*) FROM memory_vectors"))
         return int(
