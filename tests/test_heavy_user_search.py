@@ -294,3 +294,29 @@ def test_the_text_index_counts_a_users_rows_as_it_writes(db: Database) -> None:
         text.remove([3, 4, 5, 9])
     assert (text.count("ann"), text.count("bob")) == (0, 0)
     assert db.conn.execute("SELECT count(*) FROM memories_fts_users").fetchone()[0] == 0
+
+
+def test_a_heavy_users_text_search_ranks_then_filters_with_the_same_answer(
+    db: Database,
+) -> None:
+    words = ["tea", "coffee", "garden", "shed", "blue", "green", "walk", "dog", "rain", "sun"]
+    rng = np.random.default_rng(8)
+    with db.transaction():
+        writer = FTS5TextIndex(db)
+        for rid in range(1, 301):
+            text = " ".join(rng.choice(words, size=int(rng.integers(2, 7))))
+            scope = SESSION if rid % 5 == 0 else ("s2\x1f\x1f" if rid % 5 == 1 else USER)
+            writer.add(rid, "ann", scope, PREF if rid % 3 == 0 else FACT, text)
+    exact = FTS5TextIndex(db, heavy_rows=10**9)  # today's query: the filters inside the MATCH
+    heavy = FTS5TextIndex(db, heavy_rows=100, filter_depth=2)
+    asked = 0
+    for query in ("tea garden", "blue shed dog", "rain", "sun walk green coffee"):
+        for scopes, categories in (([USER], None), ([USER, SESSION], [PREF]), ([SESSION], None),
+                                   (["s9\x1f\x1f"], None)):
+            for k in (3, 10, 40):
+                expected = exact.search(query, "ann", scope_keys=scopes, categories=categories,
+                                        k=k)
+                assert heavy.search(query, "ann", scope_keys=scopes, categories=categories,
+                                    k=k) == expected
+                asked += bool(expected)
+    assert asked > 30  # most of the cases had answers to compare
