@@ -320,3 +320,35 @@ def test_a_heavy_users_text_search_ranks_then_filters_with_the_same_answer(
                                     k=k) == expected
                 asked += bool(expected)
     assert asked > 30  # most of the cases had answers to compare
+
+
+def test_the_cached_codes_follow_this_process_and_other_processes_writes(
+    db: Database, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    index = _index(db)
+    rng = np.random.default_rng(9)
+    _fill(index, _clustered(rng, 100))
+    query = _clustered(rng, 1)[0]
+    index.search(query, "ann", scope_keys=None, categories=None, k=5)
+    reads: list[str] = []
+    original = HeavyVectors._read_codes
+
+    def spy(self: HeavyVectors, user_id: str) -> object:
+        reads.append(user_id)
+        return original(self, user_id)
+
+    monkeypatch.setattr(HeavyVectors, "_read_codes", spy)
+    with db.transaction():  # this process's writes patch the cached entry
+        index.add(600, "ann", USER, FACT, query)
+        index.remove([600])
+        index.add(601, "ann", USER, FACT, query)
+    assert index.search(query, "ann", scope_keys=None, categories=None, k=1)[0][0] == 601
+    assert reads == []
+    other = _index(db)  # another process: its own cache, the same file
+    with db.transaction():
+        other.remove([601])
+        other.add(602, "ann", SESSION, PREF, query)
+    hits = index.search(query, "ann", scope_keys=[SESSION], categories=[PREF], k=1)
+    assert hits[0][0] == 602 and reads == ["ann"]
+    assert 601 not in {r for r, _ in index.search(query, "ann", scope_keys=None,
+                                                  categories=None, k=10)}

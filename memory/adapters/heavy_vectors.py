@@ -24,7 +24,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ BLOCK_SLOTS = 512
 # Decoded codes kept per process: ~64 bytes a vector, so a 100k-memory user is ~6.4 MB.
 CACHE_BYTES = 128 * 1024 * 1024
 _FREE = np.iinfo(np.int64).min  # a slot whose vector was removed
+_MAX_PENDING = 10_000  # writes queued on a cached entry before it is dropped instead
 _USERS = "memory_vector_heavy_users"
 _FLOATS = "memory_vectors_heavy"
 _BLOCKS = "memory_vector_blocks"
@@ -72,7 +73,6 @@ class HeavyUser:
 class _Codes:
     """A user's blocks concatenated: bits word-major, (words, slots), for contiguous XORs."""
 
-    version: int
     rowids: np.ndarray
     words: np.ndarray
     scopes: np.ndarray
@@ -85,6 +85,48 @@ class _Codes:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.rowids, self.words, self.scopes, self.categories))
+
+
+_Op = tuple[str, Any]  # ("add", (rowid, words, scope id, category id)) or ("remove", rowids)
+
+
+@dataclass
+class _Entry:
+    """A cached user's codes at `version`, and this process's own writes since they were read
+    (applied at the next read): a write keeps the cache warm instead of emptying it. If such a
+    write rolls back, the stored version goes back to the one before it, which differs from
+    `version`, so the entry is read afresh."""
+
+    version: int
+    codes: _Codes
+    pending: list[_Op] = field(default_factory=list)
+
+    def settle(self) -> None:
+        if not self.pending:
+            return
+        c = self.codes
+        rowids, words, scopes, cats = c.rowids, c.words, c.scopes, c.categories
+        adds: list[tuple[int, np.ndarray, int, int]] = []
+
+        def flush() -> None:
+            nonlocal rowids, words, scopes, cats
+            if adds:  # one copy for a run of adds, not one each
+                rowids = np.concatenate([rowids, np.array([a[0] for a in adds], np.int64)])
+                words = np.concatenate([words, np.stack([a[1] for a in adds], axis=1)], axis=1)
+                scopes = np.concatenate([scopes, np.array([a[2] for a in adds], np.int32)])
+                cats = np.concatenate([cats, np.array([a[3] for a in adds], np.int32)])
+                adds.clear()
+
+        for op, arg in self.pending:
+            if op == "add":
+                adds.append(arg)
+                continue
+            flush()
+            rowids = rowids.copy()
+            rowids[np.isin(rowids, list(arg))] = _FREE
+        flush()
+        self.codes = _Codes(rowids, words, scopes, cats)
+        self.pending = []
 
 
 class _Block:
@@ -116,7 +158,7 @@ class HeavyVectors:
                  min_candidates: int = 500, cache_bytes: int = CACHE_BYTES) -> None:
         self._conn = conn
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[str, _Codes] = OrderedDict()
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
         self.dimension = dimension
@@ -163,13 +205,31 @@ class HeavyVectors:
             return None
         return HeavyUser(user_id, np.frombuffer(row[0], dtype=np.float32), int(row[1]))
 
-    def _changed(self, user_id: str) -> None:
-        """A new version for the user's codes, in the writing transaction. Random, not a
-        counter: a rolled-back write's number must never come back for other contents."""
-        self.conn.execute(
-            f"UPDATE {_USERS} SET version = ? WHERE user_id = ?",
-            (secrets.randbits(62), user_id),
-        )
+    def _changed(self, user_id: str, op: _Op) -> None:
+        """A new version for the user's codes, in the writing transaction, and `op` queued on
+        the cached entry if it was current. Random, not a counter: a rolled-back write's
+        number must never come back for other contents."""
+        conn = self.conn
+        before = conn.execute(
+            f"SELECT version FROM {_USERS} WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        version = secrets.randbits(62)
+        conn.execute(f"UPDATE {_USERS} SET version = ? WHERE user_id = ?", (version, user_id))
+        with self._lock:
+            entry = self._cache.get(user_id)
+            if entry is None:
+                return
+            if (before is not None and entry.version == int(before[0])
+                    and len(entry.pending) < _MAX_PENDING):
+                entry.version = version
+                entry.pending.append(op)
+            else:
+                self._drop(user_id)
+
+    def _drop(self, user_id: str) -> None:
+        """Forget a cached entry; the caller holds the lock."""
+        gone = self._cache.pop(user_id, None)
+        self._cached_bytes -= gone.codes.nbytes if gone is not None else 0
 
     def admit(self, user_id: str, rows: Sequence[tuple[int, str, str, bytes]]) -> None:
         """Make `user_id` heavy with these (rowid, scope_key, category, float32 bytes) rows,
@@ -210,7 +270,6 @@ class HeavyVectors:
             vector: np.ndarray) -> None:
         conn = self.conn
         user_id, center = user.user_id, user.center
-        self._changed(user_id)
         labels = self._label_ids(
             user_id, (_scope_label(scope_key), _category_label(category)), create=True
         )
@@ -224,6 +283,9 @@ class HeavyVectors:
             np.array([labels[_scope_label(scope_key)]], dtype=np.int32),
             np.array([labels[_category_label(category)]], dtype=np.int32),
         )
+        self._changed(user_id, ("add", (
+            rowid, fields[1].view(np.uint64).reshape(-1), int(fields[2][0]), int(fields[3][0]),
+        )))
         if last is not None and len(last[1]) // 8 < BLOCK_SLOTS:
             block_no = int(last[0])
             old = _Block.read(last[1:], self.width)
@@ -263,7 +325,8 @@ class HeavyVectors:
             ).fetchall():
                 found.setdefault((str(user), int(block)), []).append(int(rid))
         for user in {u for u, _ in found}:
-            self._changed(user)
+            self._changed(user, ("remove", {r for (u, _), rids in found.items() if u == user
+                                            for r in rids}))
         for (user, block), rids in found.items():
             row = conn.execute(
                 f"SELECT rowids FROM {_BLOCKS} WHERE user_id = ? AND block = ?", (user, block)
@@ -299,8 +362,7 @@ class HeavyVectors:
             conn.execute(f"DELETE FROM {_LABELS} WHERE user_id = ?", (user_id,))
             conn.execute(f"DELETE FROM {_USERS} WHERE user_id = ?", (user_id,))
             with self._lock:  # nor in this process's memory
-                gone = self._cache.pop(user_id, None)
-                self._cached_bytes -= gone.nbytes if gone is not None else 0
+                self._drop(user_id)
             return
         ids = [int(r[0]) for r in conn.execute(
             f"SELECT id FROM {_LABELS} WHERE user_id = ?", (user_id,)
@@ -350,31 +412,36 @@ class HeavyVectors:
         with self._lock:
             hit = self._cache.get(user.user_id)
             if hit is not None and hit.version == user.version:
+                before = hit.codes.nbytes
+                hit.settle()
+                self._cached_bytes += hit.codes.nbytes - before
                 self._cache.move_to_end(user.user_id)
-                return hit
+                return hit.codes
+        codes = self._read_codes(user.user_id)
+        with self._lock:
+            self._drop(user.user_id)
+            if codes.nbytes <= self.cache_bytes:
+                self._cache[user.user_id] = _Entry(user.version, codes)
+                self._cached_bytes += codes.nbytes
+            while self._cached_bytes > self.cache_bytes:
+                _, evicted = self._cache.popitem(last=False)
+                self._cached_bytes -= evicted.codes.nbytes
+        return codes
+
+    def _read_codes(self, user_id: str) -> _Codes:
         rows = self.conn.execute(
             f"SELECT rowids, bits, scopes, categories FROM {_BLOCKS} WHERE user_id = ?"
             " ORDER BY block",
-            (user.user_id,),
+            (user_id,),
         ).fetchall()
         rowids = np.frombuffer(b"".join(r[0] for r in rows), dtype=np.int64)
         words = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint64)
-        codes = _Codes(
-            user.version, rowids,
+        return _Codes(
+            rowids,
             np.ascontiguousarray(words.reshape(len(rowids), self.width // 8).T),
             np.frombuffer(b"".join(r[2] for r in rows), dtype=np.int32),
             np.frombuffer(b"".join(r[3] for r in rows), dtype=np.int32),
         )
-        with self._lock:
-            old = self._cache.pop(user.user_id, None)
-            self._cached_bytes -= old.nbytes if old is not None else 0
-            if codes.nbytes <= self.cache_bytes:
-                self._cache[user.user_id] = codes
-                self._cached_bytes += codes.nbytes
-            while self._cached_bytes > self.cache_bytes:
-                _, evicted = self._cache.popitem(last=False)
-                self._cached_bytes -= evicted.nbytes
-        return codes
 
     def _rerank(self, query: np.ndarray, rowids: list[int], k: int) -> list[tuple[int, float]]:
         if not rowids:
