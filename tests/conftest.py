@@ -132,6 +132,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 runs["sqlite_only"] += 1
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Under pytest-xdist each worker counts its own runs; the controller sums them below.
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["headroom_runs"] = dict(session.config.stash[_RUNS])
+        workeroutput["headroom_pg_s"] = session.config.stash[_ADDED][0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    output = getattr(node, "workeroutput", {})
+    # Every worker collects the whole suite, so the counts are the same in each: keep one.
+    node.config.stash[_RUNS] = Counter(output.get("headroom_runs", {})) or node.config.stash[_RUNS]
+    node.config.stash[_ADDED][0] += output.get("headroom_pg_s", 0.0)
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     runs = config.stash[_RUNS]
     if runs["sqlite"] or runs["postgres"]:
