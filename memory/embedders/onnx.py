@@ -286,8 +286,12 @@ class OnnxEmbedder:
         # Similar lengths share a batch, so little of each batch is padding.
         order = sorted(range(len(items)), key=lambda i: len(items[i]))
         out = np.empty((len(items), self.dimension), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        # int8 activations are quantized with one scale per tensor, i.e. per batch: a text's
+        # vector would depend on its batch-mates (cosine ~0.99 to itself alone). One at a time
+        # keeps every text's vector the same in any batch.
+        step = 1 if self.quantized else self.batch_size
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
             out[chunk] = self._run([items[i] for i in chunk])
         return l2_normalise(out)
 

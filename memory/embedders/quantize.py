@@ -2,9 +2,10 @@
 weights (per output channel), written once beside the float export and reused after.
 
 On a CPU with VNNI (AVX-512 VNNI or AVX-VNNI, as on recent Xeons) the int8 MatMuls make one query
-~1.7x and a batch of 8 ~2x cheaper; the vectors stay close to the float model's (mean cosine
-0.9925, lowest 0.973 over 1,200 LoCoMo turns and questions; bench/embed_bench.py measures it),
-close enough to search memories embedded by the float model. Without VNNI it does not pay.
+~2x cheaper (OnnxEmbedder runs int8 texts one at a time: see its embed). The vectors stay close
+to the float model's (mean cosine 0.9923, lowest 0.973 over 1,200 LoCoMo turns and questions;
+bench/embed_bench.py measures it), close enough to search memories the float model embedded.
+Without VNNI it does not pay (measured on an AVX2-only AMD machine: bench/RESULTS.md).
 """
 
 from __future__ import annotations

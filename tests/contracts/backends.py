@@ -11,6 +11,7 @@ database server) and returns a fresh, empty backend; `close` runs after the test
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,13 @@ from headroom.memory.adapters import (
     SqliteVecIndex,
 )
 from headroom.memory.db import Database
-from headroom.memory.embedders import CachedEmbedder, OllamaEmbedder, OpenAIEmbedder
+from headroom.memory.embedders import (
+    BatchingEmbedder,
+    CachedEmbedder,
+    OllamaEmbedder,
+    OnnxEmbedder,
+    OpenAIEmbedder,
+)
 from headroom.memory.ports import Embedder, MemoryCache, MemoryStore, TextIndex, VectorIndex
 from tests.fakes import (
     FakeDatabase,
@@ -140,13 +147,24 @@ def ollama_over_http(request: pytest.FixtureRequest) -> Embedder:
     return embedder
 
 
+@functools.cache
+def _int8_embedder() -> Embedder:
+    """Loaded once per session, like the float models' session fixtures."""
+    embedder = OnnxEmbedder(quantized=True)
+    embedder.load()
+    return embedder
+
+
 EMBEDDERS: dict[str, EmbedderFactory] = {
     "fake": lambda request: FakeEmbedder(),
     "cached-fake": lambda request: CachedEmbedder(FakeEmbedder(), max_size=4),
+    "batching-fake": lambda request: BatchingEmbedder(FakeEmbedder(), max_batch=2),
     # The HTTP clients against a fake server (respx): batching, ordering, normalisation.
     "openai": openai_over_http,
     "ollama": ollama_over_http,
     # The real MiniLM on both local runtimes, loaded once per session (tests/conftest.py).
     "onnx": lambda request: request.getfixturevalue("local_embedder"),
     "torch": lambda request: request.getfixturevalue("torch_embedder"),
+    # Queries' int8 copy (memory/embedders/quantize.py), made once in the user's cache.
+    "onnx-int8": lambda request: _int8_embedder(),
 }
