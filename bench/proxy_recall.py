@@ -70,7 +70,12 @@ import headroom.memory.unit_of_work as memory_unit  # noqa: E402
 import headroom.memory.writer as memory_writer  # noqa: E402
 from headroom.memory import HierarchicalMemory, MemoryConfig  # noqa: E402
 from headroom.memory.models import AddOp, Memory, MemoryFilter, MemoryOps, Scope  # noqa: E402
-from headroom.memory.recall import PRESETS, RecallPreset  # noqa: E402
+from headroom.memory.recall import (  # noqa: E402
+    PRESETS,
+    REQUEST_WORDS,
+    STOP_WORDS,
+    RecallPreset,
+)
 from headroom.turn.inject import cap_query, estimate_tokens, query_text, render_memories  # noqa: E402
 
 TOP_K = 5
@@ -228,7 +233,8 @@ def proxy_query(question: str) -> str:
 
 
 def parse_preset(spec: str) -> RecallPreset:
-    """A preset by name, or a variant of one: `default:w_recency=0+length_cap_chars=0`."""
+    """A preset by name, or a variant of one: `default:w_recency=0+length_cap_chars=0`
+    (`stop_words=plain` drops the request words from the stop words, `=request` adds them)."""
     base, _, changes = spec.partition(":")
     if base not in PRESETS:
         raise SystemExit(f"unknown preset {base!r}; choose from {', '.join(PRESETS)}")
@@ -236,6 +242,9 @@ def parse_preset(spec: str) -> RecallPreset:
     fields: dict[str, Any] = {}
     for change in filter(None, changes.split("+")):
         key, _, value = change.partition("=")
+        if key == "stop_words":
+            fields[key] = STOP_WORDS | (REQUEST_WORDS if value == "request" else frozenset())
+            continue
         current = getattr(preset, key)
         kind = type(current)
         fields[key] = (value.casefold() in ("1", "true", "yes")) if kind is bool else kind(value)

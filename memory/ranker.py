@@ -16,6 +16,13 @@ user's memories), and is scaled per query, so no weight depends on a corpus's sc
 Importance and recency are not features: `prior` adds them with the preset's weights, so a
 setting, not a fit, decides how much they count; `diversify` then makes room among the best
 for memories that are not restatements of a better one.
+
+The proxy stores two shapes of memory, and one ranker serves both by telling them apart from
+their content alone: a memory is part of a *dialogue* when something written in its sitting
+asks (a chat log's turn); otherwise it is a fact a model wrote down (a block of facts asks
+nothing). Chat turns are scored by `RecallPreset.weights` with their length uncapped, facts by
+`RecallPreset.fact_weights` with the capped length and the content-gated sitting; recency
+(`chat_recency`) and diversity apply to facts only.
 """
 
 from __future__ import annotations
@@ -60,8 +67,8 @@ _TABLE: tuple[tuple[str, str, float], ...] = (
      "itself gains from its block)", 2.78),
     ("in_window", "written in a time window the query names (or just after)", 3.14),
     ("common_share", "share of the query's user-common words (e.g. a name) it contains", 1.64),
-    ("length", "log(1 + characters) / 6 (with `length_cap_chars` = L: log(1 + min(chars, L)) "
-     "/ log(1 + L)): a bare 'Thanks!' rarely answers anything", 4.78),
+    ("length", "log(1 + characters) / 6 (with `length_cap_chars` = L, outside dialogues: "
+     "log(1 + min(chars, L)) / log(1 + L)): a bare 'Thanks!' rarely answers anything", 4.78),
     ("vector_rank", "1 / (1 + rank / 5) in the vector hits (0 when not a hit)", 0.25),
     ("bm25_rank", "1 / (1 + rank / 5) in the BM25 hits (0 when not a hit)", 1.86),
     ("cosine", "raw cosine with the query", 5.90),
@@ -109,12 +116,19 @@ def candidate_features(
 ) -> np.ndarray:
     """One row of `FEATURES` per rowid of `pool` (each must be in `found.rows` and
     `found.cosines`)."""
+    return _features(pool, found, preset)[0]
+
+
+def _features(
+    pool: Sequence[int], found: Candidates, preset: RecallPreset
+) -> tuple[np.ndarray, np.ndarray]:
+    """`candidate_features`, and whether each memory is part of a dialogue."""
     vector_hits, text_hits, fused = found.vector_hits, found.text_hits, found.fused
     rows, cosines, windows, common = found.rows, found.cosines, found.windows, found.common
     n = len(pool)
     out = np.zeros((n, len(FEATURES)), dtype=np.float64)
     if n == 0:
-        return out
+        return out, np.zeros(0, dtype=bool)
     sims = [s for _, s in vector_hits]
     lo, hi = (min(sims), max(sims)) if sims else (0.0, 1.0)
     best_bm = max((b for _, b in text_hits), default=0.0)
@@ -167,19 +181,20 @@ def candidate_features(
     out[:, 2] = score[p]
     out[:, 3] = neighbour(-1, np.array([asks(r - 1) for r in pool]))
     out[:, 4] = neighbour(1, np.array([asks(r) for r in pool]))
+    # A memory is part of a dialogue when something written in its sitting asks: a chat log's
+    # turn, not a fact a model wrote down (a block of facts asks nothing).
+    asking = np.array([asks(r) for r in ids])
+    dialogue = (together(p[:, None], np.arange(len(ids))[None, :]) & asking[None, :]).any(axis=1)
     hits = np.array([at[r] for r in fused if r in rows])
     if len(hits):
         same = together(p[:, None], hits[None, :])
         out[:, 5] = np.where(same, score[hits][None, :], 0.0).max(axis=1)
         if preset.sitting_by_content:
             # Written beside a match is no evidence by itself: facts of one block share a
-            # sitting whatever they say. Outside a dialogue (a sitting where something was
-            # asked), the sitting counts in proportion to the memory's own match with the
-            # query, so a fact that shares nothing with it gains nothing from its block.
+            # sitting whatever they say. Outside a dialogue, the sitting counts in proportion
+            # to the memory's own match with the query, so a fact that shares nothing with it
+            # gains nothing from its block.
             own = np.maximum(out[:, 0], out[:, 1]) if best_bm > 0 else out[:, 0]
-            asking = np.array([asks(r) for r in ids])
-            everyone = np.arange(len(ids))
-            dialogue = (together(p[:, None], everyone[None, :]) & asking[None, :]).any(axis=1)
             out[:, 5] *= np.where(dialogue, 1.0, own)
     if windows:
         out[:, 6] = [
@@ -191,25 +206,29 @@ def candidate_features(
             text = rows[r].content.casefold()
             out[i, 7] = sum(1 for pat in patterns if pat.search(text)) / len(patterns)
     cap = preset.length_cap_chars
+    lengths = np.array([len(rows[r].content) for r in pool], dtype=np.float64)
+    out[:, 8] = np.log1p(lengths) / 6.0
     if cap > 0:
-        # Saturates: a short fact ("Is vegetarian") is as complete as a long one; only a
-        # near-empty memory ("Thanks!") is worth less.
-        out[:, 8] = [math.log1p(min(len(rows[r].content), cap)) / math.log1p(cap) for r in pool]
-    else:
-        out[:, 8] = [math.log1p(len(rows[r].content)) / 6.0 for r in pool]
+        # Saturates outside dialogues: a short fact ("Is vegetarian") is as complete as a long
+        # one. In a chat log a short turn is mostly chit-chat ("Thanks!"), so there a turn's
+        # length keeps counting.
+        capped = np.log1p(np.minimum(lengths, cap)) / math.log1p(cap)
+        out[:, 8] = np.where(dialogue, out[:, 8], capped)
     out[:, 9] = [v_rank.get(r, 0.0) for r in pool]
     out[:, 10] = [t_rank.get(r, 0.0) for r in pool]
     out[:, 11] = cos
-    return out
+    return out, dialogue
 
 
-def weights_of(preset: RecallPreset) -> np.ndarray:
-    """The weight set `preset` names (`WEIGHT_SETS`)."""
+def weights_of(preset: RecallPreset, *, dialogue: bool = True) -> np.ndarray:
+    """The weight set `preset` names (`WEIGHT_SETS`) for memories of a dialogue, or for the
+    others (`fact_weights`, when it names one)."""
+    name = preset.weights if dialogue or not preset.fact_weights else preset.fact_weights
     try:
-        return WEIGHT_SETS[preset.weights]
+        return WEIGHT_SETS[name]
     except KeyError:
         raise ConfigError(
-            f"unknown ranker weights {preset.weights!r}; choose one of: {', '.join(WEIGHT_SETS)}"
+            f"unknown ranker weights {name!r}; choose one of: {', '.join(WEIGHT_SETS)}"
         ) from None
 
 
@@ -218,12 +237,15 @@ def learned_scores(features: np.ndarray, weights: np.ndarray = WEIGHTS) -> np.nd
     return features @ weights
 
 
-def prior(memory: Memory, now: datetime, preset: RecallPreset) -> float:
+def prior(
+    memory: Memory, now: datetime, preset: RecallPreset, *, dialogue: bool = False
+) -> float:
     """What importance and recency add to a learned score, in its log-odds units:
-    w_importance·(importance − 0.5) + w_recency·recency. Bounded by the weights, so an old
-    memory loses at most w_recency against a new one, whatever its relevance."""
+    w_importance·(importance − 0.5) + w_recency·recency (for a chat turn, `dialogue`, only
+    with `preset.chat_recency`). Bounded by the weights, so an old memory loses at most
+    w_recency against a new one, whatever its relevance."""
     value = preset.w_importance * (memory.importance - 0.5)
-    if preset.w_recency:
+    if preset.w_recency and (preset.chat_recency or not dialogue):
         value += preset.w_recency * recency(memory, now, preset.recency_half_life_days)
     return value
 
@@ -235,12 +257,14 @@ def diversify(
     """The best `preset.diversity_depth` of `ranked` re-picked greedily (maximal marginal
     relevance): each next pick is the best score minus `preset.diversity` times how far its
     cosine with an already picked memory rises above `preset.diversity_floor` (scaled to 0..1).
-    Scores are left as they were; memories without an embedding are never penalised."""
+    Scores are left as they were; memories without an embedding are never penalised, nor are
+    chat turns (`Scored.dialogue`) or by them: a question and its answer read alike, and both
+    are worth showing."""
     depth = min(preset.diversity_depth, len(ranked))
     if preset.diversity <= 0 or depth < 2:
         return ranked
     head, tail = ranked[:depth], ranked[depth:]
-    vecs = [embeddings.get(s.rowid) for s, _ in head]
+    vecs = [None if s.dialogue else embeddings.get(s.rowid) for s, _ in head]
     left = list(range(depth))
     picked: list[int] = []
     penalty = np.zeros(depth)
@@ -263,14 +287,18 @@ def rank(
     pool: Sequence[int], found: Candidates, preset: RecallPreset, now: datetime
 ) -> list[tuple[Scored, Memory]]:
     """`pool` best first by the learned score plus the importance and recency prior (`prior`)."""
-    features = candidate_features(pool, found, preset)
-    scores = learned_scores(features, weights_of(preset))
+    features, dialogue = _features(pool, found, preset)
+    scores = np.where(
+        dialogue,
+        learned_scores(features, weights_of(preset)),
+        learned_scores(features, weights_of(preset, dialogue=False)),
+    )
     bm25 = dict(found.text_hits)
     ranked: list[tuple[Scored, Memory]] = []
     for i, (rid, score) in enumerate(zip(pool, scores, strict=True)):
-        memory = found.rows[rid]
+        memory, chat = found.rows[rid], bool(dialogue[i])
+        total = float(score) + prior(memory, now, preset, dialogue=chat)
         ranked.append(
-            (Scored(rid, float(score) + prior(memory, now, preset), found.cosines[rid],
-                    bm25.get(rid), features[i]), memory)
+            (Scored(rid, total, found.cosines[rid], bm25.get(rid), features[i], chat), memory)
         )
     return best_first(ranked)

@@ -84,9 +84,13 @@ class RecallPreset:
     # recency then scale its odds, and the time windows are one of its features (w_time unused).
     ranker: str = "fused"
     # Learned ranker only: its weight set (`ranker.WEIGHT_SETS`), whether the sitting feature
-    # counts only in proportion to the memory's own match (`sitting_by_content`), and where
-    # the length feature saturates (`length_cap_chars`, 0: it never does).
+    # counts only in proportion to the memory's own match outside dialogues
+    # (`sitting_by_content`), and where the length feature of a memory outside a dialogue
+    # saturates (`length_cap_chars`, 0: it never does).
     weights: str = "turns-v1"
+    # The weight set for memories outside a dialogue (no memory of their sitting asks: the
+    # facts a model writes in blocks); "" uses `weights` for every memory.
+    fact_weights: str = ""
     sitting_by_content: bool = False
     length_cap_chars: int = 0
     # Learned ranker only: the best `diversity_depth` are re-ordered so that a memory saying
@@ -135,6 +139,10 @@ class RecallPreset:
     w_importance: float = 0.05
     w_recency: float = 0.05
     recency_half_life_days: float = 90.0
+    # Learned ranker: whether recency also counts for chat turns (memories of a dialogue, see
+    # `fact_weights`). A newer fact replaces an older one; a chat log is history, and a
+    # question about it may ask about any point of it.
+    chat_recency: bool = True
     stop_words: frozenset[str] = field(default=STOP_WORDS, repr=False)
 
     @property
@@ -174,14 +182,18 @@ _DATED = replace(_TUNED, name="dated", w_time=0.5, time_slack_days=3.0, time_can
 _COMMON = replace(_DATED, name="common", common_share=0.3)
 # The learned ranker fitted on chat turns alone: the default until issue 15.
 _LEARNED_TURNS = replace(_COMMON, name="learned-turns", ranker="learned", w_time=0.0)
-# One ranker for both shapes the proxy sees (model-written facts and chat logs): a fact gains
-# from its block only by its own content, length saturates at 20 characters, restatements of
-# a better memory make room (diversity), request words ("any ideas", "I need") are no topic,
-# and importance and recency move a ranking (see `RecallPreset`).
+# One ranker for both shapes the proxy sees, told apart by content (`memory.ranker`): chat
+# turns keep the turn-fitted ranker (turns-v1, length uncapped, no recency, no diversity);
+# facts get turns-v2 weights, gain from their block only by their own content, their length
+# saturates at 20 characters, restatements of a better fact make room (diversity), and
+# recency counts. Request words ("any ideas", "I need") are no topic, and importance moves a
+# ranking (see `RecallPreset`).
 _LEARNED = replace(
-    _LEARNED_TURNS, name="default", weights="turns-v2", sitting_by_content=True,
+    _LEARNED_TURNS, name="default", weights="turns-v1", fact_weights="turns-v2",
+    sitting_by_content=True,
     length_cap_chars=20, w_importance=2.0, w_recency=1.0, recency_half_life_days=180.0,
     diversity=2.0, diversity_floor=0.6, stop_words=STOP_WORDS | REQUEST_WORDS,
+    chat_recency=False,
 )
 
 PRESETS: dict[str, RecallPreset] = {
@@ -249,6 +261,9 @@ class Scored:
     bm25: float | None = None
     # The learned ranker's feature values for this candidate (see `memory.ranker`).
     features: np.ndarray | None = field(default=None, repr=False)
+    # The learned ranker: whether the memory is part of a dialogue (something in its sitting
+    # asks), so a chat turn rather than a fact a model wrote.
+    dialogue: bool = False
 
 
 def minmax(values: Sequence[float]) -> list[float]:

@@ -226,6 +226,23 @@ def test_recency_decides_between_equally_relevant_memories() -> None:
     assert got == ["Lives in Berlin", "Lives in Manchester"]
 
 
+def test_recency_counts_for_facts_not_for_chat_turns() -> None:
+    """A newer fact replaces an older one; a chat log is history, asked about at any point."""
+    old_when, new_when = NOW - timedelta(days=500), NOW - timedelta(days=7)
+    facts = {1: mem("Lives in Manchester", when=old_when), 2: mem("Lives in Berlin", when=new_when)}
+    chat = {1: mem("Where do you live? B: Manchester", when=old_when),
+            2: mem("Where do you live? B: Berlin", when=new_when)}
+    hits = [(1, 0.4), (2, 0.4)]
+    for rows, gap in ((facts, True), (chat, False)):
+        found = Candidates(hits, [], fuse(hits, [], LEARNED), rows, dict(hits))
+        scores = {s.rowid: s.score for s, _ in rank([1, 2], found, LEARNED, NOW)}
+        assert (scores[2] - scores[1] > 0.5) is gap
+    found = Candidates(hits, [], fuse(hits, [], LEARNED), chat, dict(hits))
+    scores = {s.rowid: s.score
+              for s, _ in rank([1, 2], found, replace(LEARNED, chat_recency=True), NOW)}
+    assert scores[2] - scores[1] > 0.5
+
+
 def test_facts_written_in_one_block_do_not_lift_each_other() -> None:
     """A memory's score never rises because another one written beside it matched, unless it
     shares the query's content itself: the same fact scores the same alone and in a block."""
@@ -287,10 +304,49 @@ def test_length_saturates_so_short_facts_are_not_outweighed() -> None:
     assert lengths.tolist() == pytest.approx(
         [math.log1p(13) / math.log1p(cap), 1.0, math.log1p(7) / math.log1p(cap)]
     )
-    weights = weights_of(LEARNED)
+    weights = weights_of(LEARNED, dialogue=False)
     # 200 characters against a 13-character fact: worth less than a 0.05 cosine difference.
     gain = (lengths[1] - lengths[0]) * weights[col("length")]
     assert gain < 0.05 * weights[col("cosine")]
+
+
+def test_in_a_dialogue_a_turn_s_length_keeps_counting() -> None:
+    """A short chat turn is mostly chit-chat ("Thanks!"); a short fact is complete. Where
+    something in the sitting asks, length is not capped."""
+    rows = {1: mem("Any plans for the weekend?"), 2: mem("B: Thanks!"), 3: mem("B: " + "x" * 80)}
+    _, _, f = _features(rows, [(1, 0.5), (2, 0.4), (3, 0.3)], [], preset=LEARNED)
+    lengths = f[:, col("length")]
+    assert lengths.tolist() == pytest.approx([math.log1p(n) / 6.0 for n in (26, 10, 83)])
+    assert lengths[2] - lengths[1] > 0.3  # capped at 20 characters both would be 1.0
+
+
+def test_facts_and_chat_turns_are_scored_by_their_own_weight_sets() -> None:
+    facts = {1: mem("Is vegetarian"), 2: mem("Has a dog")}
+    chat = {1: mem("What do you eat?"), 2: mem("B: No meat, ever")}
+    hits = [(1, 0.5), (2, 0.4)]
+    for rows, dialogue in ((facts, False), (chat, True)):
+        fused = fuse(hits, [], LEARNED)
+        found = Candidates(hits, [], fused, rows, dict(hits))
+        ranked = rank([1, 2], found, LEARNED, NOW)
+        features = candidate_features([1, 2], found, LEARNED)
+        expected = learned_scores(features, weights_of(LEARNED, dialogue=dialogue))
+        prior_ = {s.rowid: s.score - float(expected[s.rowid - 1]) for s, _ in ranked}
+        assert all(s.dialogue is dialogue for s, _ in ranked)
+        # What is left after the weight set's score is the importance/recency prior alone.
+        assert prior_[1] == pytest.approx(prior_[2])
+    assert LEARNED.fact_weights and LEARNED.fact_weights != LEARNED.weights
+    assert weights_of(replace(LEARNED, fact_weights=""), dialogue=False) is weights_of(LEARNED)
+
+
+def test_diversify_leaves_chat_turns_alone() -> None:
+    """A question and its answer read alike, and both are worth showing."""
+    rows = {1: mem("Did you adopt a dog?"), 2: mem("B: yes, we adopted a dog"), 3: mem("B: ok")}
+    ranked = [(Scored(i, s, dialogue=True), rows[i]) for i, s in ((1, 3.0), (2, 2.9), (3, 2.5))]
+    a = np.array([1.0, 0.0], dtype=np.float32)
+    embeddings = {1: a, 2: np.array([0.96, 0.28], dtype=np.float32),
+                  3: np.array([0.0, 1.0], dtype=np.float32)}
+    preset = replace(LEARNED, diversity=2.0, diversity_floor=0.6)
+    assert [s.rowid for s, _ in diversify(ranked, embeddings, preset)] == [1, 2, 3]
 
 
 def test_unknown_weights_are_a_config_error() -> None:
