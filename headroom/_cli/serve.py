@@ -213,7 +213,7 @@ WorkersOpt = Annotated[
     int,
     typer.Option(
         "--workers", envvar="HEADROOM_WORKERS", min=1,
-        help="Proxy processes serving the port, each with its own model (~250 MB RSS more per "
+        help="Proxy processes serving the port, each with its own model (~230 MB RSS per "
         "worker). Raise it to use more cores under concurrent load; needs a database file or a "
         "postgresql:// URL.",
     ),
