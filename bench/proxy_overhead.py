@@ -1,42 +1,60 @@
-"""Proxy overhead: the same requests sent directly to a zero-latency fake upstream and through the
-proxy, in the same run, at several concurrencies, with 0 and 100k stored memories.
+"""Proxy overhead: the same requests sent straight to a zero-latency fake upstream and through
+the proxy, interleaved, with the proxy's CPU time and its own overhead receipt beside them.
 
-    python bench/proxy_overhead.py [--memories 0,100000] [--concurrency 1,16,64]
-                                   [--requests 300] [--users 1000] [--write-share 0.1]
+    python bench/proxy_overhead.py [--memories 1000,10000,100000] [--concurrency 1,8,64]
+                                   [--requests 300] [--workers 1] [--write-share 0.1]
+    python bench/proxy_overhead.py --quick            # smoke run, under 2 minutes
     python bench/proxy_overhead.py --formats [chat,responses,messages] [--memories 10000]
-                                   [--concurrency 1,8] [--requests 200]
+                                   [--users 1000] [--concurrency 1,8] [--requests 200]
 
-Without `--formats`: chat completions only, over store sizes, memory on/off by the
-`X-Headroom-Memory` header. With `--formats` (alone: all three): a table per wire format (chat
-completions, OpenAI Responses, Anthropic Messages) on one store, memory on = a user with stored
-memories and a fresh query per request, memory off = no user header at all.
+Main table (chat completions, non-streaming): one heavy user, `user-0000`, with 1k / 10k / 100k
+memories (one store per size; `--memories`), and per concurrency level these rows:
 
-Processes: the fake upstream (a raw ASGI app under uvicorn) and the proxy (`proxy.server.serve`,
-the real thing: ONNX/torch MiniLM, sqlite-vec, FTS5) each run in their own process; this process
-is the load generator (httpx, keep-alive). Reported per scenario: latency p50/p99 of the complete
-non-streaming answer and of the streaming time to first content byte, direct and proxied, the
-added latency (proxied minus direct, p50 and p99), errors, and cross-user leaks. Direct and
-proxied requests are interleaved (each job is sent to both, in alternating order), so both see
-the same machine load; a run that is not measured side by side on a shared machine mostly
-measures the neighbours.
+- pass-through: no user header, so no memory work at all (run on the first store only);
+- memory on, fresh queries: every query text is new (no query-embedding cache hit);
+- memory on, repeated queries: 20 queries, each sent once in the warm-up, then drawn again
+  (embedding cache hits; recall's search still runs);
+- LiteLLM (no memory), when `litellm[proxy]` is installed (not a dependency): the peer row.
 
-Leak check: every stored memory ends with its owner's tag `[user-NNNN]`; the fake upstream echoes
-the tags it finds in the messages it receives, and the load generator counts any tag that is not
-the requesting user's. A share of answers (`--write-share`) carries a `<memory>` block, so writes
-(embedding + indexing on the proxy's worker) run alongside recall, as in real traffic; any
-`<memory` that reaches the client counts as an error, and any error fails the run.
+Pairing, and why "added" is per pair: each job goes to the upstream directly and through the
+proxy, back to back from the same worker, in rotating order, so both see the same machine load.
+Added latency is computed per pair (proxied minus direct of the same job) and its percentiles
+are reported. The old table subtracted percentiles of two separately sorted distributions; at
+concurrency 16/64 the direct side's own queueing tail then exceeded the proxied one's and some
+"added p99" came out negative, which measured the neighbours, not the proxy.
 
-The fake upstream's Responses and Messages answers are the test suite's builders
-(tests/servers.py); chat answers are built here (the suite builds its chat answers inline).
+Also per cell: the proxy process tree's CPU seconds per 1,000 requests (utime + stime from
+/proc via psutil, warm-up excluded; with `--workers N` the workers are counted too), the
+`X-Headroom-Memory-Overhead-Ms` receipt's p50 next to the measured added p50 (the receipt cannot
+see the server's socket and HTTP parsing, so it should sit a little below), proxied throughput
+(concurrency / mean latency: the rate the proxy alone would sustain with that many clients),
+recalled answers (the upstream saw one of the user's own memories), errors, cross-user leaks.
+The machine, date, commit and load averages (at the start, per cell, at the end) are printed.
 
-The big store is built through the public `add_many` API with real MiniLM vectors of a pool of
-distinct sentences (see store_bench.py: embedding 100k texts here would take most of an hour).
+Processes: the fake upstream (a raw ASGI app under uvicorn) and the proxy
+(`proxy.server.serve`, the real thing: MiniLM, sqlite-vec, FTS5; `--workers N` is passed to its
+config) each run in their own process; this process is the load generator (httpx, keep-alive).
+A share of memory-on answers (`--write-share`) carries a `<memory>` block, so writes (embedding
+and indexing) run alongside recall, as in real traffic; a `<memory` reaching the client, an
+error or a leak fails the run.
+
+Stores: built through the public `add_many` API with real MiniLM vectors of a pool of distinct
+sentences (store_bench.py: embedding 100k texts here would take most of an hour), cached under
+bench/.cache by size, pool and the commit of `memory/` (`--rebuild` forces it). The heavy
+user's memories are pool sentences made distinct by a number; each vector is its sentence's
+real vector plus a little seeded noise (cosine ~0.98 to it), renormalised, so no two are equal
+and an index or quantizer sees real-shaped, distinct vectors. Every memory ends with its
+owner's tag `[user-NNNN]`, which the fake upstream echoes, for the leak check.
+
+`--formats`: a table per wire format (chat completions, OpenAI Responses, Anthropic Messages)
+on a store of `--memories` spread over `--users` users, streaming and not.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -49,7 +67,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +98,13 @@ from tests.servers import (  # noqa: E402
 )
 
 _TAG = re.compile(r"\[(user-\d{4})\]")
-_MARK_START = "<!-- proxy_overhead:start -->"
-_MARK_END = "<!-- proxy_overhead:end -->"
+_NUMBER = re.compile(r" #\d+$")
 _FORMATS_START = "<!-- proxy_overhead_formats:start -->"
 _FORMATS_END = "<!-- proxy_overhead_formats:end -->"
+_HEAVY_START = "<!-- proxy_overhead_heavy:start -->"
+_HEAVY_END = "<!-- proxy_overhead_heavy:end -->"
+HEAVY_USER = "user-0000"
+REPEATED_QUERIES = 20
 
 
 # --- the zero-latency fake upstream (its own process) ---------------------------------------------
@@ -216,17 +237,56 @@ def start_upstream() -> tuple[subprocess.Popen[bytes], str]:
     return proc, url
 
 
-def start_proxy(upstream: str, db: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_proxy(upstream: str, db: Path, *, workers: int = 1,
+                env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`headroom serve` as a process; `workers` goes to `ProxyConfig.workers` (several proxy
+    processes on one port); `env` adds variables (an A/B run points PYTHONPATH elsewhere)."""
     port = free_port()
+    options = {"port": port, "upstream_url": upstream, "db_path": str(db),
+               "log_level": "warning"}
+    if workers != 1:
+        options["workers"] = workers
     code = (
-        "from headroom.proxy.server import serve; from headroom.proxy.config import ProxyConfig; "
-        f"serve(ProxyConfig(port={port}, upstream_url={upstream!r}, db_path={str(db)!r}, "
-        "log_level='warning'))"
+        "import json, sys; from headroom.proxy.server import serve; "
+        "from headroom.proxy.config import ProxyConfig; "
+        "serve(ProxyConfig(**json.loads(sys.argv[1])))"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(options)], env=full_env)
     url = f"http://127.0.0.1:{port}"
-    wait_for(url + "/readyz", 180)  # the model loads in the background; ready = recall is on
+    try:
+        wait_for(url + "/readyz", 600)  # the model loads in the background; ready = recall on
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def litellm_available() -> bool:
+    return importlib.util.find_spec("litellm") is not None and importlib.util.find_spec(
+        "litellm.proxy") is not None
+
+
+def start_litellm(upstream: str) -> tuple[subprocess.Popen[bytes], str]:
+    """LiteLLM's proxy in front of the same fake upstream, one model `bench`, default single
+    worker, no database, no logging callbacks: its own overhead, no memory."""
+    port = free_port()
+    config = Path(tempfile.mkdtemp(prefix="headroom-litellm-")) / "config.yaml"
+    config.write_text(
+        "model_list:\n  - model_name: bench\n    litellm_params:\n"
+        f"      model: openai/bench\n      api_base: {upstream}/v1\n      api_key: bench\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "litellm.proxy.proxy_cli", "--config", str(config),
+         "--port", str(port), "--host", "127.0.0.1"],
+        env={**os.environ, "LITELLM_LOG": "ERROR"}, stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url + "/health/liveliness", 300)
+    except BaseException:
+        stop(proc)
+        raise
     return proc, url
 
 
@@ -238,51 +298,118 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-# --- the store --------------------------------------------------------------------------------
+# --- the stores ---------------------------------------------------------------------------------
 
 
 class TaggedPoolEmbedder(PoolEmbedder):
-    """Real vectors of pool sentences, looked up with the `[user-NNNN]` tag stripped."""
+    """Real vectors of pool sentences, looked up with the `[user-NNNN]` tag and the ` #n`
+    number stripped. A numbered text gets its sentence's vector plus seeded noise (`noise`:
+    per-dimension standard deviation), renormalised, so numbered copies are distinct."""
+
+    def __init__(self, model_id: str, vectors: dict[str, np.ndarray], noise: float = 0.0):
+        super().__init__(model_id, vectors)
+        self.noise = noise
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return super().embed([_TAG.sub("", t).rstrip() for t in texts])
+        out = super().embed([_TAG.sub("", _NUMBER.sub("", t)).rstrip() for t in texts]).copy()
+        if self.noise:
+            for i, text in enumerate(texts):
+                if _NUMBER.search(text):
+                    rng = np.random.default_rng(zlib.crc32(text.encode()))
+                    out[i] += rng.normal(0.0, self.noise, out.shape[1]).astype(np.float32)
+                    out[i] /= np.linalg.norm(out[i])
+        return out
+
+
+def _memory_commit() -> str:
+    """The commit of `memory/` (its tree at HEAD): a store built by another engine version is
+    not reused."""
+    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD:memory"],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    return out or "unknown"
+
+
+def _pool_lookup(pool_size: int, noise: float) -> tuple[list[tuple[str, str]],
+                                                        TaggedPoolEmbedder]:
+    embedder = real_embedder("default", 1, cached=False)
+    pool = make_memory_pool(pool_size)
+    vectors = embed_cached(embedder, [t for _, t in pool], "pool", 64)
+    lookup = TaggedPoolEmbedder(embedder.model_id,
+                                dict(zip([t for _, t in pool], vectors, strict=True)), noise)
+    return pool, lookup
+
+
+def _fill(cached: Path, drafts: list[Any], lookup: TaggedPoolEmbedder) -> None:
+    from headroom.memory.hierarchical import HierarchicalMemory
+    from headroom.memory.models import MemoryConfig
+
+    async def fill() -> None:
+        tmp = cached.with_suffix(".tmp")
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(tmp) + suffix).unlink(missing_ok=True)
+        mem = await HierarchicalMemory.create(MemoryConfig(db_path=tmp), embedder=lookup)
+        t0 = time.perf_counter()
+        for i in range(0, len(drafts), 500):
+            await mem.add_many(drafts[i : i + 500])
+        await mem.close()
+        print(f"built {len(drafts):,} memories in {time.perf_counter() - t0:.0f}s", flush=True)
+        tmp.rename(cached)
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    asyncio.run(fill())
+
+
+def _work_copy(cached: Path | None) -> Path:
+    """Each run works on a fresh copy (the proxy writes to it)."""
+    work = Path(tempfile.mkdtemp(prefix="headroom-bench-")) / "memory.db"
+    if cached is not None:
+        shutil.copy(cached, work)
+    return work
 
 
 def build_store(size: int, users: int, pool_size: int) -> Path:
-    """A cached database of `size` tagged memories; each run works on a fresh copy."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    cached = CACHE / f"proxy-store-{size}-{users}-{pool_size}.db"
+    """`size` tagged memories spread over `users` users (the `--formats` store)."""
+    cached = CACHE / f"proxy-store-{size}-{users}-{pool_size}-{_memory_commit()}.db"
     if size and not cached.exists():
-        from headroom.memory.hierarchical import HierarchicalMemory
-        from headroom.memory.models import MemoryConfig
-
-        embedder = real_embedder("default", 1, cached=False)
-        pool = make_memory_pool(pool_size)
-        vectors = embed_cached(embedder, [t for _, t in pool], "pool", 64)
-        lookup = TaggedPoolEmbedder(embedder.model_id, dict(zip([t for _, t in pool], vectors,
-                                                                strict=True)))
+        pool, lookup = _pool_lookup(pool_size, 0.0)
         drafts = drafts_for(size, users, pool, seed=11)
         for d in drafts:
             d.content = f"{d.content} [{d.user_id}]"
             d.dedup = False
+        _fill(cached, drafts, lookup)
+    return _work_copy(cached if size else None)
 
-        async def fill() -> None:
-            tmp = cached.with_suffix(".tmp")
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(tmp) + suffix).unlink(missing_ok=True)
-            mem = await HierarchicalMemory.create(MemoryConfig(db_path=tmp), embedder=lookup)
-            t0 = time.perf_counter()
-            for i in range(0, len(drafts), 500):
-                await mem.add_many(drafts[i : i + 500])
-            await mem.close()
-            print(f"built {size} memories in {time.perf_counter() - t0:.0f}s", flush=True)
-            tmp.rename(cached)
 
-        asyncio.run(fill())
-    work = Path(tempfile.mkdtemp(prefix="headroom-bench-")) / "memory.db"
-    if size:
-        shutil.copy(cached, work)
-    return work
+def build_heavy_store(size: int, pool_size: int, *, rebuild: bool = False) -> Path:
+    """One user (`HEAVY_USER`) with `size` memories, plus 50 light users with 20 each, so the
+    file is not a one-user toy and the leak check has neighbours to catch."""
+    from headroom.memory import MemoryDraft
+    from headroom.memory.models import utcnow
+
+    cached = CACHE / f"proxy-heavy-{size}-{pool_size}-{_memory_commit()}.db"
+    if rebuild:
+        cached.unlink(missing_ok=True)
+    if not cached.exists():
+        import random
+
+        pool, lookup = _pool_lookup(pool_size, 0.01)
+        rng = random.Random(size)
+        now = utcnow()
+
+        def draft(user: str, n: int) -> Any:
+            category, text = pool[rng.randrange(len(pool))]
+            session = f"s{rng.randrange(3)}" if rng.random() < 0.3 else None
+            return MemoryDraft(
+                f"{text} [{user}] #{n}", user, session_id=session, category=category,
+                importance=round(rng.uniform(0.2, 0.8), 2),
+                created_at=now - timedelta(days=rng.uniform(0, 365)), dedup=False,
+            )
+
+        drafts = [draft(HEAVY_USER, n) for n in range(size)]
+        drafts += [draft(f"user-{u:04d}", n) for u in range(1, 51) for n in range(20)]
+        rng.shuffle(drafts)
+        _fill(cached, drafts, lookup)
+    return _work_copy(cached)
 
 
 # --- load generation ---------------------------------------------------------------------------
@@ -343,33 +470,44 @@ FORMATS: dict[str, WireFormat] = {
 
 
 @dataclass
+class Target:
+    """One system under test: where it listens, whose CPU time is its cost, and whether it
+    speaks Headroom's headers (LiteLLM gets the same requests without them)."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes] | None
+    headroom: bool = True
+
+
+@dataclass
 class Run:
-    latencies: list[float] = field(default_factory=list)
-    ttft: list[float] = field(default_factory=list)
+    latencies: dict[int, float] = field(default_factory=dict)  # job number -> ms
+    ttft: dict[int, float] = field(default_factory=dict)
+    receipts: list[float] = field(default_factory=list)  # the overhead header, ms
     errors: int = 0
     blocks: int = 0  # answers in which `<memory` reached the client
     leaks: int = 0
     recalled: int = 0  # answers that echo one of the user's own memory tags
-    wall: float = 0.0
+    cpu_s: float = 0.0  # the target's process tree, over the measured jobs
 
 
 @dataclass(frozen=True)
 class Job:
     n: int
-    user: str | None  # None: no user header (memory off in the formats mode)
+    user: str | None  # None: no user header (pass-through)
     query: str
     block: bool  # the upstream's answer carries a <memory> block
-    mode: str | None  # the X-Headroom-Memory header, if sent
 
 
 async def one(client: httpx.AsyncClient, url: str, fmt: WireFormat, job: Job, *,
-              stream: bool, proxied: bool, run: Run) -> None:
+              stream: bool, headroom: bool, run: Run) -> None:
+    """`headroom`: the request carries the user header and the bench's block switch (the
+    direct side and LiteLLM get neither)."""
     headers = dict(fmt.headers)
-    if proxied and job.user is not None:
+    if headroom and job.user is not None:
         headers["x-headroom-user-id"] = job.user
-    if proxied and job.mode is not None:
-        headers["x-headroom-memory"] = job.mode
-    if proxied and job.block:
+    if headroom and job.block:
         headers |= {"x-bench-block": "1", "x-bench-n": str(job.n)}
     body = fmt.body(job.query, stream)
     t0 = time.perf_counter()
@@ -389,7 +527,7 @@ async def one(client: httpx.AsyncClient, url: str, fmt: WireFormat, job: Job, *,
                         if piece and first is None:
                             first = time.perf_counter()
                         text += piece or ""
-            run.ttft.append(((first or time.perf_counter()) - t0) * 1000)
+            run.ttft[job.n] = ((first or time.perf_counter()) - t0) * 1000
             seen = "\n".join(raw)
         else:
             response = await client.post(url + fmt.path, json=body, headers=headers)
@@ -397,10 +535,13 @@ async def one(client: httpx.AsyncClient, url: str, fmt: WireFormat, job: Job, *,
                 run.errors += 1
                 return
             text, seen = fmt.text_of(response.json()), response.text
-        run.latencies.append((time.perf_counter() - t0) * 1000)
+        run.latencies[job.n] = (time.perf_counter() - t0) * 1000
     except httpx.HTTPError:
         run.errors += 1
         return
+    receipt = response.headers.get("x-headroom-memory-overhead-ms")
+    if receipt is not None:
+        run.receipts.append(float(receipt))
     # Every event counts, not only the deltas: a block left in a `done` or `completed` event's
     # text reaches clients that read the final object.
     if "<memory" in seen or "\\u003cmemory" in seen:
@@ -410,189 +551,130 @@ async def one(client: httpx.AsyncClient, url: str, fmt: WireFormat, job: Job, *,
     run.recalled += job.user in tags
 
 
-async def load(direct_url: str, proxy_url: str, fmt: WireFormat, jobs: list[Job], *,
-               concurrency: int, stream: bool) -> tuple[Run, Run]:
-    """Each job is sent directly and through the proxy, in alternating order, by `concurrency`
-    workers: the two sides share the machine's load at every moment of the run."""
-    direct, proxied = Run(), Run()
+def settle_cpu(proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+    """Wait until the proxy's processes are idle (below a tenth of a core for a second): with
+    `--workers`, later workers load their model after the first is ready, and that CPU time is
+    not a request's."""
+    deadline = time.monotonic() + timeout
+    last = tree_cpu_seconds(proc)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = tree_cpu_seconds(proc)
+        if now - last < 0.1:
+            return
+        last = now
+
+
+def tree_cpu_seconds(proc: subprocess.Popen[bytes] | None) -> float:
+    """User + system CPU seconds of a process and its live descendants (the workers)."""
+    if proc is None:
+        return 0.0
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        members = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for member in members:
+        try:
+            times = member.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+async def load(direct_url: str, targets: list[Target], fmt: WireFormat, jobs: list[Job], *,
+               concurrency: int, stream: bool) -> tuple[Run, dict[str, Run]]:
+    """Each job is sent directly and to every target, back to back from one worker, the order
+    rotating with the job, by `concurrency` workers: all sides share the machine's load at every
+    moment, and each proxied latency has its direct twin (see `added`)."""
+    direct = Run()
+    runs = {t.name: Run() for t in targets}
     queue: asyncio.Queue[Job] = asyncio.Queue()
     for job in jobs:
         queue.put_nowait(job)
-    # Room for both sides of every worker's pair, so neither waits for the other's connection.
-    limits = httpx.Limits(max_connections=2 * concurrency,
-                          max_keepalive_connections=2 * concurrency)
+    sides: list[tuple[str, bool, Run]] = [(direct_url, False, direct)] + [
+        (t.url, t.headroom, runs[t.name]) for t in targets
+    ]
+    # Room for every side of every worker, so no side waits for another's connection.
+    limits = httpx.Limits(max_connections=len(sides) * concurrency,
+                          max_keepalive_connections=len(sides) * concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-
-        async def send(job: Job, to_proxy: bool) -> None:
-            await one(client, proxy_url if to_proxy else direct_url, fmt, job, stream=stream,
-                      proxied=to_proxy, run=proxied if to_proxy else direct)
 
         async def worker() -> None:
             while not queue.empty():
                 job = queue.get_nowait()
-                first_to_proxy = job.n % 2 == 1
-                await send(job, first_to_proxy)
-                await send(job, not first_to_proxy)
+                turn = job.n % len(sides)
+                for url, headroom, run in sides[turn:] + sides[:turn]:
+                    await one(client, url, fmt, job, stream=stream, headroom=headroom, run=run)
 
-        t0 = time.perf_counter()
+        cpu0 = {t.name: tree_cpu_seconds(t.proc) for t in targets}
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        direct.wall = proxied.wall = time.perf_counter() - t0
-    return direct, proxied
+        for t in targets:
+            runs[t.name].cpu_s = tree_cpu_seconds(t.proc) - cpu0[t.name]
+    return direct, runs
 
 
-def make_jobs(requests: int, *, users: int, queries: list[str], write_share: float, seed: int,
-              mode: str | None, with_user: bool, fresh: bool) -> list[Job]:
+def make_jobs(requests: int, *, users: list[str | None], queries: list[str],
+              write_share: float, seed: int, fresh: bool) -> list[Job]:
     """`fresh`: every query text is new (a suffix per job), so none hits the proxy's
-    query-embedding cache, as a new question would not."""
+    query-embedding cache, as a new question would not. A None user: no user header."""
     import random
 
     rng = random.Random(seed)
     jobs = []
     for n in range(requests):
-        user = f"user-{rng.randrange(users):04d}"
+        user = rng.choice(users)
         query = rng.choice(queries)
         if fresh:
             query += f" (ref {seed % 100000}-{n})"
-        memory_on = with_user and mode != "off"
-        jobs.append(Job(n, user if with_user else None, query,
-                        memory_on and rng.random() < write_share, mode))
+        jobs.append(Job(n, user, query, user is not None and rng.random() < write_share))
     return jobs
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
-    return float(np.percentile(values, q))
+    return float(np.percentile(list(values), q))
+
+
+def added(direct: Run, proxied: Run, key: str) -> list[float]:
+    """Per pair: the proxied latency minus its own job's direct latency."""
+    d, p = getattr(direct, key), getattr(proxied, key)
+    return [p[n] - d[n] for n in p if n in d]
+
+
+def cell_row(direct: Run, proxied: Run, *, stream: bool, concurrency: int,
+             **labels: Any) -> dict[str, Any]:
+    key = "ttft" if stream else "latencies"
+    d, p = list(getattr(direct, key).values()), list(getattr(proxied, key).values())
+    diffs = added(direct, proxied, key)
+    n = len(p)
+    mean_s = float(np.mean(p)) / 1000 if p else float("nan")
+    return {
+        **labels, "stream": stream, "concurrency": concurrency,
+        "direct_p50": pct(d, 50), "direct_p99": pct(d, 99),
+        "proxy_p50": pct(p, 50), "proxy_p99": pct(p, 99),
+        "added_p50": pct(diffs, 50), "added_p99": pct(diffs, 99),
+        "receipt_p50": pct(proxied.receipts, 50),
+        "req_per_s": concurrency / mean_s if p else float("nan"),
+        "cpu_s_per_1k": proxied.cpu_s / n * 1000 if n else float("nan"),
+        "errors": direct.errors + proxied.errors, "blocks": proxied.blocks,
+        "leaks": proxied.leaks, "recalled": proxied.recalled, "n": n,
+        "load1": round(os.getloadavg()[0], 2),
+    }
 
 
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-def scenario_row(size: int, mode: str, stream: bool, c: int, direct: Run, proxied: Run,
-                 fmt: str = "chat") -> dict[str, Any]:
-    key = "ttft" if stream else "latencies"
-    d, p = getattr(direct, key), getattr(proxied, key)
-    return {
-        "format": fmt, "memories": size, "mode": mode, "stream": stream, "concurrency": c,
-        "direct_p50": pct(d, 50), "direct_p99": pct(d, 99),
-        "proxy_p50": pct(p, 50), "proxy_p99": pct(p, 99),
-        "added_p50": pct(p, 50) - pct(d, 50), "added_p99": pct(p, 99) - pct(d, 99),
-        "errors": direct.errors + proxied.errors, "blocks": proxied.blocks,
-        "leaks": proxied.leaks, "recalled": proxied.recalled, "n": len(p),
-    }
-
-
-def _cells(r: dict[str, Any]) -> str:
-    return (f"{r['direct_p50']:.1f} | {r['direct_p99']:.1f} | {r['proxy_p50']:.1f} | "
-            f"{r['proxy_p99']:.1f} | **{r['added_p50']:.1f}** | **{r['added_p99']:.1f}**")
-
-
-_HEAD = ("direct p50 | direct p99 | proxied p50 | proxied p99 | **added p50** | **added p99**")
-
-
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [
-        _MARK_START,
-        "## Proxy overhead",
-        "",
-        f"Run {meta['date']} on {meta['machine']}; load average {meta['load']}. Command: "
-        f"`{meta['command']}`.",
-        "",
-        "Direct = the same request straight to the zero-latency fake upstream; proxied = through "
-        "`headroom serve` (real model, sqlite-vec, FTS5), the two interleaved. Latency in ms: "
-        "complete answer for non-streaming, time to first content byte (TTFT) for streaming. "
-        "Added = proxied − direct at the same percentile. "
-        f"{meta['write_share']:.0%} of memory-on answers carry a `<memory>` block, so writes run "
-        "alongside recall. The load generator shares the 2 cores with both servers. Recalled = "
-        "proxied answers whose upstream saw one of the user's own memories.",
-        "",
-        f"| memories | memory | stream | conc. | {_HEAD} | recalled | errors | leaks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['memories']:,} | {r['mode']} | {'yes' if r['stream'] else 'no'} | "
-            f"{r['concurrency']} | {_cells(r)} | {r['recalled']}/{r['n']} | "
-            f"{r['errors'] + r['blocks']} | {r['leaks']} |"
-        )
-    lines += ["", *meta["verdicts"], "", _MARK_END]
-    return "\n".join(lines)
-
-
-def formats_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [
-        _FORMATS_START,
-        "### Proxy overhead per wire format",
-        "",
-        f"Run {meta['date']} on {meta['machine']}. Load average (`uptime`) {meta['load']}. "
-        f"Command: `{meta['command']}`.",
-        "",
-        f"One store of {meta['memories']:,} memories over {meta['users']:,} users. Memory on = "
-        "a user with stored memories and a query never seen before (no query-embedding cache "
-        "hit); memory off = no user header. Direct and proxied requests are interleaved (each "
-        "job goes to both, in alternating order). Latency in ms: complete answer for "
-        "non-streaming, time to the first text delta for streaming; added = proxied − direct at "
-        f"the same percentile. {meta['write_share']:.0%} of memory-on answers carry a `<memory>` "
-        "block; a block reaching the client (in any event, including the final object) counts "
-        "in `blocks`. Recalled = proxied answers whose upstream saw one of the user's own "
-        "memories.",
-    ]
-    for name in meta["formats"]:
-        lines += ["", f"**{name}** (`POST {FORMATS[name].path}`)", "",
-                  f"| memory | stream | conc. | {_HEAD} | recalled | errors | blocks | leaks |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["format"] == name):
-            lines.append(
-                f"| {r['mode']} | {'yes' if r['stream'] else 'no'} | {r['concurrency']} | "
-                f"{_cells(r)} | {r['recalled']}/{r['n']} | {r['errors']} | {r['blocks']} | "
-                f"{r['leaks']} |"
-            )
-    lines += ["", *meta["notes"], "", _FORMATS_END]
-    return "\n".join(lines)
-
-
-def verdicts(rows: list[dict[str, Any]], sizes: list[int]) -> list[str]:
-    out = []
-    big = max(sizes)
-
-    def find(**kw: Any) -> dict[str, Any] | None:
-        return next((r for r in rows if all(r[k] == v for k, v in kw.items())), None)
-
-    on = find(memories=big, mode="on", stream=False, concurrency=1)
-    if on:
-        ok = on["added_p50"] <= 20 and on["added_p99"] <= 60
-        out.append(f"- Target, concurrency 1, recall on, {big:,} memories: added p50 ≤ 20 ms and "
-                   f"p99 ≤ 60 ms — measured {on['added_p50']:.1f} / {on['added_p99']:.1f} ms: "
-                   f"**{'met' if ok else 'not met'}**.")
-    off = find(memories=big, mode="off", stream=False, concurrency=1)
-    if off:
-        out.append(f"- Target, memory off: added p50 ≤ 3 ms — measured {off['added_p50']:.1f} ms: "
-                   f"**{'met' if off['added_p50'] <= 3 else 'not met'}**.")
-    c64 = [r for r in rows if r["concurrency"] == 64]
-    if c64:
-        bad = sum(r["errors"] + r["leaks"] for r in c64)
-        out.append(f"- Target, concurrency 64: no error and no cross-user leak — "
-                   f"{sum(r['errors'] for r in c64)} errors, {sum(r['leaks'] for r in c64)} "
-                   f"leaks: **{'met' if bad == 0 else 'not met'}**.")
-    out.append("- Anchors: LiteLLM's published proxy overhead 12 ms p50 / 43 ms p99; Mem0's search "
-               "alone 148 ms p50.")
-    return out
-
-
-def write_results(section: str, start: str = _MARK_START, end: str = _MARK_END) -> None:
-    """Replace the marked block in RESULTS.md; a new per-format block goes right after the
-    chat table's block (the same section), anything else at the end."""
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    elif start == _FORMATS_START and _MARK_END in text:
-        head, rest = text.split(_MARK_END, 1)
-        text = head + _MARK_END + "\n\n" + section + rest
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+def cell_seed(*key: Any) -> int:
+    # A seed per cell, and another for its warm-up: repeated queries would hit the
+    # query-embedding cache and flatter recall.
+    return zlib.crc32(repr(key).encode())
 
 
 def load_average() -> str:
@@ -615,55 +697,88 @@ def machine_line() -> str:
             f"onnxruntime {info['onnxruntime']}, commit {info['commit']}")
 
 
-def cell_seed(*key: Any) -> int:
-    # A seed per cell, and another for its warm-up: repeated queries would hit the
-    # query-embedding cache and flatter recall.
-    return zlib.crc32(repr(key).encode())
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    users: list[str | None]
+    fresh: bool
+    write_share: float
 
 
-def run_chat_grid(args: argparse.Namespace, upstream_url: str) -> list[dict[str, Any]]:
-    """The original benchmark: chat completions over store sizes, memory by header."""
-    sizes = [int(x) for x in (args.memories or "0,100000").split(",")]
-    levels = [int(x) for x in (args.concurrency or "1,16,64").split(",")]
-    # Many distinct queries (the templates allow ~1.2k): scenarios draw ~250 each, so most
-    # are unseen and miss the query-embedding cache, as new questions do.
-    queries = make_queries(1200, seed=5)
-    chat = FORMATS["chat"]
+def measure_cell(upstream_url: str, targets: list[Target], scenario: Scenario, *,
+                 queries: list[str], concurrency: int, requests: int, warm: int,
+                 seed: int, stream: bool = False, fmt: str = "chat") -> dict[str, Run]:
+    """Warm-up (not measured), then the measured jobs; the runs by target name."""
+    common = dict(users=scenario.users, queries=queries, write_share=scenario.write_share,
+                  fresh=scenario.fresh)
+    if not scenario.fresh:
+        # Every repeated query goes through once first: the measured ones are cache hits.
+        warm_jobs = [Job(n, scenario.users[0], q, False) for n, q in enumerate(queries)]
+    else:
+        warm_jobs = make_jobs(warm, seed=seed + 1, **common)
+    asyncio.run(load(upstream_url, targets, FORMATS[fmt], warm_jobs, concurrency=concurrency,
+                     stream=stream))
+    jobs = make_jobs(requests, seed=seed, **common)
+    direct, runs = asyncio.run(load(upstream_url, targets, FORMATS[fmt], jobs,
+                                    concurrency=concurrency, stream=stream))
+    return {"direct": direct, **runs}
+
+
+def run_heavy(args: argparse.Namespace, upstream_url: str) -> list[dict[str, Any]]:
+    """The main table: pass-through, memory on (fresh / repeated queries) for one heavy user
+    per store size, and LiteLLM when installed, at each concurrency."""
+    sizes = [int(x) for x in args.memories.split(",")]
+    levels = [int(x) for x in args.concurrency.split(",")]
+    fresh_queries = make_queries(1200, seed=5)
+    repeated = make_queries(REPEATED_QUERIES, seed=9)
     rows: list[dict[str, Any]] = []
-    for size in sizes:
-        db = build_store(size, args.users, args.pool)
-        proxy, proxy_url = start_proxy(upstream_url, db)
+
+    def record(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
+                          for k, v in row.items()}), flush=True)
+
+    def measure(targets: list[Target], scenario: Scenario, size: int, c: int,
+                queries: list[str]) -> None:
+        n = max(args.requests, c * 4)
+        seed = cell_seed(size, scenario.name, c)
+        runs = measure_cell(upstream_url, targets, scenario, queries=queries, concurrency=c,
+                            requests=n, warm=min(n, args.warm), seed=seed)
+        for t in targets:
+            record(cell_row(runs["direct"], runs[t.name], stream=False, concurrency=c,
+                            system=t.name, scenario=scenario.name, memories=size))
+
+    if litellm_available():
+        peer, peer_url = start_litellm(upstream_url)
         try:
-            for mode in ("off", "on"):
-                for stream in (False, True):
-                    for c in levels:
-                        n = max(args.requests or 300, c * 4)
-                        seed = cell_seed(size, mode, stream, c)
-                        common = dict(users=args.users, queries=queries,
-                                      write_share=args.write_share, mode=mode, with_user=True,
-                                      fresh=False)
-                        warm = make_jobs(min(n, 50), seed=seed + 1, **common)
-                        asyncio.run(load(upstream_url, proxy_url, chat, warm, concurrency=c,
-                                         stream=stream))
-                        jobs = make_jobs(n, seed=seed, **common)
-                        direct, proxied = asyncio.run(load(upstream_url, proxy_url, chat, jobs,
-                                                           concurrency=c, stream=stream))
-                        row = scenario_row(size, mode, stream, c, direct, proxied)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+            for c in levels:
+                measure([Target("LiteLLM proxy (no memory)", peer_url, peer, headroom=False)],
+                        Scenario("no memory", [None], True, 0.0), 0, c, fresh_queries)
+        finally:
+            stop(peer)
+    else:
+        print("LiteLLM peer row skipped: litellm not installed", flush=True)
+
+    for i, size in enumerate(sizes):
+        db = build_heavy_store(size, args.pool, rebuild=args.rebuild)
+        proxy, proxy_url = start_proxy(upstream_url, db, workers=args.workers)
+        settle_cpu(proxy)
+        target = [Target("Headroom", proxy_url, proxy)]
+        scenarios = [
+            Scenario("memory on, fresh queries", [HEAVY_USER], True, args.write_share),
+            Scenario("memory on, repeated queries", [HEAVY_USER], False, args.write_share),
+        ]
+        if i == 0:
+            scenarios.insert(0, Scenario("pass-through (no user header)", [None], True, 0.0))
+        try:
+            for c in levels:
+                for scenario in scenarios:
+                    queries = fresh_queries if scenario.fresh else repeated
+                    measure(target, scenario, size if scenario.users != [None] else 0, c,
+                            queries)
         finally:
             stop(proxy)
             shutil.rmtree(db.parent, ignore_errors=True)
-    load_now = load_average()
-    meta = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_line(),
-        "load": load_now, "command": "python bench/proxy_overhead.py " + " ".join(sys.argv[1:]),
-        "write_share": args.write_share, "verdicts": verdicts(rows, sizes),
-    }
-    section = markdown(rows, meta)
-    print(section)
-    if not args.no_write:
-        write_results(section)
     return rows
 
 
@@ -674,101 +789,241 @@ def run_formats(args: argparse.Namespace, upstream_url: str) -> list[dict[str, A
     unknown = [x for x in names if x not in FORMATS]
     if unknown:
         raise SystemExit(f"unknown format(s) {unknown}; choose from {sorted(FORMATS)}")
-    size = int(args.memories or "10000")
+    size = int(args.memories.split(",")[0])
     if size <= 0:
         raise SystemExit("--formats needs a store with memories (--memories > 0)")
-    levels = [int(x) for x in (args.concurrency or "1,8").split(",")]
-    requests = args.requests or 200
+    levels = [int(x) for x in args.concurrency.split(",")]
     queries = make_queries(1200, seed=7)
-    load_before = load_average()
-    t0 = time.monotonic()
+    users: list[str | None] = [f"user-{u:04d}" for u in range(min(args.users, size))]
     rows: list[dict[str, Any]] = []
     db = build_store(size, args.users, args.pool)
-    proxy, proxy_url = start_proxy(upstream_url, db)
+    proxy, proxy_url = start_proxy(upstream_url, db, workers=args.workers)
+    settle_cpu(proxy)
+    target = Target("Headroom", proxy_url, proxy)
     try:
         for name in names:
             for mode in ("off", "on"):
+                scenario = Scenario(mode, users if mode == "on" else [None], True,
+                                    args.write_share if mode == "on" else 0.0)
                 for stream in (False, True):
                     for c in levels:
-                        n = max(requests, c * 4)
-                        seed = cell_seed(name, mode, stream, c)
-                        common = dict(users=args.users, queries=queries,
-                                      write_share=args.write_share, mode=None,
-                                      with_user=mode == "on", fresh=True)
-                        warm = make_jobs(min(n, 30), seed=seed + 1, **common)
-                        asyncio.run(load(upstream_url, proxy_url, FORMATS[name], warm,
-                                         concurrency=c, stream=stream))
-                        jobs = make_jobs(n, seed=seed, **common)
-                        direct, proxied = asyncio.run(load(
-                            upstream_url, proxy_url, FORMATS[name], jobs, concurrency=c,
-                            stream=stream))
-                        row = scenario_row(size, mode, stream, c, direct, proxied, fmt=name)
+                        n = max(args.requests, c * 4)
+                        runs = measure_cell(upstream_url, [target], scenario, queries=queries,
+                                            concurrency=c, requests=n, warm=min(n, args.warm),
+                                            seed=cell_seed(name, mode, stream, c),
+                                            stream=stream, fmt=name)
+                        row = cell_row(runs["direct"], runs[target.name], stream=stream,
+                                       concurrency=c, format=name, mode=mode, memories=size)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     finally:
         stop(proxy)
         shutil.rmtree(db.parent, ignore_errors=True)
-    meta = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_line(),
-        "load": f"{load_before} at the start, {load_average()} at the end "
-                f"({(time.monotonic() - t0) / 60:.0f} min)",
-        "command": "python bench/proxy_overhead.py " + " ".join(sys.argv[1:]),
-        "memories": size, "users": args.users, "write_share": args.write_share,
-        "formats": names, "notes": format_notes(rows, names),
-    }
-    section = formats_markdown(rows, meta)
-    print(section)
-    if not args.no_write:
-        write_results(section, _FORMATS_START, _FORMATS_END)
     return rows
 
 
-def format_notes(rows: list[dict[str, Any]], names: list[str]) -> list[str]:
-    """Per format, the concurrency-1 added p50 with memory on and off, side by side."""
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def _f(value: float, digits: int = 1) -> str:
+    return "-" if value != value else f"{value:.{digits}f}"  # NaN: no value
+
+
+_HEAD = "direct p50 | proxied p50 | **added p50** | added p99"
+
+
+def _cells(r: dict[str, Any]) -> str:
+    return (f"{_f(r['direct_p50'])} | {_f(r['proxy_p50'])} | **{_f(r['added_p50'])}** | "
+            f"{_f(r['added_p99'])}")
+
+
+def heavy_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        _HEAVY_START,
+        "### Proxy overhead: one heavy user, concurrency, CPU and the receipt (issue 14)",
+        "",
+        f"Run {meta['date']} on {meta['machine']}. Load average (`uptime`) {meta['load']}. "
+        f"Command: `{meta['command']}` ({meta['minutes']:.0f} min).",
+        "",
+        "Chat completions, non-streaming, fake zero-latency upstream; proxy "
+        f"`--workers {meta['workers']}`. Each job goes straight to the upstream and through the "
+        "proxy back to back from one load worker (order rotated), and **added** is per pair "
+        "(proxied minus its own direct twin; percentiles of those differences). Memory on = "
+        f"`{HEAVY_USER}`, the one user with all the store's memories; fresh = a query never "
+        f"seen before; repeated = one of {REPEATED_QUERIES} queries already embedded (cache "
+        f"hit). {meta['write_share']:.0%} of memory-on answers carry a `<memory>` block (writes "
+        "alongside recall). CPU = the proxy processes' user+system seconds per 1,000 proxied "
+        "requests (background writes included). Receipt = p50 of `X-Headroom-Memory-Overhead-Ms`"
+        " (it cannot see the server's own socket and HTTP parsing). req/s = concurrency / mean "
+        "proxied latency. The load generator and the upstream share the cores with the proxy.",
+        "",
+        f"| system | memories | conc. | {_HEAD} | receipt p50 | CPU s / 1k req | req/s | "
+        "recalled | errors | leaks | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = r["system"] if r["system"] != "Headroom" else f"Headroom, {r['scenario']}"
+        lines.append(
+            f"| {name} | {r['memories']:,} | {r['concurrency']} | {_cells(r)} | "
+            f"{_f(r['receipt_p50'])} | {_f(r['cpu_s_per_1k'], 2)} | {_f(r['req_per_s'], 0)} | "
+            f"{r['recalled']}/{r['n']} | {r['errors'] + r['blocks']} | {r['leaks']} | "
+            f"{r['load1']:.1f} |"
+        )
+    lines += ["", *meta["verdicts"], "", _HEAVY_END]
+    return "\n".join(lines)
+
+
+def heavy_verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    def find(scenario: str, c: int, memories: int | None = None) -> dict[str, Any] | None:
+        return next((r for r in rows if r.get("scenario") == scenario and r["concurrency"] == c
+                     and (memories is None or r["memories"] == memories)), None)
+
     out = []
-    for stream in (False, True):
-        cells = []
-        for name in names:
-            on = next((r for r in rows if r["format"] == name and r["mode"] == "on"
-                       and r["stream"] == stream and r["concurrency"] == 1), None)
-            off = next((r for r in rows if r["format"] == name and r["mode"] == "off"
-                        and r["stream"] == stream and r["concurrency"] == 1), None)
-            if on and off:
-                cells.append(f"{name} {on['added_p50']:.1f} / {off['added_p50']:.1f}")
-        if cells:
-            kind = "streaming (TTFT)" if stream else "non-streaming"
-            out.append(f"- Concurrency 1, {kind}, added p50 memory on / off (ms): "
-                       + "; ".join(cells) + ".")
+    off = find("pass-through (no user header)", 1)
+    if off:
+        out.append(f"- Target, memory off (pass-through), c=1: added p50 ≤ 1.5 ms — measured "
+                   f"{off['added_p50']:.1f} ms: **{'met' if off['added_p50'] <= 1.5 else 'not met'}"
+                   "**.")
+    small = min((r["memories"] for r in rows if r["memories"]), default=None)
+    on1 = find("memory on, fresh queries", 1, small)
+    if on1:
+        out.append(f"- Target, memory on, {small:,} memories, fresh queries, c=1: added p50 ≤ 8 ms "
+                   f"— measured {on1['added_p50']:.1f} ms: "
+                   f"**{'met' if on1['added_p50'] <= 8 else 'not met'}**.")
+        on8 = find("memory on, fresh queries", 8, small)
+        if on8:
+            ok = on8["added_p50"] <= 3 * on1["added_p50"] and on8["req_per_s"] >= 150
+            out.append(f"- Target, c=8: added p50 ≤ 3× the c=1 figure and ≥ 150 req/s with memory "
+                       f"on — measured {on8['added_p50']:.1f} ms "
+                       f"({on8['added_p50'] / max(on1['added_p50'], 1e-9):.1f}×), "
+                       f"{on8['req_per_s']:.0f} req/s: **{'met' if ok else 'not met'}**.")
+    receipts = [r for r in rows if r["receipt_p50"] == r["receipt_p50"] and r["concurrency"] == 1]
+    if receipts:
+        gaps = ", ".join(f"{r['memories']:,}/{r['scenario'].split(', ')[-1]}: "
+                         f"{r['receipt_p50']:.1f} vs {r['added_p50']:.1f}" for r in receipts)
+        out.append(f"- Receipt p50 vs measured added p50 at c=1 (ms): {gaps}.")
     bad = sum(r["errors"] + r["blocks"] + r["leaks"] for r in rows)
     out.append(f"- Errors, blocks reaching the client, cross-user leaks over all "
                f"{sum(r['n'] for r in rows):,} proxied requests: {bad}.")
     return out
 
 
+def formats_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        _FORMATS_START,
+        "### Proxy overhead per wire format",
+        "",
+        f"Run {meta['date']} on {meta['machine']}. Load average (`uptime`) {meta['load']}. "
+        f"Command: `{meta['command']}`.",
+        "",
+        f"One store of {meta['memories']:,} memories over {meta['users']:,} users. Memory on = "
+        "a user with stored memories and a query never seen before (no query-embedding cache "
+        "hit); memory off = no user header. Direct and proxied requests are interleaved (each "
+        "job goes to both, back to back, in rotating order); added = per pair, proxied minus "
+        "its own direct twin. Latency in ms: complete answer for non-streaming, time to the "
+        f"first text delta for streaming. {meta['write_share']:.0%} of memory-on answers carry "
+        "a `<memory>` block; a block reaching the client (in any event, including the final "
+        "object) counts in `blocks`. Recalled = proxied answers whose upstream saw one of the "
+        "user's own memories.",
+    ]
+    for name in meta["formats"]:
+        lines += ["", f"**{name}** (`POST {FORMATS[name].path}`)", "",
+                  f"| memory | stream | conc. | {_HEAD} | receipt p50 | CPU s / 1k req | "
+                  "recalled | errors | blocks | leaks |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["format"] == name):
+            lines.append(
+                f"| {r['mode']} | {'yes' if r['stream'] else 'no'} | {r['concurrency']} | "
+                f"{_cells(r)} | {_f(r['receipt_p50'])} | {_f(r['cpu_s_per_1k'], 2)} | "
+                f"{r['recalled']}/{r['n']} | {r['errors']} | {r['blocks']} | {r['leaks']} |"
+            )
+    bad = sum(r["errors"] + r["blocks"] + r["leaks"] for r in rows)
+    lines += ["", f"- Errors, blocks reaching the client, cross-user leaks over all "
+              f"{sum(r['n'] for r in rows):,} proxied requests: {bad}.", "", _FORMATS_END]
+    return "\n".join(lines)
+
+
+def write_results(section: str, start: str, end: str) -> None:
+    """Replace the marked block in RESULTS.md; a new block goes right after the older proxy
+    overhead blocks (the same section), else at the end."""
+    path = HERE / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
+    elif _FORMATS_END in text:
+        head, rest = text.split(_FORMATS_END, 1)
+        text = head + _FORMATS_END + "\n\n" + section + rest
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", nargs="?", const="chat,responses,messages",
                         help="a table per wire format (alone: chat,responses,messages)")
-    parser.add_argument("--memories", help="store sizes (default 0,100000; --formats: 10000)")
-    parser.add_argument("--concurrency", help="levels (default 1,16,64; --formats: 1,8)")
-    parser.add_argument("--requests", type=int, help="per cell (default 300; --formats: 200)")
-    parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--pool", type=int, default=5000)
+    parser.add_argument("--memories", help="heavy-user store sizes (default 1000,10000,100000; "
+                        "--formats: one store, default 10000)")
+    parser.add_argument("--concurrency", help="levels (default 1,8,64; --formats: 1,8)")
+    parser.add_argument("--requests", type=int, help="measured per cell (default 300; "
+                        "--formats: 200)")
+    parser.add_argument("--warm", type=int, default=30, help="warm-up requests per cell")
+    parser.add_argument("--workers", type=int, default=1, help="proxy processes (serve "
+                        "--workers)")
+    parser.add_argument("--users", type=int, default=1000, help="--formats: users in the store")
+    parser.add_argument("--pool", type=int, help="distinct real sentences (default 5000; "
+                        "--quick: 2000)")
     parser.add_argument("--write-share", type=float, default=0.1)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached stores")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1k memories, c=1,8, 60 requests per cell")
     parser.add_argument("--no-write", action="store_true", help="print only, skip RESULTS.md")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         run_upstream(args.serve_upstream)
         return
+    if args.quick:
+        args.memories = args.memories or "1000"
+        args.concurrency = args.concurrency or "1,8"
+        args.requests = args.requests or 60
+        args.warm = min(args.warm, 15)
+        args.pool = args.pool or 2000
+        args.no_write = True
+    args.memories = args.memories or ("10000" if args.formats else "1000,10000,100000")
+    args.concurrency = args.concurrency or ("1,8" if args.formats else "1,8,64")
+    args.requests = args.requests or (200 if args.formats else 300)
+    args.pool = args.pool or 5000
+    started, load_before = time.monotonic(), load_average()
+    print(f"{machine_line()}\n{datetime.now(UTC):%Y-%m-%d %H:%M UTC}, load average "
+          f"{load_before}", flush=True)
     upstream, upstream_url = start_upstream()
     try:
-        if args.formats:
-            rows = run_formats(args, upstream_url)
-        else:
-            rows = run_chat_grid(args, upstream_url)
+        rows = (run_formats if args.formats else run_heavy)(args, upstream_url)
     finally:
         stop(upstream)
+    meta = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_line(),
+        "load": f"{load_before} at the start, {load_average()} at the end",
+        "minutes": (time.monotonic() - started) / 60,
+        "command": "python bench/proxy_overhead.py " + " ".join(sys.argv[1:]),
+        "write_share": args.write_share, "workers": args.workers,
+        "memories": int(args.memories.split(",")[0]), "users": args.users,
+        "formats": [x.strip() for x in (args.formats or "").split(",") if x.strip()],
+    }
+    if args.formats:
+        section, marks = formats_markdown(rows, meta), (_FORMATS_START, _FORMATS_END)
+    else:
+        meta["verdicts"] = heavy_verdicts(rows)
+        section, marks = heavy_markdown(rows, meta), (_HEAVY_START, _HEAVY_END)
+    print(section)
+    if not args.no_write:
+        write_results(section, *marks)
+    print(f"took {(time.monotonic() - started) / 60:.1f} min", flush=True)
     failed = [r for r in rows if r["errors"] or r["blocks"] or r["leaks"]]
     if failed:
         raise SystemExit(f"{len(failed)} cell(s) had errors, blocks reaching the client or "
