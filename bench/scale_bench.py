@@ -594,7 +594,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"{m['memories']:,} memories over {m['users']:,} users (~{m['memories'] // m['users']} "
         f"each), pool of {m['pool']:,} sentences with real MiniLM vectors. PostgreSQL: "
-        f"{m['pg_server']}. Each cell names the load average while it was measured.",
+        f"{m.get('pg_server', 'not in this run')}. Each cell names the load average while it "
+        "was measured.",
         "",
         "| | " + " | ".join(LABELS[b] for b in backends) + " | target |",
         "|---|" + "---|" * len(backends) + "---|",
