@@ -8,8 +8,10 @@ process: the query-embedding cache, the memory cache (on SQLite a worker may ser
 another worker changed until its own copy is evicted; PostgreSQL's cache is invalidated across
 processes), and the per-minute limits, which each worker counts on its own.
 
-Lifecycle: the first worker starts alone (it migrates a new database and, on first use, exports
-the ONNX model, so the others never race it), then the rest. A worker that dies before it ever
+Lifecycle: the first worker starts alone (it creates or migrates the database, so the others
+open a finished one), then the rest. Each loads its model in the background after it listens;
+a first-use ONNX export or int8 copy may run in two workers at once, which is safe (each writes
+a temporary directory and renames it into place). A worker that dies before it ever
 served stops everything with exit 3; one that dies later is replaced. SIGTERM or SIGINT reaches
 every worker, each drains as a single server does, and the parent exits 0 when all did.
 """
