@@ -258,7 +258,11 @@ class Upstream:
     ) -> httpx.Response:
         if clock is not None:
             clock.pause()  # from here on, the time is the network's and the upstream's
-        response = await self.transport.handle_async_request(request)
+        try:
+            response = await self.transport.handle_async_request(request)
+        except httpx.RequestError as exc:
+            exc.request = request  # as httpx's client does: the error names its request
+            raise
         response.request = request  # httpx's body readers name the request in their errors
         return response
 
