@@ -191,9 +191,10 @@ async def time_async(name: str, fn: Callable[[int], Awaitable[Any]], n: int) -> 
 def exact_top(
     query: np.ndarray, rowids: np.ndarray, matrix: np.ndarray, allowed: np.ndarray, k: int
 ) -> list[int]:
-    sims = matrix[allowed] @ query
-    order = np.argsort(-sims, kind="stable")[:k]
-    return rowids[allowed][order].tolist()
+    sims = np.where(allowed, matrix @ query, -np.inf)  # no copy of the matrix per query
+    top = np.argpartition(-sims, k)[:k] if k < len(sims) else np.arange(len(sims))
+    top = top[np.argsort(-sims[top], kind="stable")]
+    return rowids[top[np.isfinite(sims[top])]].tolist()
 
 
 def agreement(found: Sequence[Sequence[int]], exact: Sequence[Sequence[int]]) -> float:
@@ -336,7 +337,7 @@ async def run(args: argparse.Namespace) -> None:
     results = []
     for size in sizes:
         memories = memories_for(size, sentences[:real], vectors, seed=size)
-        path = CACHE / f"heavy-{size}-{real}.db"
+        path = CACHE / f"heavy-v2-{size}-{real}.db"  # v2: the draft generator's version
         if args.rebuild or not path.exists():
             lookup = {t: v for _, t, v in memories} | {t: v for _, t, v in small}
             seconds = await build(path, drafts_for(memories, small, seed=size),
