@@ -185,8 +185,7 @@ def m005_heavy_vectors(conn: Any) -> None:
     row = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memory_vectors'").fetchone()
     if row is None:  # a new file: the index creates its vec0 table when it knows the dimension
         return
-    from .adapters.heavy_vectors import HEAVY_LIMIT, HeavyVectors
-    from .adapters.sqlite_vec_index import move_to_heavy
+    from .adapters.heavy_vectors import HEAVY_LIMIT, HeavyVectors, move_to_heavy
 
     found = re.search(r"float\[(\d+)\]", str(row[0]))
     if found is None:  # pragma: no cover - a vec0 table this code did not create

@@ -36,6 +36,7 @@ __all__ = [
     "HEAVY_LIMIT",
     "HeavyUser",
     "HeavyVectors",
+    "move_to_heavy",
 ]
 
 HEAVY_LIMIT = 2048
@@ -468,3 +469,19 @@ class HeavyVectors:
         return int(self.conn.execute(
             f"SELECT count(*) FROM {_FLOATS} WHERE user_id = ?", (user_id,)
         ).fetchone()[0])
+
+
+def move_to_heavy(conn: Any, heavy: HeavyVectors, user_id: str) -> None:
+    """Move every vector of `user_id` from their vec0 partition into the heavy tier."""
+    rows = [
+        (int(r[0]), str(r[1]), str(r[2]), bytes(r[3]))
+        for r in conn.execute(
+            "SELECT rowid, scope_key, category, embedding FROM memory_vectors WHERE user_id = ?"
+            " ORDER BY rowid",
+            (user_id,),
+        ).fetchall()
+    ]
+    if not rows:
+        return
+    conn.executemany("DELETE FROM memory_vectors WHERE rowid = ?", [(r[0],) for r in rows])
+    heavy.admit(user_id, rows)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -35,31 +34,15 @@ from ..db import Database
 from ..errors import ConfigError
 from ..migrations import migrate
 from ..models import MemoryCategory
-from .heavy_vectors import HEAVY_LIMIT, HeavyVectors
+from .heavy_vectors import HEAVY_LIMIT, HeavyVectors, move_to_heavy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COMPACT_LIMIT", "HEAVY_LIMIT", "SqliteVecIndex", "move_to_heavy"]
+__all__ = ["COMPACT_LIMIT", "HEAVY_LIMIT", "SqliteVecIndex"]
 
 _TABLE = "memory_vectors"
 _COMPACT = "memory_vectors_compact"
 COMPACT_LIMIT = 128
-
-
-def move_to_heavy(conn: Any, heavy: HeavyVectors, user_id: str) -> None:
-    """Move every vector of `user_id` from their vec0 partition into the heavy tier."""
-    rows = [
-        (int(r[0]), str(r[1]), str(r[2]), bytes(r[3]))
-        for r in conn.execute(
-            f"SELECT rowid, scope_key, category, embedding FROM {_TABLE} WHERE user_id = ?"
-            " ORDER BY rowid",
-            (user_id,),
-        ).fetchall()
-    ]
-    if not rows:
-        return
-    conn.executemany(f"DELETE FROM {_TABLE} WHERE rowid = ?", [(r[0],) for r in rows])
-    heavy.admit(user_id, rows)
 
 
 def _filters(
