@@ -461,61 +461,63 @@ def start_replica(target: str, upstream: str, logs: Path) -> tuple[subprocess.Po
 def merge(runs: Sequence[po.Run]) -> po.Run:
     out = po.Run()
     for r in runs:
-        out.latencies += r.latencies
-        out.ttft += r.ttft
+        out.latencies.update(r.latencies)  # keyed by job number, unique across shares
+        out.ttft.update(r.ttft)
+        out.receipts += r.receipts
         out.errors += r.errors
         out.blocks += r.blocks
         out.leaks += r.leaks
         out.recalled += r.recalled
-        out.wall = max(out.wall, r.wall)
+        out.cpu_s += r.cpu_s
     return out
 
 
-async def round_robin(upstream: str, replicas: list[str], jobs: list[po.Job],
+async def round_robin(upstream: str, replicas: list[po.Target], jobs: list[po.Job],
                       concurrency: int) -> tuple[po.Run, po.Run]:
     """Job n goes to replica n mod len(replicas); the concurrency is split between them, each
-    share driven by proxy_overhead's interleaved direct/proxied load generator."""
-    shares = [(i, [j for j in jobs if j.n % len(replicas) == i]) for i in range(len(replicas))]
-    workers = [concurrency // len(replicas) + (1 if i < concurrency % len(replicas) else 0)
-               for i in range(len(replicas))]
-    pairs = await asyncio.gather(*(
-        po.load(upstream, replicas[i], po.FORMATS["chat"], share, concurrency=max(1, workers[i]),
+    share driven by proxy_overhead's load generator (every job sent directly and through its
+    replica, back to back, so each proxied latency has its direct twin)."""
+    k = len(replicas)
+    shares = [[j for j in jobs if j.n % k == i] for i in range(k)]
+    workers = [max(1, concurrency // k + (1 if i < concurrency % k else 0)) for i in range(k)]
+    results = await asyncio.gather(*(
+        po.load(upstream, [replicas[i]], po.FORMATS["chat"], shares[i], concurrency=workers[i],
                 stream=False)
-        for i, share in shares if share
+        for i in range(k) if shares[i]
     ))
-    return merge([d for d, _ in pairs]), merge([p for _, p in pairs])
+    return (merge([direct for direct, _ in results]),
+            merge([run for _, runs in results for run in runs.values()]))
 
 
 def proxy_phase(backend: str, target: str, users: int, replicas: int, levels: list[int],
                 requests: int, upstream: str) -> list[dict[str, Any]]:
     logs = Path(tempfile.mkdtemp(prefix="headroom-scale-logs-"))
     procs = [start_replica(target, upstream, logs) for _ in range(replicas)]
-    urls = [url for _, url in procs]
+    targets = [po.Target(f"replica-{i}", url, proc) for i, (proc, url) in enumerate(procs)]
     rows: list[dict[str, Any]] = []
     try:
-        for proc, url in procs:
+        for t in targets:
             try:
-                po.wait_for(url + "/readyz", 600)
+                po.wait_for(t.url + "/readyz", 600)
             except RuntimeError:
-                proc.poll()
                 tails = "\n".join(p.read_text(errors="replace")[-2000:]
                                   for p in logs.glob("*.log"))
                 raise RuntimeError(f"a replica did not get ready:\n{tails}") from None
         queries = make_queries(1200, seed=5)
+        user_ids: list[str | None] = [f"user-{u:04d}" for u in range(users)]
         for c in levels:
             n = max(requests, 4 * c)
             seed = po.cell_seed("scale", backend, c)
-            common = dict(users=users, queries=queries, write_share=0.1, mode=None,
-                          with_user=True, fresh=True)
+            common = dict(users=user_ids, queries=queries, write_share=0.1, fresh=True)
             warm = po.make_jobs(max(2 * c, 30), seed=seed + 1, **common)  # type: ignore[arg-type]
-            asyncio.run(round_robin(upstream, urls, warm, c))
+            asyncio.run(round_robin(upstream, targets, warm, c))
             before = load_avg()
             jobs = po.make_jobs(n, seed=seed, **common)  # type: ignore[arg-type]
-            direct, proxied = asyncio.run(round_robin(upstream, urls, jobs, c))
-            row = po.scenario_row(0, "on", False, c, direct, proxied)
-            row |= {"replicas": replicas, "load": f"{before} → {load_avg()}",
-                    "direct_errors": direct.errors, "proxy_errors": proxied.errors,
-                    "per_s": len(proxied.latencies) / proxied.wall if proxied.wall else 0.0}
+            direct, proxied = asyncio.run(round_robin(upstream, targets, jobs, c))
+            row = po.cell_row(direct, proxied, stream=False, concurrency=c, backend=backend,
+                              replicas=replicas)
+            row |= {"load": f"{before} → {load_avg()}", "direct_errors": direct.errors,
+                    "proxy_errors": proxied.errors}
             rows.append(row)
             log(f"proxy {LABELS[backend]} x{replicas} c={c}: added p50 {row['added_p50']:.1f} "
                 f"p99 {row['added_p99']:.1f} ms, errors {row['errors'] + row['blocks']}, "
@@ -570,7 +572,7 @@ def _cell(report: dict[str, Any], backend: str, fn: Callable[[dict[str, Any]], s
 def _proxy(part: dict[str, Any], c: int) -> str:
     row = next(r for r in part["proxy"] if r["concurrency"] == c)
     return (f"{row['added_p50']:.1f} / {row['added_p99']:.1f} ms (×{row['replicas']}; direct "
-            f"p50 {row['direct_p50']:.1f}; {row['per_s']:.0f} req/s; load {row['load']})")
+            f"p50 {row['direct_p50']:.1f}; {row['req_per_s']:.0f} req/s; load {row['load']})")
 
 
 def _extrapolated(part: dict[str, Any]) -> str:
