@@ -265,21 +265,25 @@ def diversify(
         return ranked
     head, tail = ranked[:depth], ranked[depth:]
     vecs = [None if s.dialogue else embeddings.get(s.rowid) for s, _ in head]
-    left = list(range(depth))
-    picked: list[int] = []
+    has = np.array([v is not None for v in vecs])
+    if has.sum() < 2:
+        return ranked
+    dim = next(len(v) for v in vecs if v is not None)
+    matrix = np.stack([v if v is not None else np.zeros(dim, dtype=np.float32) for v in vecs])
+    # What each memory would lose if the other were picked first (0 where either is exempt).
+    over = np.clip((matrix @ matrix.T - preset.diversity_floor) / (1.0 - preset.diversity_floor),
+                   0.0, 1.0)
+    lose = preset.diversity * np.where(has[:, None] & has[None, :], over, 0.0)
+    scores = np.array([s.score for s, _ in head])
     penalty = np.zeros(depth)
-    scale = 1.0 - preset.diversity_floor
-    while left:
-        best = max(left, key=lambda i: head[i][0].score - penalty[i])
-        left.remove(best)
+    left = np.ones(depth, dtype=bool)
+    picked: list[int] = []
+    for _ in range(depth):
+        # Ties go to the earlier (better ranked) memory, as `max` over the list did.
+        best = int(np.argmax(np.where(left, scores - penalty, -np.inf)))
+        left[best] = False
         picked.append(best)
-        v = vecs[best]
-        if v is None:
-            continue
-        for i in left:
-            if vecs[i] is not None:
-                over = (float(vecs[i] @ v) - preset.diversity_floor) / scale
-                penalty[i] = max(penalty[i], preset.diversity * min(max(over, 0.0), 1.0))
+        penalty = np.maximum(penalty, lose[:, best])
     return [head[i] for i in picked] + tail
 
 
