@@ -17,9 +17,9 @@ What it measures, in order (every number is printed as Markdown at the end and s
    most of an hour, which is why the big stores reuse real vectors of pool sentences.
 4. Per size, after warm-up, `--queries` queries for random users: hybrid search end to end
    (`await hybrid_search(..., query_vector=vec)`, which runs on a reader thread) and the
-   synchronous `_hybrid_sync` alone (wall and thread-CPU time), its parts (vector KNN k=50,
-   FTS5 k=50, row fetch, fusion), vector KNN k=10, `text_search`, and `search` with a cached
-   query vector.
+   synchronous ranking (`Retrieval._ranked`) alone (wall and thread-CPU time), its parts
+   (vector KNN k=50, FTS5 k=50, row fetch, fusion), vector KNN k=10, `text_search`, and
+   `search` with a cached query vector.
 5. RSS (VmRSS / VmHWM) with the model loaded and the largest store open and queried.
 
 The machine is shared: load averages are recorded next to each phase, and thread-CPU times are
@@ -589,7 +589,7 @@ async def bench_size(
             q, user, session = plan[n_queries + i]
             await mem.hybrid_search(q, user, session, top_k=10, query_vector=vectors[q])
             await mem.text_search(q, user, session, top_k=10)
-            mem._hybrid_sync(q, Scope(user, session), 10, None, now, preset, vectors[q])
+            mem._retrieval._ranked(q, Scope(user, session), 10, None, now, preset, vectors[q])
 
         stats_list: list[Stat] = []
         stats_list.append(await time_async(
@@ -600,8 +600,8 @@ async def bench_size(
             n_queries,
         ))
         stats_list.append(time_sync(
-            "_hybrid_sync alone (calling thread)",
-            lambda i: mem._hybrid_sync(plan[i][0], scope(i), 10, None, now, preset, qvec(i)),
+            "ranking alone (Retrieval._ranked, calling thread)",
+            lambda i: mem._retrieval._ranked(plan[i][0], scope(i), 10, None, now, preset, qvec(i)),
             n_queries,
         ))
         keys = [scope(i).visible_keys() for i in range(n_queries)]
@@ -858,7 +858,7 @@ def targets(report: dict[str, Any]) -> list[str]:
         for q, target in (("p50", TARGET_HYBRID_P50_MS), ("p99", TARGET_HYBRID_P99_MS)):
             rows.append(
                 f"| hybrid {q} ≤ {target:g} ms at {label} (excl. embedding) | "
-                f"e2e {e2e[q]:.2f} ms, `_hybrid_sync` {sync[q]:.2f} ms "
+                f"e2e {e2e[q]:.2f} ms, ranking {sync[q]:.2f} ms "
                 f"(CPU {sync['cpu_' + q]:.2f} ms) | {verdict(e2e[q] <= target)} |"
             )
     emb = report.get("embedding", {})
