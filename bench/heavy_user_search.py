@@ -61,6 +61,7 @@ from store_bench import (  # noqa: E402
 )
 
 from headroom.memory import HierarchicalMemory, MemoryConfig, MemoryDraft  # noqa: E402
+from headroom.memory.adapters.fts5_index import fts_terms, user_token  # noqa: E402
 from headroom.memory.models import Scope, utcnow  # noqa: E402
 from headroom.memory.recall import clean_query  # noqa: E402
 
@@ -197,6 +198,19 @@ def exact_top(
     return rowids[top[np.isfinite(sims[top])]].tolist()
 
 
+def text_matches(conn: Any, query: str, stop_words: frozenset[str]) -> int:
+    """How many of the heavy user's rows a full-text query matches. bm25() scores every match
+    before the LIMIT applies, so this count, not the user's size, sets text.search's cost."""
+    terms = fts_terms(query, stop_words)
+    if not terms:
+        return 0
+    words = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+    match = f"user_key:{user_token(HEAVY)} AND content:({words})"
+    return int(conn.execute(
+        "SELECT count(*) FROM memories_fts WHERE memories_fts MATCH ?", (match,)
+    ).fetchone()[0])
+
+
 def agreement(found: Sequence[Sequence[int]], exact: Sequence[Sequence[int]]) -> float:
     """Mean share of the exact top-k that the index returned."""
     return statistics.fmean(
@@ -263,6 +277,8 @@ async def measure(
             "exact numpy cosine (reference)",
             lambda i: exact_top(qvecs[i], rowids, matrix, allowed[i], depth_v), n,
         )
+        text_rows = [text_matches(conn, clean_query(q, preset), preset.stop_words)
+                     for q in queries]
         tiers = {
             name: int(conn.execute(f"SELECT count(*) FROM {table} WHERE user_id = ?",
                                    (HEAVY,)).fetchone()[0])
@@ -273,7 +289,7 @@ async def measure(
             "size": size, "memories": len(rows), "queries": n, "load": f"{before} → {load()}",
             "timings": [*timings, t_exact], "agree10": agreement(found10, exact10),
             "agree_depth": agreement(found_d, exact_d), "depth": depth_v, "tiers": tiers,
-            "db_mb": path.stat().st_size / 1e6,
+            "db_mb": path.stat().st_size / 1e6, "text_rows": statistics.median(text_rows),
         }
     finally:
         await mem.close()
@@ -294,11 +310,11 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"| {r['memories']:,} | {tier} | {t.name} | {t.p(50):.2f} | {t.p(99):.2f} | "
                 f"{t.p(50, True):.2f} | {t.p(99, True):.2f} |"
             )
-    lines += ["", "| memories | top-10 agreement | top-depth agreement | file MB | load |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| memories | top-10 agreement | top-depth agreement | full-text rows matched"
+              " p50 | file MB | load |", "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['memories']:,} | {r['agree10']:.4f} | {r['agree_depth']:.4f} "
-                     f"(k={r['depth']}) | {r['db_mb']:.0f} | {r['load']} |")
+                     f"(k={r['depth']}) | {r['text_rows']:,.0f} | {r['db_mb']:.0f} | {r['load']} |")
     big = max(results, key=lambda r: r["size"])
     hybrid = next(t for t in big["timings"] if t.name.startswith("hybrid"))
     text = next(t for t in big["timings"] if t.name.startswith("text"))
