@@ -33,6 +33,7 @@ __all__ = [
     "KEY_PREFIX",
     "KeyCheck",
     "KeyStore",
+    "KeyStoreBase",
     "KeyStoreError",
     "NewKey",
     "ProxyKey",
@@ -232,6 +233,35 @@ def new_key(
         revoked_at=None,
     )
     return NewKey(record, secret, _digest(secret))
+
+
+class KeyStoreBase:
+    """What every key store does the same way; a store supplies `_insert` and `_row`."""
+
+    def _insert(self, key: StoredKey) -> None:
+        raise NotImplementedError
+
+    def _row(self, key_id: str) -> Any:
+        raise NotImplementedError
+
+    def create(
+        self, tenant: str, *, user: str | None = None, user_prefix: str | None = None,
+        admin: bool = False, expires_in: timedelta | None = None, name: str | None = None,
+        requests_per_minute: int | None = None, memories_per_minute: int | None = None,
+    ) -> tuple[ProxyKey, str]:
+        minted = new_key(
+            tenant, user=user, user_prefix=user_prefix, admin=admin, expires_in=expires_in,
+            name=name, requests_per_minute=requests_per_minute,
+            memories_per_minute=memories_per_minute,
+        )
+        self._insert(StoredKey(minted.record, minted.digest))
+        return minted.record, minted.secret
+
+    def get(self, key_id: str) -> ProxyKey:
+        row = self._row(key_id)
+        if row is None:
+            raise KeyStoreError(f"no key with id {key_id!r}")
+        return record_from_row(row)
 
 
 def check_presented(presented: str, lookup: Callable[[str], Any]) -> KeyCheck:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import psycopg
@@ -26,11 +26,10 @@ from ..memory.adapters.postgres.connection import redact_url, storage_error
 from ..memory.errors import StorageError
 from .keys import (
     KeyCheck,
-    KeyStoreError,
+    KeyStoreBase,
     ProxyKey,
     StoredKey,
     check_presented,
-    new_key,
     record_from_row,
 )
 
@@ -99,7 +98,7 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SET TIME ZONE 'UTC'")
 
 
-class PgKeyStore:
+class PgKeyStore(KeyStoreBase):
     """Thread-safe. Connects on first use (and again after a failed attempt), so a proxy whose
     database is down at startup authenticates as soon as it is back; until then every check
     raises `StorageError` (the gate answers 503, never lets the request through)."""
@@ -177,19 +176,9 @@ class PgKeyStore:
 
     # --- KeyStore ---------------------------------------------------------------------------
 
-    def create(
-        self, tenant: str, *, user: str | None = None, user_prefix: str | None = None,
-        admin: bool = False, expires_in: timedelta | None = None, name: str | None = None,
-        requests_per_minute: int | None = None, memories_per_minute: int | None = None,
-    ) -> tuple[ProxyKey, str]:
-        minted = new_key(
-            tenant, user=user, user_prefix=user_prefix, admin=admin, expires_in=expires_in,
-            name=name, requests_per_minute=requests_per_minute,
-            memories_per_minute=memories_per_minute,
-        )
+    def _insert(self, key: StoredKey) -> None:
         with self._connection() as conn:
-            conn.execute(_INSERT, _values(StoredKey(minted.record, minted.digest)))
-        return minted.record, minted.secret
+            conn.execute(_INSERT, _values(key))
 
     def export(self) -> list[StoredKey]:
         rows = self._fetchall("SELECT * FROM headroom_keys ORDER BY created_at, id")
@@ -208,12 +197,6 @@ class PgKeyStore:
         rows = self._fetchall(f"SELECT * FROM headroom_keys {where} ORDER BY created_at, id",
                               params)
         return [record_from_row(row) for row in rows]
-
-    def get(self, key_id: str) -> ProxyKey:
-        row = self._row(key_id)
-        if row is None:
-            raise KeyStoreError(f"no key with id {key_id!r}")
-        return record_from_row(row)
 
     def revoke(self, key_id: str) -> ProxyKey:
         with self._connection() as conn:

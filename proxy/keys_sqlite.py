@@ -7,16 +7,16 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .keys import (
     KeyCheck,
+    KeyStoreBase,
     KeyStoreError,
     ProxyKey,
     StoredKey,
     check_presented,
-    new_key,
     record_from_row,
 )
 
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS proxy_keys (
 """
 
 
-class SqliteKeyStore:
+class SqliteKeyStore(KeyStoreBase):
     """Thread-safe; one connection, serialised by a lock (lookups are one primary-key read).
     Other processes (the `headroom keys` CLI) may write the same file at any time: every read
     goes to the file, so a revocation counts from the next request."""
@@ -74,19 +74,9 @@ class SqliteKeyStore:
                 self._conn.close()
                 self._conn = None
 
-    def create(
-        self, tenant: str, *, user: str | None = None, user_prefix: str | None = None,
-        admin: bool = False, expires_in: timedelta | None = None, name: str | None = None,
-        requests_per_minute: int | None = None, memories_per_minute: int | None = None,
-    ) -> tuple[ProxyKey, str]:
-        minted = new_key(
-            tenant, user=user, user_prefix=user_prefix, admin=admin, expires_in=expires_in,
-            name=name, requests_per_minute=requests_per_minute,
-            memories_per_minute=memories_per_minute,
-        )
+    def _insert(self, key: StoredKey) -> None:
         with self._lock:
-            self._connection().execute(_INSERT, _values(StoredKey(minted.record, minted.digest)))
-        return minted.record, minted.secret
+            self._connection().execute(_INSERT, _values(key))
 
     def export(self) -> list[StoredKey]:
         if self._conn is None and not self.path.exists():
@@ -116,12 +106,6 @@ class SqliteKeyStore:
         with self._lock:
             rows = self._connection().execute(sql + " ORDER BY created_at, id", params).fetchall()
         return [record_from_row(row) for row in rows]
-
-    def get(self, key_id: str) -> ProxyKey:
-        row = self._row(key_id)
-        if row is None:
-            raise KeyStoreError(f"no key with id {key_id!r}")
-        return record_from_row(row)
 
     def revoke(self, key_id: str) -> ProxyKey:
         with self._lock:

@@ -44,6 +44,15 @@ class ThreadedServer(uvicorn.Server):
         await super().serve(sockets)
 
 
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check` every 50 ms; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def running_server(app: Any, port: int | None = None) -> Iterator[ThreadedServer]:
     """uvicorn in a daemon thread; yields the server (its `.url`, and `.loop` for

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from tests.servers import (
     memory_block,
     running_proxy,
     running_upstream,
+    wait_until,
 )
 
 
@@ -398,14 +399,6 @@ class Served:
         return conn
 
 
-def _wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _ready(served: Served) -> bool:
     if served.process.poll() is not None:
         raise AssertionError(f"server exited {served.process.returncode}:\n{served.stderr()}")
@@ -432,7 +425,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
                                    stdout=subprocess.DEVNULL, stderr=err, env=env)
         served = Served(process, port, fake, db, tmp / "stderr.txt")
         try:
-            _wait_until(lambda: _ready(served), 180, "the server to be ready")
+            wait_until(lambda: _ready(served), 180, "the server to be ready")
             yield served
         finally:
             if process.poll() is None:
@@ -511,7 +504,7 @@ def test_client_disconnects_are_one_info_line_each(served: Served) -> None:
     with httpx.stream("POST", f"{served.url}/v1/chat/completions",
                       json={**CHAT, "stream": True}, headers=USER) as response:
         next(response.iter_raw())
-    _wait_until(lambda: "client left" in served.stderr()[len(before):], 10,
+    wait_until(lambda: "client left" in served.stderr()[len(before):], 10,
                 "the stream's disconnect to be logged")
     time.sleep(0.3)
     new = served.stderr()[len(before):].splitlines()
@@ -553,7 +546,7 @@ def test_sigterm_drains_in_flight_work_and_exits_0(served: Served) -> None:
 
     client = threading.Thread(target=stream)
     client.start()
-    _wait_until(lambda: bool(received), 10, "the stream to begin")
+    wait_until(lambda: bool(received), 10, "the stream to begin")
     served.process.send_signal(signal.SIGTERM)
     client.join(30)
     assert served.process.wait(60) == 0, served.stderr()
@@ -597,14 +590,14 @@ def test_readiness_is_ok_then_degraded_while_the_embedder_fails_then_ok_again(
         p.upstream.queue(Reply("Noted. " + memory_block(["Keeps bees"])))
         answer = p.client("ready-user").chat.completions.create(**CHAT)
         assert answer.choices[0].message.content == "Noted."  # proxying goes on
-        _wait_until(lambda: _readyz(p).json()["status"] == "degraded", 15, "degraded")
+        wait_until(lambda: _readyz(p).json()["status"] == "degraded", 15, "degraded")
         ready = _readyz(p)
         assert ready.status_code == 200
         assert any("embedder failing" in r for r in ready.json()["reasons"])
         assert ready.json()["health"]["outbox_pending"] == 1
 
         embedder.fail_with = None
-        _wait_until(lambda: _readyz(p).json()["status"] == "ok", 30, "ok again")
+        wait_until(lambda: _readyz(p).json()["status"] == "ok", 30, "ok again")
         assert [m.content for m in p.memories("ready-user")] == ["Keeps bees"]
 
 
@@ -612,7 +605,7 @@ def test_a_model_that_fails_to_load_is_degraded_not_unready(tmp_path: Path) -> N
     embedder = FakeEmbedder()
     embedder.fail_with = RuntimeError("no such model")
     with running_proxy(tmp_path / "p.db", embedder, warm=True) as p:
-        _wait_until(lambda: p.service.model_error is not None, 15, "the warm-up to fail")
+        wait_until(lambda: p.service.model_error is not None, 15, "the warm-up to fail")
         ready = _readyz(p)
         assert ready.status_code == 200 and ready.json()["status"] == "degraded"
         assert any("failed to load" in r and "no such model" in r

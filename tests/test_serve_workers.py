@@ -10,8 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,15 @@ import pytest
 from headroom.proxy.config import ProxyConfig
 from headroom.proxy.workers import check_workers
 from tests.cli_fixtures import invoke_serve
-from tests.servers import FakeUpstream, Reply, free_port, memory_block, recalled, running_upstream
+from tests.servers import (
+    FakeUpstream,
+    Reply,
+    free_port,
+    memory_block,
+    recalled,
+    running_upstream,
+    wait_until,
+)
 
 _SERVE = """
 import json, sys
@@ -72,14 +79,6 @@ class Workers:
         return None
 
 
-def _wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _request(conn: http.client.HTTPConnection, method: str, path: str,
              body: dict[str, Any] | None = None) -> tuple[int, Any]:
     conn.request(method, path, body=json.dumps(body) if body else None, headers=USER)
@@ -99,7 +98,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
                                    stdout=subprocess.DEVNULL, stderr=err, env=env)
         served = Workers(process, port, fake, tmp / "stderr.txt")
         try:
-            _wait_until(lambda: "all 2 workers serving" in served.stderr() or
+            wait_until(lambda: "all 2 workers serving" in served.stderr() or
                         process.poll() is not None, 240, "both workers to serve")
             assert process.poll() is None, served.stderr()
             yield served
@@ -129,7 +128,7 @@ def one_per_worker(workers: Workers) -> Iterator[dict[int, http.client.HTTPConne
         conn.close()
     assert len(held) == 2, "60 connections all went to one worker"
     for conn in held.values():
-        _wait_until(lambda c=conn: _request(c, "GET", "/readyz")[0] == 200, 120, "the model")
+        wait_until(lambda c=conn: _request(c, "GET", "/readyz")[0] == 200, 120, "the model")
     yield held
     for conn in held.values():
         conn.close()
@@ -163,7 +162,7 @@ def test_a_memory_written_through_one_worker_is_recalled_through_the_other(
         assert status == 200
         return FACT in (recalled(workers.upstream.last) or "")
 
-    _wait_until(recalled_through_reader, 30, "the other worker to recall the memory")
+    wait_until(recalled_through_reader, 30, "the other worker to recall the memory")
 
 
 def test_sigterm_stops_every_worker_and_exits_0(
