@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..memory.db import storage_error
 from .keys import (
     KeyCheck,
     KeyStoreBase,
@@ -123,9 +124,17 @@ class SqliteKeyStore(KeyStoreBase):
 
     def _row(self, key_id: str) -> sqlite3.Row | None:
         with self._lock:
-            row: sqlite3.Row | None = self._connection().execute(
-                "SELECT * FROM proxy_keys WHERE id = ?", (key_id,)
-            ).fetchone()
+            try:
+                row: sqlite3.Row | None = self._connection().execute(
+                    "SELECT * FROM proxy_keys WHERE id = ?", (key_id,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                # A file that cannot be read is a 503 at the gate (as a PostgreSQL store that is
+                # down), not a 500: the key may be fine, the store is not.
+                translated = storage_error(exc, str(self.path))
+                if translated is None:
+                    raise
+                raise translated from exc
         return row
 
 

@@ -257,6 +257,30 @@ async def test_a_key_store_that_cannot_be_reached_admits_nobody(tmp_path: Path) 
     gate.keys.close()
 
 
+async def test_a_key_file_that_cannot_be_read_admits_nobody(tmp_path: Path) -> None:
+    """A SQLite key file that is not a database (overwritten, corrupted): the same 503 as a
+    PostgreSQL store that is down, not a 500, and keyless requests still pass."""
+    keys = tmp_path / "m.keys.db"
+    keys.write_bytes(b"this is no SQLite file" * 512)
+
+    async def route(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    gate = AuthMiddleware(route, resolve_auth(ProxyConfig(db_path=tmp_path / "m.db",
+                                                          key_db_path=keys)))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(gate), base_url="http://t") as c:
+        refused = await c.get("/v1/models",
+                              headers={"authorization": "Bearer hk_0123456789ab_whatever"})
+        keyless = await c.get("/v1/models")
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "key_store_unavailable")
+    assert "corrupt" in error["message"]
+    assert keyless.status_code == 200
+    gate.keys.close()
+
+
 def test_a_postgresql_key_store_down_at_startup_works_once_the_database_is_there(
     pg_server: PgServer,
 ) -> None:
