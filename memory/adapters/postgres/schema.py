@@ -112,6 +112,11 @@ MIGRATIONS: list[tuple[str, list[str]]] = [
         "CREATE INDEX memory_text_tsv ON memory_text USING gin (tsv)",
         "CREATE INDEX memory_text_user ON memory_text(user_id) INCLUDE (doc_len)",
     ]),
+    # The core tier reads a user's most important memories on every recall; without this it
+    # walks all of the user's rows (SQLite's m007 is the same index).
+    ("p002_core_tier_index", [
+        "CREATE INDEX memories_user_importance ON memories(user_id, importance)",
+    ]),
 ]
 
 
