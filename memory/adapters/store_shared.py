@@ -146,26 +146,27 @@ def chain(get: Callable[[str], Memory | None], memory_id: str) -> list[Memory]:
     start = get(memory_id)
     if start is None:
         return []
-    older: list[Memory] = []
     seen = {start.id}
-    cursor = start
-    while cursor.supersedes and cursor.supersedes not in seen:
-        prev = get(cursor.supersedes)
-        if prev is None:
-            break
-        older.append(prev)
-        seen.add(prev.id)
-        cursor = prev
-    newer: list[Memory] = []
-    cursor = start
-    while cursor.superseded_by and cursor.superseded_by not in seen:
-        nxt = get(cursor.superseded_by)
-        if nxt is None:
-            break
-        newer.append(nxt)
-        seen.add(nxt.id)
-        cursor = nxt
+    older = _follow(get, start, lambda m: m.supersedes, seen)
+    newer = _follow(get, start, lambda m: m.superseded_by, seen)
     return [*reversed(older), start, *newer]
+
+
+def _follow(
+    get: Callable[[str], Memory | None], start: Memory,
+    link: Callable[[Memory], str | None], seen: set[str],
+) -> list[Memory]:
+    """The memories `link` leads to from `start`, nearest first, none of them in `seen`."""
+    out: list[Memory] = []
+    cursor = start
+    while (next_id := link(cursor)) and next_id not in seen:
+        found = get(next_id)
+        if found is None:
+            break
+        out.append(found)
+        seen.add(found.id)
+        cursor = found
+    return out
 
 
 def purge_filter(flt: MemoryFilter) -> MemoryFilter:
