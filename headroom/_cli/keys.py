@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ..memory.models import is_database_url
 from ..proxy.keys import (
     KeyStore,
     KeyStoreError,
@@ -22,7 +21,7 @@ from ..proxy.keys import (
     parse_duration,
 )
 from .errors import CommandError
-from .options import DbOpt, JsonOpt, db_path
+from .options import DbOpt, JsonOpt, db_path, path_or_url
 from .output import out, print_json, table, when
 
 __all__ = ["KeyDbOpt", "app", "key_db_path", "parse_key_db"]
@@ -35,13 +34,7 @@ app = typer.Typer(
 
 
 def parse_key_db(value: str) -> Path | str:
-    """A key file as a Path; a postgresql:// URL kept as given (a Path would fold its `//`)."""
-    if is_database_url(value):
-        return value
-    path = Path(value)
-    if path.is_dir():
-        raise typer.BadParameter(f"{value!r} is a directory, not a key file")
-    return path
+    return path_or_url(value, "key file")
 
 
 KeyDbOpt = Annotated[

@@ -60,14 +60,19 @@ _UPSTREAM_PANEL = "Upstream"
 
 # --- single options ----------------------------------------------------------------------------
 
-def parse_db(value: str) -> Path | str:
-    """A SQLite file as a Path; a postgresql:// URL kept as given (a Path would fold its `//`)."""
+def path_or_url(value: str, what: str) -> Path | str:
+    """A SQLite file as a Path; a postgresql:// URL kept as given (a Path would fold its `//`).
+    `what` names the file in the error for a directory."""
     if is_database_url(value):
         return value
     path = Path(value)
     if path.is_dir():
-        raise typer.BadParameter(f"{value!r} is a directory, not a database file")
+        raise typer.BadParameter(f"{value!r} is a directory, not a {what}")
     return path
+
+
+def parse_db(value: str) -> Path | str:
+    return path_or_url(value, "database file")
 
 
 DbOpt = Annotated[

@@ -110,20 +110,21 @@ RecallPresetOpt = Annotated[
 ]
 
 
-def _limit(flag: str, env: str, text: str) -> Any:
+def _count(flag: str, env: str, text: str, panel: str = _LIMITS) -> Any:
+    """A count of 0 or more, unset by default (the config's default applies)."""
     return Annotated[
         int | None,
-        typer.Option(flag, envvar=env, min=0, rich_help_panel=_LIMITS, show_default=False,
+        typer.Option(flag, envvar=env, min=0, rich_help_panel=panel, show_default=False,
                      help=text),
     ]
 
 
-MaxMemoriesOpt = _limit(
+MaxMemoriesOpt = _count(
     "--max-memories-per-user", "HEADROOM_MAX_MEMORIES_PER_USER",
     "Current memories a user may hold; the model's adds past it are skipped. Default: 0, no "
     "limit.",
 )
-MaxNewUsersOpt = _limit(
+MaxNewUsersOpt = _count(
     "--max-new-users-per-minute", "HEADROOM_MAX_NEW_USERS_PER_MINUTE",
     "Users seen for the first time per minute whose memories are stored (each new user costs "
     "disk). Default: 0, no limit.",
@@ -191,21 +192,15 @@ TenantKeysOpt = Annotated[
 ]
 
 
-def _per_minute(flag: str, env: str, text: str) -> Any:
-    return Annotated[
-        int | None,
-        typer.Option(flag, envvar=env, min=0, rich_help_panel=_AUTH, show_default=False,
-                     help=text),
-    ]
-
-
-KeyRequestsOpt = _per_minute(
+KeyRequestsOpt = _count(
     "--key-requests-per-minute", "HEADROOM_KEY_REQUESTS_PER_MINUTE",
     "Requests per minute per proxy key, unless the key sets its own. Default: no limit.",
+    _AUTH,
 )
-KeyMemoriesOpt = _per_minute(
+KeyMemoriesOpt = _count(
     "--key-memories-per-minute", "HEADROOM_KEY_MEMORIES_PER_MINUTE",
     "New memories per minute per proxy key, unless the key sets its own. Default: no limit.",
+    _AUTH,
 )
 
 
