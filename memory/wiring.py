@@ -22,7 +22,7 @@ from .embedders import make_embedder
 from .errors import ConfigError
 from .models import MemoryConfig, is_database_url
 from .parts import EngineParts
-from .ports import Embedder
+from .ports import Embedder, MemoryStore
 
 __all__ = ["DefaultEngine", "open_defaults"]
 
@@ -78,23 +78,38 @@ def _check_recorded_model(where: str, recorded_model: str | None, embedder: Embe
         )
 
 
+def _embedder_and_dimension(
+    config: MemoryConfig, store: MemoryStore, embedder: Embedder | None, where: str
+) -> tuple[Embedder, int, bool]:
+    """The embedder (made from the config unless given), the vector dimension (as recorded, else
+    configured, else the embedder's) and whether the database records neither yet."""
+    if embedder is None:
+        embedder = make_embedder(config)
+    recorded_model = store.get_setting("embedding_model")
+    recorded_dim = store.get_setting("vector_dimension")
+    _check_recorded_model(where, recorded_model, embedder)
+    dimension = (
+        int(recorded_dim) if recorded_dim else (config.vector_dimension or embedder.dimension)
+    )
+    return embedder, dimension, recorded_model is None or recorded_dim is None
+
+
+def _record(store: MemoryStore, embedder: Embedder, dimension: int) -> None:
+    store.set_setting("embedding_model", embedder.model_id)
+    store.set_setting("vector_dimension", str(dimension))
+
+
 def _build_sqlite(config: MemoryConfig, embedder: Embedder | None) -> tuple[Database, EngineParts]:
     db = Database(config.db_path)  # type: ignore[arg-type]
     try:
         store = SQLiteMemoryStore(db)
-        if embedder is None:
-            embedder = make_embedder(config)
-        recorded_model = store.get_setting("embedding_model")
-        recorded_dim = store.get_setting("vector_dimension")
-        _check_recorded_model(str(config.db_path), recorded_model, embedder)
-        dimension = (
-            int(recorded_dim) if recorded_dim else (config.vector_dimension or embedder.dimension)
+        embedder, dimension, first_open = _embedder_and_dimension(
+            config, store, embedder, str(config.db_path)
         )
-        if recorded_model is None or recorded_dim is None:
+        if first_open:
             with db.transaction():  # first open of a new file: create the vector table
                 vectors = SqliteVecIndex(db, dimension, config.vector_chunk_size)
-                store.set_setting("embedding_model", embedder.model_id)
-                store.set_setting("vector_dimension", str(dimension))
+                _record(store, embedder, dimension)
         else:  # later opens only read, so they never wait on another process's writes
             vectors = SqliteVecIndex(db, dimension)
         text = FTS5TextIndex(db)
@@ -126,13 +141,8 @@ def _build_postgres(
     db = open_database(url)  # migrates under an advisory lock; StorageError on a bad URL
     try:
         store = PostgresMemoryStore(db)
-        if embedder is None:
-            embedder = make_embedder(config)
-        recorded_model = store.get_setting("embedding_model")
-        recorded_dim = store.get_setting("vector_dimension")
-        _check_recorded_model(redact_url(url), recorded_model, embedder)
-        dimension = (
-            int(recorded_dim) if recorded_dim else (config.vector_dimension or embedder.dimension)
+        embedder, dimension, first_open = _embedder_and_dimension(
+            config, store, embedder, redact_url(url)
         )
         vectors = PgVectorIndex(
             db,
@@ -141,10 +151,9 @@ def _build_postgres(
             hnsw_ef_construction=config.hnsw_ef_construction,
             hnsw_ef_search=config.hnsw_ef_search,
         )
-        if recorded_model is None or recorded_dim is None:
+        if first_open:
             with db.transaction():
-                store.set_setting("embedding_model", embedder.model_id)
-                store.set_setting("vector_dimension", str(dimension))
+                _record(store, embedder, dimension)
         cache = PgNotifyCache(db, config.cache_max_size) if config.cache_enabled else None
         parts = EngineParts(config, store, vectors, PgTextIndex(db), embedder, cache, store.outbox)
         return db, parts
