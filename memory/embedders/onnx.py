@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -21,6 +18,7 @@ import numpy as np
 from ..errors import EmbedderError
 from ..models import DEFAULT_LOCAL_MODEL
 from ._common import empty, l2_normalise, text_list
+from ._staged import staged_dir
 from .local import (
     known_local_dimension,
     load_sentence_transformer,
@@ -119,42 +117,31 @@ def export_onnx(model: str, target: Path, *, threads: int = 1) -> None:
         "dimension": sentence_dimension(st_model),
     }
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".export-"))
-    except OSError as exc:
-        raise EmbedderError(f"cannot write the ONNX export to {target.parent}: {exc}") from exc
-    try:
-        # The legacy (TorchScript) exporter needs only `onnx`; the newer one also wants
-        # onnxscript. Its tracer warnings are about Python branches that are constant for this
-        # graph (the equality with torch is checked in tests/test_embedders.py).
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                Pipeline().eval(),
-                tuple(sample[name] for name in names),
-                str(tmp / _MODEL_FILE),
-                input_names=names,
-                output_names=["embedding"],
-                dynamic_axes=axes,
-                opset_version=17,
-                dynamo=False,
-            )
-        (tmp / _TOKENIZER_FILE).write_text(backend.to_str(), encoding="utf-8")
-        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / _META_FILE).exists():
-                raise
-            # Another process finished the same export first; its copy is as good as ours.
+        with staged_dir(target, prefix=".export-", done_file=_META_FILE,
+                        what="the ONNX export") as tmp:
+            # The legacy (TorchScript) exporter needs only `onnx`; the newer one also wants
+            # onnxscript. Its tracer warnings are about Python branches that are constant for
+            # this graph (the equality with torch is checked in tests/test_embedders.py).
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    Pipeline().eval(),
+                    tuple(sample[name] for name in names),
+                    str(tmp / _MODEL_FILE),
+                    input_names=names,
+                    output_names=["embedding"],
+                    dynamic_axes=axes,
+                    opset_version=17,
+                    dynamo=False,
+                )
+            (tmp / _TOKENIZER_FILE).write_text(backend.to_str(), encoding="utf-8")
+            (tmp / _META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     except EmbedderError:
         raise
     except Exception as exc:
         raise EmbedderError(
             f"exporting {model} to ONNX in {target} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class OnnxEmbedder:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import EmbedderError
+from ._staged import staged_dir
 
 __all__ = ["INT8_SUFFIX", "quantize_export", "quantized_dir_for"]
 
@@ -50,33 +50,27 @@ def quantize_export(export_dir: Path) -> Path:
     started = time.perf_counter()
     log.info("quantizing the ONNX model to int8 into %s (once)", target)
     try:
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".quantize-"))
-    except OSError as exc:
-        raise EmbedderError(f"cannot write the int8 model to {target.parent}: {exc}") from exc
-    try:
-        for name in os.listdir(export_dir):
-            if name != _MODEL_FILE:
-                shutil.copy2(export_dir / name, tmp / name)
-        # The quantizer warns that shape inference was not run first; for this graph the result
-        # is the same, and the agreement with the float model is measured in the tests.
-        logging.getLogger().disabled, was = True, logging.getLogger().disabled
-        try:
-            quantize_dynamic(
-                str(export_dir / _MODEL_FILE), str(tmp / _MODEL_FILE),
-                weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-            )
-        finally:
-            logging.getLogger().disabled = was
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / _META_FILE).exists():
-                raise
+        with staged_dir(target, prefix=".quantize-", done_file=_META_FILE,
+                        what="the int8 model") as tmp:
+            for name in os.listdir(export_dir):
+                if name != _MODEL_FILE:
+                    shutil.copy2(export_dir / name, tmp / name)
+            # The quantizer warns that shape inference was not run first; for this graph the
+            # result is the same, and the agreement with the float model is measured in the tests.
+            logging.getLogger().disabled, was = True, logging.getLogger().disabled
+            try:
+                quantize_dynamic(
+                    str(export_dir / _MODEL_FILE), str(tmp / _MODEL_FILE),
+                    weight_type=QuantType.QInt8, per_channel=True,
+                    op_types_to_quantize=["MatMul"],
+                )
+            finally:
+                logging.getLogger().disabled = was
+    except EmbedderError:
+        raise
     except Exception as exc:
         raise EmbedderError(
             f"quantizing {export_dir / _MODEL_FILE} to int8 failed: {type(exc).__name__}: {exc}"
         ) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("int8 model ready in %.1fs", time.perf_counter() - started)
     return target
