@@ -232,23 +232,33 @@ async def test_websockets_are_refused(tmp_path: Path) -> None:
     assert sent == [{"type": "websocket.close", "code": 1008}] and reached == []
 
 
-async def test_a_key_store_that_cannot_be_reached_admits_nobody(tmp_path: Path) -> None:
-    """Keys in a PostgreSQL database that is down: a 503 in the OpenAI shape, never the route,
-    never a silent pass as keyless; a request that brings no proxy key is not held up."""
-    reached: list[Any] = []
-
+def _ok_route(reached: list[Any]) -> Any:
+    """An app that records each request it gets and answers 200 `{}`."""
     async def route(scope: Any, receive: Any, send: Any) -> None:
         reached.append(scope)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    gone = f"postgresql://headroom:s3cret@/headroom?host={tmp_path / 'no-server'}"
-    config = ProxyConfig(db_path=tmp_path / "m.db", key_db_path=gone)
-    gate = AuthMiddleware(route, resolve_auth(config))
+    return route
+
+
+async def _with_and_without_a_key(gate: Any) -> tuple[httpx.Response, httpx.Response]:
+    """GET /v1/models through `gate`, once with a (well-formed) proxy key and once keyless."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(gate), base_url="http://t") as c:
-        refused = await c.get("/v1/models",
-                              headers={"authorization": "Bearer hk_0123456789ab_whatever"})
+        with_key = await c.get("/v1/models",
+                               headers={"authorization": "Bearer hk_0123456789ab_whatever"})
         keyless = await c.get("/v1/models")
+    return with_key, keyless
+
+
+async def test_a_key_store_that_cannot_be_reached_admits_nobody(tmp_path: Path) -> None:
+    """Keys in a PostgreSQL database that is down: a 503 in the OpenAI shape, never the route,
+    never a silent pass as keyless; a request that brings no proxy key is not held up."""
+    reached: list[Any] = []
+    gone = f"postgresql://headroom:s3cret@/headroom?host={tmp_path / 'no-server'}"
+    gate = AuthMiddleware(_ok_route(reached), resolve_auth(ProxyConfig(db_path=tmp_path / "m.db",
+                                                                       key_db_path=gone)))
+    refused, keyless = await _with_and_without_a_key(gate)
     assert refused.status_code == 503, refused.text
     error = refused.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "key_store_unavailable")
@@ -263,21 +273,15 @@ async def test_a_key_file_that_cannot_be_read_admits_nobody(tmp_path: Path) -> N
     keys = tmp_path / "m.keys.db"
     keys.write_bytes(b"this is no SQLite file" * 512)
 
-    async def route(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    gate = AuthMiddleware(route, resolve_auth(ProxyConfig(db_path=tmp_path / "m.db",
-                                                          key_db_path=keys)))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(gate), base_url="http://t") as c:
-        refused = await c.get("/v1/models",
-                              headers={"authorization": "Bearer hk_0123456789ab_whatever"})
-        keyless = await c.get("/v1/models")
+    reached: list[Any] = []
+    gate = AuthMiddleware(_ok_route(reached), resolve_auth(ProxyConfig(db_path=tmp_path / "m.db",
+                                                                       key_db_path=keys)))
+    refused, keyless = await _with_and_without_a_key(gate)
     assert refused.status_code == 503, refused.text
     error = refused.json()["error"]
     assert (error["type"], error["code"]) == ("server_error", "key_store_unavailable")
     assert "corrupt" in error["message"]
-    assert keyless.status_code == 200
+    assert keyless.status_code == 200 and len(reached) == 1
     gate.keys.close()
 
 
