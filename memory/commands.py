@@ -44,11 +44,9 @@ class Commands:
         if not memories:
             return []
         vectors = await self.executors.embed([m.content for m in memories])
+        items = [(m, v, d.dedup) for m, v, d in zip(memories, vectors, drafts, strict=True)]
         added = await self.executors.write(
-            lambda: [
-                self.unit.insert_or_reinforce(m, v, dedup=d.dedup, request_id=request_id)
-                for m, v, d in zip(memories, vectors, drafts, strict=True)
-            ]
+            lambda: self.unit.insert_or_reinforce_many(items, request_id)
         )
         self.after_write(m.user_id for m in added)
         return added

@@ -13,9 +13,10 @@ themselves (what a supersede or forget changes) are `temporal`'s pure functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -26,7 +27,38 @@ from .limits import WriteLimits
 from .models import Memory, MemoryCategory, Scope, utcnow
 from .parts import EngineParts
 
-__all__ = ["UnitOfWork", "scope_dict"]
+__all__ = ["BatchContentLookup", "BatchNearest", "UnitOfWork", "scope_dict"]
+
+
+@runtime_checkable
+class BatchContentLookup(Protocol):
+    """A store that finds a whole batch's exact repeats in one statement (a server round trip
+    per op is most of what a write costs on PostgreSQL; SQLite's are function calls)."""
+
+    def find_current_by_contents(
+        self, wanted: Sequence[tuple[str, str]]
+    ) -> list[Memory | None]:
+        """`find_current_by_content(user_id, content)` for each pair, in order; also takes each
+        user's write lock (as that method does) before reading."""
+
+
+@runtime_checkable
+class BatchNearest(Protocol):
+    """A vector index that finds a whole batch's nearest current vectors in one statement."""
+
+    def nearest_many(
+        self, probes: Sequence[tuple[str, np.ndarray]]
+    ) -> list[tuple[int, float] | None]:
+        """`search(vector, user_id, scope_keys=None, categories=None, k=1)` for each pair, in
+        order: the top hit, or None when the user has no vector."""
+
+
+@dataclass
+class _Lookup:
+    """What a batch lookup found for one op before the op ran."""
+
+    exact: Memory | None
+    nearest: tuple[int, float] | None
 
 
 def scope_dict(scope: Scope) -> dict[str, str | None]:
@@ -53,18 +85,60 @@ class UnitOfWork:
 
     # --- adding ------------------------------------------------------------------------------
 
+    def insert_or_reinforce_many(
+        self, items: Sequence[tuple[Memory, np.ndarray, bool]], request_id: str | None
+    ) -> list[Memory]:
+        """`insert_or_reinforce` for each (memory, vector, dedup), in one transaction, with the
+        same result as one after the other. When the store and vector index can look a batch
+        up at once, the ops run in rounds, each holding at most one op per user (a user's ops
+        in their order): a round's lookups are two statements for all of it, and what one op
+        writes can change only its own user's later lookups, which are in later rounds."""
+        p = self.parts
+        store, vectors = p.store, p.vectors
+        if (len(items) < 2 or not isinstance(store, BatchContentLookup)
+                or not isinstance(vectors, BatchNearest)):
+            return [
+                self.insert_or_reinforce(m, v, dedup=d, request_id=request_id)
+                for m, v, d in items
+            ]
+        results: list[Memory | None] = [None] * len(items)
+        for round_ in _rounds([m.user_id for m, _, _ in items]):
+            probed = [i for i in round_ if items[i][2]]
+            exact = store.find_current_by_contents(
+                [(items[i][0].user_id, items[i][0].content) for i in probed]
+            )
+            unmatched = [i for i, e in zip(probed, exact, strict=True) if e is None]
+            nearest = dict(zip(unmatched, vectors.nearest_many(
+                [(items[i][0].user_id, items[i][1]) for i in unmatched]
+            ), strict=True))
+            found = {i: _Lookup(e, nearest.get(i)) for i, e in zip(probed, exact, strict=True)}
+            for i in round_:
+                memory, vector, dedup = items[i]
+                results[i] = self.insert_or_reinforce(
+                    memory, vector, dedup=dedup, request_id=request_id, found=found.get(i)
+                )
+        return [m for m in results if m is not None]
+
     def insert_or_reinforce(
-        self, memory: Memory, vector: np.ndarray, *, dedup: bool, request_id: str | None
+        self, memory: Memory, vector: np.ndarray, *, dedup: bool, request_id: str | None,
+        found: _Lookup | None = None,
     ) -> Memory:
         """Add `memory`, or reinforce the current memory it repeats (same text, or cosine at
-        least `dedup_threshold`); an important new memory is bubbled up to the user level."""
+        least `dedup_threshold`); an important new memory is bubbled up to the user level.
+        `found` is what a batch lookup found for it (and its user's lock is held)."""
         p = self.parts
         if dedup:
-            existing = p.store.find_current_by_content(memory.user_id, memory.content)
+            if found is None:
+                existing = p.store.find_current_by_content(memory.user_id, memory.content)
+            else:
+                existing = found.exact
             if existing is None:
-                hits = p.vectors.search(
-                    vector, memory.user_id, scope_keys=None, categories=None, k=1
-                )
+                if found is None:
+                    hits = p.vectors.search(
+                        vector, memory.user_id, scope_keys=None, categories=None, k=1
+                    )
+                else:
+                    hits = [found.nearest] if found.nearest is not None else []
                 if hits and hits[0][1] >= p.config.dedup_threshold:
                     existing = p.store.get_by_rowids([hits[0][0]]).get(hits[0][0])
                     if existing is not None and self._changed(existing, memory):
@@ -239,3 +313,16 @@ class UnitOfWork:
         if memory is None or (user_id is not None and memory.user_id != user_id):
             raise MemoryNotFoundError(memory_id)
         return memory
+
+
+def _rounds(user_ids: Sequence[str]) -> list[list[int]]:
+    """Indexes of `user_ids` in rounds: round k holds each user's k-th op, in batch order."""
+    seen: dict[str, int] = {}
+    rounds: list[list[int]] = []
+    for i, user_id in enumerate(user_ids):
+        k = seen.get(user_id, 0)
+        seen[user_id] = k + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(i)
+    return rounds

@@ -162,6 +162,22 @@ class PgDatabase:
         )
         locked.add(user_id)
 
+    def lock_users(self, user_ids: Sequence[str]) -> None:
+        """`lock_user` for each of `user_ids` in one statement, in sorted order (two batches
+        taking overlapping users in one order cannot deadlock)."""
+        if not self.in_transaction:
+            return
+        locked: set[str] = self._local.locked_users
+        wanted = sorted(set(user_ids) - locked)
+        if not wanted:
+            return
+        self.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('headroom:user:' || u, 0))"
+            " FROM unnest(%s::text[]) WITH ORDINALITY AS w(u, n) ORDER BY n",
+            (wanted,),
+        )
+        locked.update(wanted)
+
     # --- statements -------------------------------------------------------------------------
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> int:

@@ -1,21 +1,14 @@
 """The PostgreSQL `MemoryStore`: rows, the audit trail, settings, purge with counts, and stats,
 with the semantics of the SQLite store (memory/adapters/sqlite_store.py) statement for statement.
 
-Round trips, not statements, are what a write costs here (~0.3 ms each on a local socket), and
-a memory's write was eight of them. The ones whose results nobody reads (its row, its vector
-row, its text row, its audit event) wait in `DeferredWrites` until the write transaction needs
-them: they go together in one pipeline before COMMIT, or before this family next reads or changes
-that table (for that user). A row's key comes from the identity sequence as before, a block of
-values per round trip inside a write transaction (doubling per block up to `_RID_BLOCK_MAX`;
-what the transaction does not use is a gap, as a rollback leaves). Inside the transaction
-nothing can tell the difference; outside, nobody sees any of it before COMMIT anyway.
+A memory's row, index rows and audit event wait in `DeferredWrites` (deferred.py) until the
+write transaction needs them, and go as one statement per table. A write batch's dedup lookups
+(`find_current_by_contents`) are one statement for the whole batch.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,21 +20,32 @@ from ...models import Memory, MemoryFilter
 from .. import store_shared as shared
 from ..store_shared import COLUMNS as _COLUMNS
 from ..store_shared import Dialect, normalize_content
-from .connection import PgDatabase, storage_error
+from .connection import PgDatabase
+from .deferred import BulkInsert, DeferredWrites, deferred_writes
 from .outbox import PostgresOutbox
 
 __all__ = ["DeferredWrites", "PostgresMemoryStore", "deferred_writes", "where_clause"]
 
 _VACUUMED = ("memories", "memory_events", "outbox", "outbox_dead", "memory_text", "memory_vectors")
 _PAGE = 1000  # rows per round trip when iterating everything
-_RID_BLOCK_MAX = 256  # row keys reserved per round trip, at most
 _ROW_COLUMNS = (
     "id, user_id, session_id, agent_id, turn_id, scope_key, content, content_norm, category,"
     " importance, entity_refs, metadata, created_at, valid_from, valid_until, supersedes,"
     " superseded_by, forgotten_at, access_count, last_accessed, embedding, embedding_model"
 )
 _ROW_MARKS = ", ".join(["%s"] * 22)
-_INSERT_WITH_RID = f"INSERT INTO memories (rid, {_ROW_COLUMNS}) VALUES (%s, {_ROW_MARKS})"
+_ROW_TYPES = (
+    "text", "text", "text", "text", "text", "text", "text", "text", "text", "float8", "text",
+    "text", "timestamptz", "timestamptz", "timestamptz", "text", "text", "timestamptz", "int8",
+    "timestamptz", "bytea", "text",
+)
+_INSERT_ROWS = BulkInsert(
+    "memories", ("rid", *(c.strip() for c in _ROW_COLUMNS.split(","))), ("int8", *_ROW_TYPES)
+)
+_INSERT_EVENTS = BulkInsert(
+    "memory_events", ("memory_id", "user_id", "op", "at", "request_id", "old", "new"),
+    ("text", "text", "text", "timestamptz", "text", "text", "text"),
+)
 _INSERT_RETURNING = f"INSERT INTO memories ({_ROW_COLUMNS}) VALUES ({_ROW_MARKS}) RETURNING rid"
 
 
@@ -73,104 +77,6 @@ _POSTGRES = Dialect(mark="%s", one_of=_any, time=_as_is)
 def where_clause(flt: MemoryFilter) -> tuple[str, list[Any]]:
     """SQL conditions for a filter, in PostgreSQL's spelling (see store_shared.where_clause)."""
     return shared.where_clause(flt, _POSTGRES)
-
-
-class DeferredWrites:
-    """Result-less statements of one database's adapters, held per thread inside `collecting()`
-    (the store's write transaction) and sent by `flush`. Outside such a block `defer` runs the
-    statement at once. Each statement names its table and user, so a read of one user's rows
-    sends the queue only when it holds rows it must see."""
-
-    def __init__(self, db: PgDatabase) -> None:
-        self.db = db
-        self._local = threading.local()
-
-    def _queue(self) -> list[tuple[str, str, str, Sequence[Any]]] | None:
-        return getattr(self._local, "queue", None)
-
-    @property
-    def collecting_now(self) -> bool:
-        """Whether this thread is inside a `collecting()` block of an open transaction."""
-        return self._queue() is not None and self.db.in_transaction
-
-    @contextmanager
-    def collecting(self) -> Iterator[None]:
-        """Hold deferred statements until the block ends (then send them) or fails (then drop
-        them: the transaction rolls back). A nested block joins the outer one."""
-        if self._queue() is not None:
-            yield
-            return
-        self._local.queue = []
-        self._local.keys = set()
-        self._local.rids = []
-        self._local.rid_block = 1
-        try:
-            yield
-            self.flush()
-        finally:
-            self._local.queue = None
-            self._local.keys = None
-            self._local.rids = []
-
-    def next_rid(self) -> int:
-        """A fresh `memories.rid` from the identity sequence, reserved in blocks (call only while
-        `collecting_now`)."""
-        rids: list[int] = self._local.rids
-        if not rids:
-            block = self._local.rid_block
-            self._local.rid_block = min(2 * block, _RID_BLOCK_MAX)
-            rows = self.db.fetchall(
-                "SELECT nextval(pg_get_serial_sequence('memories', 'rid'))"
-                " FROM generate_series(1, %s)",
-                (block,),
-            )
-            rids.extend(sorted((int(r[0]) for r in rows), reverse=True))
-        return rids.pop()
-
-    def defer(self, table: str, user_id: str, sql: str, params: Sequence[Any]) -> None:
-        queue = self._queue()
-        if queue is None or not self.db.in_transaction:
-            self.db.execute(sql, params)
-            return
-        queue.append((table, user_id, sql, params))
-        self._local.keys.update(((table, user_id), (table, None)))
-
-    def flush(self, table: str | None = None, user_id: str | None = None) -> None:
-        """Send what is held, if any of it is in `table` (for `user_id`; None: any), or with no
-        table named, all of it. Each kind of statement goes as one `executemany`, in the order
-        it was deferred (kinds write different tables, so their order does not matter), all in
-        one pipeline."""
-        queue = self._queue()
-        if not queue or (table is not None and (table, user_id) not in self._local.keys):
-            return
-        groups: dict[str, list[Sequence[Any]]] = {}
-        for _, _, sql, params in queue:
-            groups.setdefault(sql, []).append(params)
-        queue.clear()
-        self._local.keys.clear()
-        with self.db.connection() as conn:
-            try:
-                with conn.pipeline(), conn.cursor() as cur:
-                    for sql, rows in groups.items():
-                        cur.executemany(sql, rows)
-            except Exception as exc:
-                translated = storage_error(exc, self.db.where)
-                if translated is None or translated is exc:
-                    raise
-                raise translated from exc
-
-
-_DEFERRED: weakref.WeakKeyDictionary[PgDatabase, DeferredWrites] = weakref.WeakKeyDictionary()
-_DEFERRED_LOCK = threading.Lock()
-
-
-def deferred_writes(db: PgDatabase) -> DeferredWrites:
-    """The one `DeferredWrites` of `db`, which its store, vector and text index share."""
-    with _DEFERRED_LOCK:
-        found = _DEFERRED.get(db)
-        if found is None:
-            found = _DEFERRED[db] = DeferredWrites(db)
-        return found
 
 
 class PostgresMemoryStore:
@@ -217,7 +123,7 @@ class PostgresMemoryStore:
         )
         if self.deferred.collecting_now:
             rid = self.deferred.next_rid()
-            self.deferred.defer("memories", memory.user_id, _INSERT_WITH_RID, (rid, *values))
+            self.deferred.defer_row(_INSERT_ROWS, memory.user_id, (rid, *values))
             return rid
         return int(self.db.scalar(_INSERT_RETURNING, values))
 
@@ -322,6 +228,28 @@ class PostgresMemoryStore:
         )
         return None if row is None else _row_to_memory(row)
 
+    def find_current_by_contents(
+        self, wanted: Sequence[tuple[str, str]]
+    ) -> list[Memory | None]:
+        """`find_current_by_content` for each (user_id, content), in one statement after one
+        lock statement; announces the batch's size to the row-key reservation."""
+        if not wanted:
+            return []
+        self.db.lock_users([u for u, _ in wanted])
+        self.deferred.flush()  # the statement reads every user of the batch
+        self.deferred.expect_rows(len(wanted))
+        rows = self.db.fetchall(
+            "SELECT q.n, m.* FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY"
+            " AS q(user_id, norm, n) CROSS JOIN LATERAL ("
+            f"SELECT {_COLUMNS} FROM memories WHERE user_id = q.user_id"
+            " AND content_norm = q.norm AND valid_until IS NULL ORDER BY rid LIMIT 1) m",
+            ([u for u, _ in wanted], [normalize_content(c) for _, c in wanted]), dicts=True,
+        )
+        found: list[Memory | None] = [None] * len(wanted)
+        for row in rows:
+            found[int(row.pop("n")) - 1] = _row_to_memory(row)
+        return found
+
     def chain(self, memory_id: str) -> list[Memory]:
         return shared.chain(self.get, memory_id)
 
@@ -361,10 +289,8 @@ class PostgresMemoryStore:
         self, memory_id: str, user_id: str, op: str, *, old: Any = None, new: Any = None,
         request_id: str | None = None, at: datetime | None = None,
     ) -> None:
-        self.deferred.defer(
-            "memory_events", user_id,
-            "INSERT INTO memory_events(memory_id, user_id, op, at, request_id, old, new)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        self.deferred.defer_row(
+            _INSERT_EVENTS, user_id,
             (
                 memory_id, user_id, op, _utc(at) or datetime.now(UTC), request_id,
                 shared.event_json(old), shared.event_json(new),
@@ -454,3 +380,6 @@ class PostgresMemoryStore:
         )
         summary["db_bytes"] = int(db.scalar("SELECT pg_database_size(current_database())"))
         return summary
+
+    def candidates(self, rowids: Sequence[int]) -> shared.CandidateRows:
+        return shared.candidates_from_memories(self, rowids)

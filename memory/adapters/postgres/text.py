@@ -25,17 +25,28 @@ from typing import Any
 from ...models import MemoryCategory
 from ..fts5_index import fts_terms
 from .connection import PgDatabase
+from .deferred import BulkInsert, deferred_writes
 from .schema import TEXT_CONFIG
-from .store import deferred_writes
 
 __all__ = ["PgTextIndex", "fold_diacritics"]
 
 _K1 = 1.2
 _B = 0.75
+# The document length (tokens, for BM25's length normalisation) is counted once, at insert.
+_INSERT_TEXT = BulkInsert(
+    "memory_text", ("rid", "user_id", "scope_key", "category", "content"),
+    ("int8", "text", "text", "text", "text"),
+    select="r.rid, r.user_id, r.scope_key, r.category, v.tsv,"
+    " coalesce((SELECT sum(coalesce(array_length(u.positions, 1), 1)) FROM unnest(v.tsv) u), 0)",
+    lateral=f" CROSS JOIN LATERAL to_tsvector('{TEXT_CONFIG}', r.content) AS v(tsv)",
+    targets=("rid", "user_id", "scope_key", "category", "tsv", "doc_len"),
+)
 
 
 def fold_diacritics(text: str) -> str:
     """`café` → `cafe`: decompose and drop the combining marks (letters of other scripts stay)."""
+    if text.isascii():
+        return text  # nothing to fold: the common case, and a char-by-char walk otherwise
     decomposed = unicodedata.normalize("NFKD", text)
     return unicodedata.normalize(
         "NFC", "".join(ch for ch in decomposed if not unicodedata.combining(ch))
@@ -51,13 +62,8 @@ class PgTextIndex:
     def add(
         self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory, content: str
     ) -> None:
-        self.deferred.defer(
-            "memory_text", user_id,
-            "INSERT INTO memory_text(rid, user_id, scope_key, category, tsv, doc_len)"
-            " SELECT %s, %s, %s, %s, v,"
-            "  coalesce((SELECT sum(coalesce(array_length(u.positions, 1), 1))"
-            "   FROM unnest(v) u), 0)"
-            f" FROM to_tsvector('{TEXT_CONFIG}', %s) v",
+        self.deferred.defer_row(
+            _INSERT_TEXT, user_id,
             (rowid, user_id, scope_key, category.value, fold_diacritics(content)),
         )
 

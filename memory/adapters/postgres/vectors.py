@@ -41,8 +41,8 @@ from psycopg import sql
 from ...errors import ConfigError
 from ...models import MemoryCategory
 from .connection import PgDatabase
+from .deferred import BulkInsert, deferred_writes
 from .schema import ensure_vector_table
-from .store import deferred_writes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ _RECOUNT_S = 60.0  # how long a count that found a user small is trusted
 _MAX_COUNTED = 100_000  # users whose counts are remembered (forgotten all at once past it)
 
 __all__ = ["PgVectorIndex", "graph_name"]
+
+_INSERT_VECTORS = BulkInsert(
+    "memory_vectors", ("rid", "user_id", "scope_key", "category", "embedding"),
+    ("int8", "text", "text", "text", "vector"),
+)
 
 
 def graph_name(user_id: str) -> str:
@@ -99,10 +104,8 @@ class PgVectorIndex:
         self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory,
         embedding: np.ndarray,
     ) -> None:
-        self.deferred.defer(
-            "memory_vectors", user_id,
-            "INSERT INTO memory_vectors(rid, user_id, scope_key, category, embedding)"
-            " VALUES (%s, %s, %s, %s, %s)",
+        self.deferred.defer_row(
+            _INSERT_VECTORS, user_id,
             (rowid, user_id, scope_key, category.value, self._checked(embedding)),
         )
         with self._lock:
@@ -150,6 +153,69 @@ class PgVectorIndex:
         )
         return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
 
+    def nearest_many(
+        self, probes: Sequence[tuple[str, np.ndarray]]
+    ) -> list[tuple[int, float] | None]:
+        """The top hit of `search(vector, user_id, k=1)` for each (user_id, vector): one
+        statement for every small user's probes (after one count of the users whose size is
+        not known), `search` itself for a large user's."""
+        if not probes:
+            return []
+        self.deferred.flush("memory_vectors")
+        self._count_users([u for u, _ in probes])
+        found: list[tuple[int, float] | None] = [None] * len(probes)
+        small = [i for i, (u, _) in enumerate(probes) if not self._is_large(u)]
+        for i in sorted(set(range(len(probes))) - set(small)):
+            user_id, vector = probes[i]
+            hits = self.search(vector, user_id, scope_keys=None, categories=None, k=1)
+            found[i] = hits[0] if hits else None
+        if small:
+            rows = self.db.fetchall(
+                "SELECT q.n, v.rid, v.distance FROM unnest(%s::text[], %b::vector[])"
+                " WITH ORDINALITY AS q(user_id, embedding, n) CROSS JOIN LATERAL ("
+                " SELECT rid, distance FROM (SELECT rid, embedding <=> q.embedding AS distance"
+                "  FROM memory_vectors WHERE user_id = q.user_id OFFSET 0) mine"
+                " ORDER BY distance, rid LIMIT 1) v",
+                ([probes[i][0] for i in small],
+                 [np.asarray(self._checked(probes[i][1]), dtype=np.float32) for i in small]),
+            )
+            for n, rid, distance in rows:
+                found[small[int(n) - 1]] = (int(rid), 1.0 - float(distance))
+        return found
+
+    def _count_users(self, user_ids: Sequence[str]) -> None:
+        """Count, in one statement, the users `_is_large` would count one by one."""
+        now = time.monotonic()
+        with self._lock:
+            stale = sorted({
+                u for u in user_ids
+                if u not in self._large and (
+                    (c := self._counted.get(u)) is None or c[0] >= self.exact_below
+                    or now - c[1] >= _RECOUNT_S
+                )
+            })
+        if not stale:
+            return
+        rows = self.db.fetchall(
+            "SELECT u, (SELECT count(*) FROM (SELECT 1 FROM memory_vectors WHERE user_id = u"
+            " LIMIT %s) s) FROM unnest(%s::text[]) AS w(u)",
+            (self.exact_below, stale),
+        )
+        with self._lock:
+            for user_id, n in rows:
+                self._remember_count(user_id, int(n))
+
+    def _remember_count(self, user_id: str, n: int) -> bool:
+        """Record a count (call holding `_lock`); whether the user is large."""
+        if n < self.exact_below:
+            if len(self._counted) >= _MAX_COUNTED:
+                self._counted.clear()
+            self._counted[user_id] = (n, time.monotonic())
+            return False
+        self._counted.pop(user_id, None)
+        self._large.add(user_id)
+        return True
+
     def _graph_search(
         self, query: np.ndarray, user_id: str, extra: str, params: list[Any], k: int
     ) -> list[tuple[int, float]]:
@@ -179,14 +245,7 @@ class PgVectorIndex:
             (user_id, self.exact_below),
         ))
         with self._lock:
-            if n < self.exact_below:
-                if len(self._counted) >= _MAX_COUNTED:
-                    self._counted.clear()
-                self._counted[user_id] = (n, time.monotonic())
-                return False
-            self._counted.pop(user_id, None)
-            self._large.add(user_id)
-        return True
+            return self._remember_count(user_id, n)
 
     # --- per-user graphs --------------------------------------------------------------------
 
