@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .candidates import CandidateRows
 from .models import Memory, MemoryCategory, MemoryFilter, VectorFilter
 
 __all__ = [
@@ -65,6 +66,12 @@ class MemoryStore(Protocol):
 
     def embeddings_by_rowids(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
         """Stored embeddings of these rows (the ranker's exact cosines for non-vector hits)."""
+        ...
+
+    def candidates(self, rowids: Sequence[int]) -> CandidateRows:
+        """What recall weighs of these rows, column by column, with their embeddings; the full
+        memories only on demand (`CandidateRows.memories`). Rows that do not exist are left
+        out; any user's rows (context neighbours are checked by the caller)."""
         ...
 
     def recent_contents(self, user_id: str, limit: int) -> list[str]:

@@ -32,12 +32,14 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import numpy as np
 
+from .candidates import CandidateRows, as_candidate_rows, micros
 from .errors import ConfigError
 from .models import Memory
-from .recall import RecallPreset, Scored, TimeWindow, best_first, recency
+from .recall import RecallPreset, Scored, TimeWindow, recency
 
 __all__ = [
     "FEATURES",
@@ -46,9 +48,12 @@ __all__ = [
     "Candidates",
     "candidate_features",
     "diversify",
+    "diversify_scored",
     "learned_scores",
     "prior",
+    "priors",
     "rank",
+    "rank_scored",
     "weights_of",
 ]
 
@@ -89,6 +94,8 @@ WEIGHT_SETS: dict[str, np.ndarray] = {
 }
 WEIGHTS = WEIGHT_SETS["turns-v1"]
 
+T = TypeVar("T")
+
 
 def _rank_feature(hits: Sequence[tuple[int, float]]) -> dict[int, float]:
     return {rid: 1.0 / (1.0 + rank / 5.0) for rank, (rid, _) in enumerate(hits)}
@@ -99,13 +106,14 @@ class Candidates:
     """What the engine fetched for one query; every feature reads only this.
 
     `vector_hits` (best first, with cosines) and `text_hits` (best first, with BM25) are the
-    index answers; `fused` their `recall.fuse` scores, before context is added; `rows` and
-    `cosines` cover every candidate; `common` is the query's user-common words."""
+    index answers; `fused` their `recall.fuse` scores, before context is added; `rows` (the
+    store's `CandidateRows`, or memories by row key) and `cosines` cover every candidate;
+    `common` is the query's user-common words."""
 
     vector_hits: Sequence[tuple[int, float]]
     text_hits: Sequence[tuple[int, float]]
     fused: Mapping[int, Scored]
-    rows: Mapping[int, Memory]
+    rows: CandidateRows | Mapping[int, Memory]
     cosines: Mapping[int, float]
     windows: Sequence[TimeWindow] = ()
     common: Collection[str] | None = None
@@ -116,15 +124,15 @@ def candidate_features(
 ) -> np.ndarray:
     """One row of `FEATURES` per rowid of `pool` (each must be in `found.rows` and
     `found.cosines`)."""
-    return _features(pool, found, preset)[0]
+    return _features(pool, found, as_candidate_rows(found.rows), preset)[0]
 
 
 def _features(
-    pool: Sequence[int], found: Candidates, preset: RecallPreset
+    pool: Sequence[int], found: Candidates, rows: CandidateRows, preset: RecallPreset
 ) -> tuple[np.ndarray, np.ndarray]:
     """`candidate_features`, and whether each memory is part of a dialogue."""
     vector_hits, text_hits, fused = found.vector_hits, found.text_hits, found.fused
-    rows, cosines, windows, common = found.rows, found.cosines, found.windows, found.common
+    cosines, windows, common = found.cosines, found.windows, found.common
     n = len(pool)
     out = np.zeros((n, len(FEATURES)), dtype=np.float64)
     if n == 0:
@@ -135,18 +143,17 @@ def _features(
     bm25 = dict(text_hits)
     v_rank, t_rank = _rank_feature(vector_hits), _rank_feature(text_hits)
     gap = preset.context_gap_minutes * 60.0
-    slack = timedelta(days=preset.time_slack_days)
 
     # Every row involved: the pool and the hits (whose fused scores neighbours read).
     ids = list(dict.fromkeys([*pool, *(r for r in fused if r in rows)]))
     at = {rid: i for i, rid in enumerate(ids)}
-    ts = np.array([rows[r].created_at.timestamp() for r in ids])
-    users = {u: i for i, u in enumerate({rows[r].user_id for r in ids})}
-    user = np.array([users[rows[r].user_id] for r in ids])
-    sessions = {s: i + 1 for i, s in enumerate({rows[r].session_id for r in ids} - {None})}
-    session = np.array([sessions.get(rows[r].session_id, 0) for r in ids])  # 0: no session
+    where = rows.positions(ids)
+    ts = rows.created_at[where] / 1e6  # as `datetime.timestamp()` reads them
+    user = rows.user_code[where]
+    session = rows.session_code[where]  # 0: no session
     score = np.array([fused[r].score if r in fused else 0.0 for r in ids])
     p = np.array([at[r] for r in pool])
+    in_pool = where[p]
 
     def together(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Pairs written in one sitting: same user, no conflicting session, within the gap."""
@@ -170,20 +177,21 @@ def _features(
     # A question and its answer are written one after the other: the memory after a matching
     # question is likely its answer, and the question itself is not. Facts written together
     # in one block ask nothing, so their order in it never matters.
-    def asks(rid: int) -> bool:
-        row = rows.get(rid)
-        return row is not None and "?" in row.content
+    def asks(rowids: Sequence[int]) -> np.ndarray:
+        """Whether each of `rowids` is a fetched row that asks."""
+        return np.array([(i := rows.at.get(r)) is not None and rows.asks[i] for r in rowids],
+                        dtype=bool)
 
     cos = np.array([cosines[r] for r in pool])
     out[:, 0] = np.clip((cos - lo) / (hi - lo), 0.0, 1.0) if hi - lo > 1e-12 else 1.0
     if best_bm > 0:
         out[:, 1] = [bm25.get(r, 0.0) / best_bm for r in pool]
     out[:, 2] = score[p]
-    out[:, 3] = neighbour(-1, np.array([asks(r - 1) for r in pool]))
-    out[:, 4] = neighbour(1, np.array([asks(r) for r in pool]))
+    out[:, 3] = neighbour(-1, asks([r - 1 for r in pool]))
+    out[:, 4] = neighbour(1, rows.asks[in_pool])
     # A memory is part of a dialogue when something written in its sitting asks: a chat log's
     # turn, not a fact a model wrote down (a block of facts asks nothing).
-    asking = np.array([asks(r) for r in ids])
+    asking = rows.asks[where]
     dialogue = (together(p[:, None], np.arange(len(ids))[None, :]) & asking[None, :]).any(axis=1)
     hits = np.array([at[r] for r in fused if r in rows])
     if len(hits):
@@ -197,16 +205,19 @@ def _features(
             own = np.maximum(out[:, 0], out[:, 1]) if best_bm > 0 else out[:, 0]
             out[:, 5] *= np.where(dialogue, 1.0, own)
     if windows:
-        out[:, 6] = [
-            any(w.contains(rows[r].created_at, slack) for w in windows) for r in pool
-        ]
+        slack = timedelta(days=preset.time_slack_days)
+        created = rows.created_at[in_pool]
+        inside = np.zeros(n, dtype=bool)
+        for w in windows:  # TimeWindow.contains, on exact microseconds
+            inside |= (created >= micros(w.start)) & (created < micros(w.end + slack))
+        out[:, 6] = inside
     if common:
         patterns = [re.compile(rf"(?<!\w){re.escape(w)}(?!\w)") for w in common]
-        for i, r in enumerate(pool):
-            text = rows[r].content.casefold()
+        for i, at_row in enumerate(in_pool):
+            text = rows.content[at_row].casefold()
             out[i, 7] = sum(1 for pat in patterns if pat.search(text)) / len(patterns)
     cap = preset.length_cap_chars
-    lengths = np.array([len(rows[r].content) for r in pool], dtype=np.float64)
+    lengths = rows.length[in_pool]
     out[:, 8] = np.log1p(lengths) / 6.0
     if cap > 0:
         # Saturates outside dialogues: a short fact ("Is vegetarian") is as complete as a long
@@ -250,59 +261,113 @@ def prior(
     return value
 
 
-def diversify(
-    ranked: list[tuple[Scored, Memory]], embeddings: Mapping[int, np.ndarray],
+def priors(
+    rows: CandidateRows, rowids: Sequence[int], dialogue: np.ndarray, now: datetime,
     preset: RecallPreset,
-) -> list[tuple[Scored, Memory]]:
+) -> np.ndarray:
+    """`prior` of each of `rowids` (each in `rows`; `dialogue`: one flag per row), at once."""
+    at = rows.positions(rowids)
+    value = preset.w_importance * (rows.importance[at] - 0.5)
+    if preset.w_recency:
+        # recall.recency, on exact microseconds: the same age in days as the timedelta gives.
+        age_days = np.maximum((micros(now) - rows.valid_from[at]) / 1e6 / 86400.0, 0.0)
+        decay = np.exp(-math.log(2) * age_days / preset.recency_half_life_days)
+        counts = np.ones(len(at), dtype=bool) if preset.chat_recency else ~dialogue
+        value = value + np.where(counts, preset.w_recency * decay, 0.0)
+    return value
+
+
+def diversify(
+    ranked: list[tuple[Scored, T]], embeddings: Mapping[int, np.ndarray],
+    preset: RecallPreset,
+) -> list[tuple[Scored, T]]:
     """The best `preset.diversity_depth` of `ranked` re-picked greedily (maximal marginal
     relevance): each next pick is the best score minus `preset.diversity` times how far its
     cosine with an already picked memory rises above `preset.diversity_floor` (scaled to 0..1).
     Scores are left as they were; memories without an embedding are never penalised, nor are
     chat turns (`Scored.dialogue`) or by them: a question and its answer read alike, and both
     are worth showing."""
+    order = _mmr_order([s for s, _ in ranked], embeddings, preset)
+    return ranked if order is None else [ranked[i] for i in order] + ranked[len(order):]
+
+
+def diversify_scored(
+    ranked: list[Scored], embeddings: Mapping[int, np.ndarray], preset: RecallPreset
+) -> list[Scored]:
+    """`diversify` over scores alone."""
+    order = _mmr_order(ranked, embeddings, preset)
+    return ranked if order is None else [ranked[i] for i in order] + ranked[len(order):]
+
+
+def _mmr_order(
+    ranked: Sequence[Scored], embeddings: Mapping[int, np.ndarray], preset: RecallPreset
+) -> list[int] | None:
+    """The new order of `ranked`'s head (see `diversify`); None when it stays as it is."""
     depth = min(preset.diversity_depth, len(ranked))
     if preset.diversity <= 0 or depth < 2:
-        return ranked
-    head, tail = ranked[:depth], ranked[depth:]
-    vecs = [None if s.dialogue else embeddings.get(s.rowid) for s, _ in head]
+        return None
+    head = ranked[:depth]
+    vecs = [None if s.dialogue else embeddings.get(s.rowid) for s in head]
     has = np.array([v is not None for v in vecs])
     if has.sum() < 2:
-        return ranked
+        return None
     dim = next(len(v) for v in vecs if v is not None)
     matrix = np.stack([v if v is not None else np.zeros(dim, dtype=np.float32) for v in vecs])
     # What each memory would lose if the other were picked first (0 where either is exempt).
     over = np.clip((matrix @ matrix.T - preset.diversity_floor) / (1.0 - preset.diversity_floor),
                    0.0, 1.0)
     lose = preset.diversity * np.where(has[:, None] & has[None, :], over, 0.0)
-    scores = np.array([s.score for s, _ in head])
-    penalty = np.zeros(depth)
-    left = np.ones(depth, dtype=bool)
+    # Plain floats and loops: at this size they are several times cheaper than numpy calls.
+    columns = lose.T.tolist()  # columns[j][i]: what i loses once j is picked
+    scores = [s.score for s in head]
+    penalty = [0.0] * depth
+    left = list(range(depth))
     picked: list[int] = []
-    for _ in range(depth):
+    while left:
         # Ties go to the earlier (better ranked) memory, as `max` over the list did.
-        best = int(np.argmax(np.where(left, scores - penalty, -np.inf)))
-        left[best] = False
+        best, value = left[0], scores[left[0]] - penalty[left[0]]
+        for i in left:
+            if scores[i] - penalty[i] > value:
+                best, value = i, scores[i] - penalty[i]
+        left.remove(best)
         picked.append(best)
-        penalty = np.maximum(penalty, lose[:, best])
-    return [head[i] for i in picked] + tail
+        lost = columns[best]
+        for i in left:
+            if lost[i] > penalty[i]:
+                penalty[i] = lost[i]
+    return picked
 
 
 def rank(
     pool: Sequence[int], found: Candidates, preset: RecallPreset, now: datetime
 ) -> list[tuple[Scored, Memory]]:
-    """`pool` best first by the learned score plus the importance and recency prior (`prior`)."""
-    features, dialogue = _features(pool, found, preset)
+    """`pool` best first by the learned score plus the importance and recency prior (`prior`),
+    each with its memory."""
+    rows = as_candidate_rows(found.rows)
+    scored = rank_scored(pool, found, preset, now)
+    memories = rows.memories([s.rowid for s in scored])
+    return [(s, memories[s.rowid]) for s in scored]
+
+
+def rank_scored(
+    pool: Sequence[int], found: Candidates, preset: RecallPreset, now: datetime
+) -> list[Scored]:
+    """`rank` without building the memories: best first, ties to the newer (`best_first`)."""
+    rows = as_candidate_rows(found.rows)
+    features, dialogue = _features(pool, found, rows, preset)
     scores = np.where(
         dialogue,
         learned_scores(features, weights_of(preset)),
         learned_scores(features, weights_of(preset, dialogue=False)),
     )
+    totals = (scores + priors(rows, pool, dialogue, now, preset)).tolist()
+    newer = rows.valid_from[rows.positions(pool)].tolist()
     bm25 = dict(found.text_hits)
-    ranked: list[tuple[Scored, Memory]] = []
-    for i, (rid, score) in enumerate(zip(pool, scores, strict=True)):
-        memory, chat = found.rows[rid], bool(dialogue[i])
-        total = float(score) + prior(memory, now, preset, dialogue=chat)
-        ranked.append(
-            (Scored(rid, total, found.cosines[rid], bm25.get(rid), features[i], chat), memory)
-        )
-    return best_first(ranked)
+    cosines = found.cosines
+    # A stable sort on (score, valid_from), highest first, as `recall.best_first` sorts.
+    order = sorted(range(len(pool)), key=lambda i: (totals[i], newer[i]), reverse=True)
+    return [
+        Scored(pool[i], totals[i], cosines[pool[i]], bm25.get(pool[i]), features[i],
+               bool(dialogue[i]))
+        for i in order
+    ]

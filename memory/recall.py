@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, tzinfo
 
 import numpy as np
 
+from .candidates import CandidateRows, as_candidate_rows, micros
 from .errors import ConfigError
 from .models import Memory, MemoryCategory, Scope
 
@@ -44,6 +45,7 @@ __all__ = [
     "query_windows",
     "recency",
     "rescore",
+    "rescore_scored",
     "strip_spans",
 ]
 
@@ -331,37 +333,38 @@ def adjacent(a: Memory, b: Memory, gap_minutes: float) -> bool:
 
 
 def add_context(
-    scored: dict[int, Scored], rows: dict[int, Memory], scope: Scope,
+    scored: dict[int, Scored], rows: CandidateRows | Mapping[int, Memory], scope: Scope,
     categories: Collection[MemoryCategory] | None, preset: RecallPreset,
 ) -> dict[int, Scored]:
     """The neighbours of the best `context_seeds` hits gain `context_weight` × the best
     (1/distance-discounted) seed score next to them. A neighbour fetched only for this joins
     the candidates when current, visible from `scope` and of one of `categories` (if given).
     So the turn that answers a matching question, or the question before a matching answer,
-    rises with it."""
+    rises with it. `rows`: the store's `CandidateRows` (or memories by row key)."""
     if preset.context_weight <= 0 or preset.context_span <= 0:
         return scored
+    table = as_candidate_rows(rows)
+    at = table.at
     visible = set(scope.visible_keys())
     gains: dict[int, float] = {}
     for seed in _seeds(scored, preset):
-        origin = rows.get(seed.rowid)
+        origin = at.get(seed.rowid)
         if origin is None:
             continue
         for d in range(1, preset.context_span + 1):
             for rid in (seed.rowid - d, seed.rowid + d):
-                memory = rows.get(rid)
+                i = at.get(rid)
                 gain = preset.context_weight * seed.score / d
-                if memory is None or gain <= gains.get(rid, 0.0):
+                if i is None or gain <= gains.get(rid, 0.0):
                     continue
                 if rid not in scored and not (
-                    memory.user_id == scope.user_id
-                    and memory.is_current
-                    and memory.forgotten_at is None
-                    and memory.scope.key in visible
-                    and (not categories or memory.category in categories)
+                    table.user_id[i] == scope.user_id
+                    and table.current[i]
+                    and table.scope_key[i] in visible
+                    and (not categories or table.category[i] in categories)
                 ):
                     continue
-                if adjacent(origin, memory, preset.context_gap_minutes):
+                if _adjacent_rows(table, origin, i, preset.context_gap_minutes):
                     gains[rid] = gain
     out = dict(scored)
     for rid, gain in gains.items():
@@ -370,6 +373,18 @@ def add_context(
             Scored(rid, old.score + gain, old.similarity, old.bm25) if old else Scored(rid, gain)
         )
     return out
+
+
+def _adjacent_rows(rows: CandidateRows, a: int, b: int, gap_minutes: float) -> bool:
+    """`adjacent` for the rows at positions `a` and `b`."""
+    if rows.user_id[a] != rows.user_id[b]:
+        return False
+    sa, sb = rows.session_id[a], rows.session_id[b]
+    if sa and sb and sa != sb:
+        return False
+    # Exact microseconds over 10**6, as timedelta.total_seconds() divides them.
+    apart = abs(int(rows.created_at[a]) - int(rows.created_at[b])) / 1_000_000
+    return apart <= gap_minutes * 60.0
 
 
 # --- dates named in the query ------------------------------------------------------------------
@@ -534,19 +549,43 @@ def recency(memory: Memory, now: datetime, half_life_days: float) -> float:
 
 
 def rescore(
-    scored: dict[int, Scored], memories: dict[int, Memory], now: datetime, preset: RecallPreset,
-    windows: Sequence[TimeWindow] = (),
+    scored: dict[int, Scored], memories: CandidateRows | Mapping[int, Memory], now: datetime,
+    preset: RecallPreset, windows: Sequence[TimeWindow] = (),
 ) -> list[tuple[Scored, Memory]]:
     """Scale by importance, recency and the query's time windows; best first, ties broken by
-    newer first."""
-    ranked: list[tuple[Scored, Memory]] = []
-    for rid, s in scored.items():
-        memory = memories.get(rid)
-        if memory is None:
-            continue
-        s.score *= boost(memory, now, preset, windows)
-        ranked.append((s, memory))
-    return best_first(ranked)
+    newer first; each with its memory."""
+    rows = as_candidate_rows(memories)
+    ranked = rescore_scored(scored, rows, now, preset, windows)
+    found = rows.memories([s.rowid for s in ranked])
+    return [(s, found[s.rowid]) for s in ranked if s.rowid in found]
+
+
+def rescore_scored(
+    scored: dict[int, Scored], rows: CandidateRows, now: datetime, preset: RecallPreset,
+    windows: Sequence[TimeWindow] = (),
+) -> list[Scored]:
+    """`rescore` without building the memories (rows not in `rows` are left out)."""
+    kept = [s for rid, s in scored.items() if rid in rows]
+    at = rows.positions([s.rowid for s in kept])
+    # `boost` for every row at once, on exact microseconds.
+    factor = 1.0 + preset.w_importance * (rows.importance[at] - 0.5)
+    if preset.w_recency:
+        age_days = np.maximum((micros(now) - rows.valid_from[at]) / 1e6 / 86400.0, 0.0)
+        decay = np.exp(-math.log(2) * age_days / preset.recency_half_life_days)
+        factor = factor + preset.w_recency * decay
+    if preset.w_time and windows:
+        slack = timedelta(days=preset.time_slack_days)
+        created = rows.created_at[at]
+        inside = np.zeros(len(at), dtype=bool)
+        for w in windows:
+            inside |= (created >= micros(w.start)) & (created < micros(w.end + slack))
+        factor = factor + np.where(inside, preset.w_time, 0.0)
+    for s, f in zip(kept, factor.tolist(), strict=True):
+        s.score *= f
+    newer = rows.valid_from[at].tolist()
+    # A stable sort on (score, valid_from), highest first, as `best_first` sorts.
+    order = sorted(range(len(kept)), key=lambda i: (kept[i].score, newer[i]), reverse=True)
+    return [kept[i] for i in order]
 
 
 def boost(

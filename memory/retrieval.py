@@ -11,15 +11,17 @@ the token budget cuts the list and the accesses are recorded in the background. 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 
 from . import ranker
+from .candidates import CandidateRows
 from .common_words import CommonWords
 from .executors import Executors
 from .models import (
@@ -45,7 +47,7 @@ from .recall import (
     get_preset,
     query_terms,
     query_windows,
-    rescore,
+    rescore_scored,
     strip_spans,
 )
 
@@ -55,7 +57,7 @@ log = logging.getLogger("headroom.memory")
 # budget keeps far fewer.
 _CORE_CANDIDATES = 50
 
-__all__ = ["Retrieval", "exact_knn"]
+__all__ = ["Ranking", "Retrieval", "exact_knn"]
 
 
 def exact_knn(
@@ -68,6 +70,41 @@ def exact_knn(
     sims = matrix @ np.asarray(vector, dtype=np.float32)
     order = np.argsort(-sims)[:k]
     return [(rows[i][0], float(sims[i])) for i in order]
+
+
+def _cosines(
+    rowids: list[int], vector_hits: list[tuple[int, float]], vector: np.ndarray,
+    rows: CandidateRows,
+) -> dict[int, float]:
+    """The query's cosine with each of `rowids`: from the vector hits, else exact from the
+    stored embeddings (rows without one are left out)."""
+    cosines = dict(vector_hits)
+    query = np.asarray(vector, dtype=np.float32)
+    for rid in rowids:
+        if rid not in cosines and (emb := rows.embedding(rid)) is not None:
+            cosines[rid] = float(emb @ query)
+    return cosines
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Recall's candidates best first, and the rows they were weighed on."""
+
+    scored: list[Scored]
+    rows: CandidateRows
+
+    def top(self, k: int | None = None) -> list[tuple[Scored, Memory]]:
+        """The best `k` (all when None) with their memories, built now; a row removed since
+        it was weighed (a purge) is skipped and the next one takes its place."""
+        wanted = len(self.scored) if k is None else k
+        out: list[tuple[Scored, Memory]] = []
+        start = 0
+        while len(out) < wanted and start < len(self.scored):
+            batch = self.scored[start : start + wanted - len(out)]
+            start += len(batch)
+            memories = self.rows.memories([s.rowid for s in batch])
+            out += [(s, memories[s.rowid]) for s in batch if s.rowid in memories]
+        return out
 
 
 def _categories(categories: Sequence[MemoryCategory | str] | None) -> list[MemoryCategory] | None:
@@ -96,10 +133,14 @@ class Retrieval:
     ) -> list[Memory]:
         """The memories most worth showing for `query`, best first, within `token_budget`;
         then the user's core memories (`core_memories`) that are not among them."""
-        results = await self.hybrid_search(query, scope, top_k, categories, now=now,
-                                           preset=preset)
+        # The core tier needs nothing of the ranking but what to leave out: it is read while
+        # the query is embedded and searched.
+        results, core = await asyncio.gather(
+            self.hybrid_search(query, scope, top_k, categories, now=now, preset=preset),
+            self._core_rows(scope, categories),
+        )
         memories = apply_budget([r.memory for r in results], token_budget)
-        memories += await self.core_memories(scope, categories, exclude={m.id for m in memories})
+        memories += self._core_tier(core, exclude={m.id for m in memories})
         if touch and memories:
             # Access counts are bookkeeping: never make the caller wait for the write.
             self.executors.write_later(self._touch, [m.id for m in memories], utcnow())
@@ -114,6 +155,12 @@ class Retrieval:
         as the model rated it: current memories this scope sees of importance at least
         `recall_core_min_importance`, most important (then newest) first, within
         `recall_core_tokens` (0: none). Letta keeps such core memory always in context."""
+        return self._core_tier(await self._core_rows(scope, categories), exclude=exclude)
+
+    async def _core_rows(
+        self, scope: Scope, categories: Sequence[MemoryCategory | str] | None
+    ) -> list[Memory]:
+        """The core tier's candidates, newest first (none when the tier is off)."""
         config = self.parts.config
         if config.recall_core_tokens <= 0:
             return []
@@ -122,12 +169,15 @@ class Retrieval:
             turn_id=scope.turn_id, categories=_categories(categories),
             min_importance=config.recall_core_min_importance, limit=_CORE_CANDIDATES,
         )
-        rows = await self.executors.read(lambda: self.parts.store.query(flt))
-        rows = sorted(
+        return await self.executors.read(lambda: self.parts.store.query(flt))
+
+    def _core_tier(self, rows: list[Memory], *, exclude: Collection[str]) -> list[Memory]:
+        """The core tier from its candidates: most important, then newest, within budget."""
+        kept = sorted(
             (m for m in rows if m.id not in exclude),
             key=lambda m: (m.importance, m.valid_from), reverse=True,
         )
-        return apply_budget(rows, config.recall_core_tokens)
+        return apply_budget(kept, self.parts.config.recall_core_tokens)
 
     async def hybrid_search(
         self, query: str, scope: Scope, top_k: int,
@@ -135,19 +185,35 @@ class Retrieval:
         preset: str | RecallPreset | None = None, query_vector: np.ndarray | None = None,
     ) -> list[SearchResult]:
         """Vector KNN and BM25 fused and ranked. Without `query_vector`, the query is embedded
-        without the words that are common in this user's memories."""
+        without the words that are common in this user's memories, while BM25 runs."""
         chosen = get_preset(preset) if preset is not None else self.preset
-        common: frozenset[str] | None = None
-        if query_vector is None:
-            common, query_vector = await self._query_vector(query, scope.user_id, chosen)
         when = as_utc(now) if now else utcnow()
         cats = _categories(categories)
 
-        def run() -> list[SearchResult]:
-            ranked = self._ranked(query, scope, top_k, cats, when, chosen, query_vector, common)
-            return [SearchResult(m, s.similarity, s.score, s.bm25) for s, m in ranked[:top_k]]
+        def ranked(
+            vector: np.ndarray | None, common: frozenset[str] | None,
+            searched: tuple[list[TimeWindow], list[tuple[int, float]]] | None,
+        ) -> list[SearchResult]:
+            ranking = self._ranked(query, scope, top_k, cats, when, chosen, vector, common,
+                                   searched=searched)
+            return [SearchResult(m, s.similarity, s.score, s.bm25)
+                    for s, m in ranking.top(top_k)]
 
-        return await self.executors.read(run)
+        if query_vector is not None or chosen.w_vector <= 0:
+            return await self.executors.read(lambda: ranked(query_vector, None, None))
+        common = await self.executors.read(lambda: self._common_terms(query, scope.user_id,
+                                                                      chosen))
+
+        def text_search() -> tuple[list[TimeWindow], list[tuple[int, float]]]:
+            windows = query_windows(query, when) if chosen.reads_dates else []
+            return windows, self._text_hits(query, scope, top_k, cats, windows, chosen, common)
+
+        # BM25 needs no vector: at concurrency 1 the wait is the longer of the two, not both.
+        vector, searched = await asyncio.gather(
+            self.executors.embed_query(drop_words(query, common)),
+            self.executors.read(text_search),
+        )
+        return await self.executors.read(lambda: ranked(vector, common, searched))
 
     async def explain_ranking(
         self, query: str, scope: Scope, top_k: int, *, now: datetime | None = None,
@@ -159,7 +225,7 @@ class Retrieval:
         common, vector = await self._query_vector(query, scope.user_id, chosen)
         when = as_utc(now) if now else utcnow()
         ranked = await self.executors.read(
-            lambda: self._ranked(query, scope, top_k, None, when, chosen, vector, common)
+            lambda: self._ranked(query, scope, top_k, None, when, chosen, vector, common).top()
         )
         return [
             {"memory": m, "score": s.score, "similarity": s.similarity, "bm25": s.bm25,
@@ -178,20 +244,38 @@ class Retrieval:
         common = await self.executors.read(lambda: self._common_terms(query, user_id, preset))
         return common, await self.executors.embed_query(drop_words(query, common))
 
+    def _text_hits(
+        self, query: str, scope: Scope, top_k: int, categories: list[MemoryCategory] | None,
+        windows: list[TimeWindow], preset: RecallPreset, common: frozenset[str],
+    ) -> list[tuple[int, float]]:
+        """BM25 over what the scope sees, without the query's user-common words and the words
+        that name its time `windows`."""
+        if preset.w_text <= 0:
+            return []
+        return self.parts.text.search(
+            clean_query(strip_spans(query, windows), preset, common), scope.user_id,
+            scope_keys=scope.visible_keys(), categories=categories,
+            k=max(preset.text_depth, top_k),
+        )
+
     def _ranked(
         self, query: str, scope: Scope, top_k: int, categories: list[MemoryCategory] | None,
         now: datetime, preset: RecallPreset, vector: np.ndarray | None,
-        common: frozenset[str] | None = None,
-    ) -> list[tuple[Scored, Memory]]:
-        """Every candidate, best first: index hits, date-window rows, conversation context."""
+        common: frozenset[str] | None = None, *,
+        searched: tuple[list[TimeWindow], list[tuple[int, float]]] | None = None,
+    ) -> Ranking:
+        """Every candidate, best first: index hits, date-window rows, conversation context.
+        `searched`: the query's time windows and BM25 hits when already found (`_text_hits`)."""
         p = self.parts
-        keys = scope.visible_keys()
-        windows = query_windows(query, now) if preset.reads_dates else []
+        if searched is None:
+            windows = query_windows(query, now) if preset.reads_dates else []
+        else:
+            windows, text_hits = searched
         if common is None:
             common = self._common_terms(query, scope.user_id, preset)
         vector_hits = (
             p.vectors.search(
-                vector, scope.user_id, scope_keys=keys, categories=categories,
+                vector, scope.user_id, scope_keys=scope.visible_keys(), categories=categories,
                 k=max(preset.vector_depth, top_k),
             )
             if vector is not None and preset.w_vector > 0
@@ -199,29 +283,26 @@ class Retrieval:
         )
         if vector_hits and windows and preset.time_candidates > 0:
             vector_hits = self._window_hits(vector_hits, vector, scope, categories, windows, preset)
-        text_hits = (
-            p.text.search(
-                clean_query(strip_spans(query, windows), preset, common), scope.user_id,
-                scope_keys=keys, categories=categories, k=max(preset.text_depth, top_k),
-            )
-            if preset.w_text > 0
-            else []
-        )
+        if searched is None:
+            text_hits = self._text_hits(query, scope, top_k, categories, windows, preset, common)
         fused = fuse(vector_hits, text_hits, preset)
-        rows = p.store.get_by_rowids([*fused, *context_rowids(fused, preset)])
+        # One read of what ranking weighs of every candidate; whole memories only for the
+        # ones returned (`Ranking.top`).
+        rows = p.store.candidates([*fused, *context_rowids(fused, preset)])
         with_context = add_context(fused, rows, scope, categories, preset)
         if preset.ranker == "learned" and vector is not None:
             # add_context decides which neighbours join (visible, same sitting); the ranker
             # then scores every candidate from its features, not from the context gains.
             pool = [rid for rid in with_context if rid in rows]
-            cosines = self._cosines(pool, vector_hits, vector)
+            cosines = _cosines(pool, vector_hits, vector, rows)
             found = ranker.Candidates(vector_hits, text_hits, fused, rows, cosines, windows, common)
-            ranked = ranker.rank([rid for rid in pool if rid in cosines], found, preset, now)
+            ranked = ranker.rank_scored([rid for rid in pool if rid in cosines], found, preset, now)
             if preset.diversity > 0 and len(ranked) > 1:
-                head = [s.rowid for s, _ in ranked[: preset.diversity_depth]]
-                ranked = ranker.diversify(ranked, p.store.embeddings_by_rowids(head), preset)
-            return ranked
-        return rescore(with_context, rows, now, preset, windows)
+                head = [s.rowid for s in ranked[: preset.diversity_depth]]
+                vectors = {r: v for r in head if (v := rows.embedding(r)) is not None}
+                ranked = ranker.diversify_scored(ranked, vectors, preset)
+            return Ranking(ranked, rows)
+        return Ranking(rescore_scored(with_context, rows, now, preset, windows), rows)
 
     def _window_hits(
         self, hits: list[tuple[int, float]], vector: Any, scope: Scope,
@@ -246,19 +327,6 @@ class Retrieval:
         query = np.asarray(vector, dtype=np.float32)
         merged = hits + [(rid, float(v @ query)) for rid, v in extra if rid not in known]
         return sorted({rid: sim for rid, sim in merged}.items(), key=lambda h: -h[1])
-
-    def _cosines(
-        self, rowids: list[int], vector_hits: list[tuple[int, float]], vector: np.ndarray
-    ) -> dict[int, float]:
-        """The query's cosine with each of `rowids`: from the vector hits, else exact from the
-        stored embeddings (rows without one are left out)."""
-        cosines = dict(vector_hits)
-        missing = [rid for rid in rowids if rid not in cosines]
-        if missing:
-            query = np.asarray(vector, dtype=np.float32)
-            for rid, emb in self.parts.store.embeddings_by_rowids(missing).items():
-                cosines[rid] = float(emb @ query)
-        return cosines
 
     def _touch(self, ids: list[str], when: datetime) -> None:
         store = self.parts.store

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from headroom.memory.adapters.sqlite_store import normalize_content
+from headroom.memory.candidates import CandidateRows
 from headroom.memory.errors import ConfigError
 from headroom.memory.models import Memory, MemoryCategory, MemoryFilter, as_utc, utcnow
 
@@ -226,6 +227,9 @@ class FakeMemoryStore:
     def embeddings_by_rowids(self, rowids: Sequence[int]) -> dict[int, np.ndarray]:
         vectors = self.db.tables()["embeddings"]
         return {int(r): vectors[int(r)].copy() for r in rowids if int(r) in vectors}
+
+    def candidates(self, rowids: Sequence[int]) -> CandidateRows:
+        return CandidateRows.of(self.get_by_rowids(rowids), self.embeddings_by_rowids(rowids))
 
     def _selected(self, flt: MemoryFilter) -> list[tuple[int, Memory]]:
         """Rows `flt` selects, newest first (created_at, then insertion order)."""

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ..candidates import CandidateRows
 from ..models import Memory, MemoryCategory, MemoryFilter
 
 __all__ = [
     "COLUMNS",
+    "CandidateRows",
     "Dialect",
+    "candidates_from_memories",
     "chain",
     "event_json",
     "in_scope",
@@ -74,6 +77,12 @@ def row_to_memory(row: Mapping[str, Any], when: Callable[[Any], datetime | None]
         last_accessed=when(row["last_accessed"]),
         embedding_model=row["embedding_model"],
     )
+
+
+def candidates_from_memories(store: Any, rowids: Sequence[int]) -> CandidateRows:
+    """`MemoryStore.candidates` for a store without a columnar read of its own: built from its
+    `get_by_rowids` and `embeddings_by_rowids` (two reads)."""
+    return CandidateRows.of(store.get_by_rowids(rowids), store.embeddings_by_rowids(rowids))
 
 
 def event_json(value: Any) -> str | None:

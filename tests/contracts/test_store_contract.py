@@ -75,6 +75,32 @@ def test_embeddings_are_stored_with_their_row(storage: Storage) -> None:
     np.testing.assert_array_equal(by_rowid[rid], axis(3, 0.5))
 
 
+def test_candidates_read_what_recall_weighs_column_by_column(storage: Storage) -> None:
+    when = at(1).replace(microsecond=654321)
+    fact = memory("Is vegetarian?", session_id="s1", importance=0.9, created_at=when,
+                  valid_from=at(2), category=MemoryCategory.PREFERENCE)
+    old = memory("Lived in Rome", user="bob", valid_until=at(3))
+    rid = put(storage, fact, axis(3, 0.5))
+    with storage.store.transaction():
+        old_rid = storage.store.insert(old)
+    missing = max(rid, old_rid) + 1000
+    rows = storage.store.candidates([old_rid, rid, missing])
+    assert sorted(rows.rowids) == sorted([old_rid, rid])
+    i, j = rows.at[rid], rows.at[old_rid]
+    assert (rows.user_id[i], rows.session_id[i], rows.scope_key[i]) == (
+        "alice", "s1", fact.scope.key)
+    assert (rows.category[i], rows.content[i]) == ("preference", "Is vegetarian?")
+    assert rows.importance[i] == pytest.approx(0.9)
+    # Exact microseconds: what `datetime.timestamp()` and time comparisons read.
+    assert rows.created_at[i] / 1e6 == when.timestamp()
+    assert rows.valid_from[i] / 1e6 == at(2).timestamp()
+    assert list(rows.current[[i, j]]) == [True, False]
+    np.testing.assert_array_equal(rows.embedding(rid), axis(3, 0.5))
+    assert rows.embedding(old_rid) is None and rows.user_id[j] == "bob"
+    assert rows.memories([rid, missing]) == {rid: fact}
+    assert len(storage.store.candidates([])) == 0
+
+
 def test_save_writes_back_the_mutable_fields(storage: Storage) -> None:
     mem = memory("Lives in Paris", session_id="s1")
     put(storage, mem)
