@@ -137,6 +137,29 @@ def start_cached_pg(base: Path) -> PgServer:
     return PgServer(f"postgresql://postgres@/postgres?host={quote(str(sock), safe='/')}", stop)
 
 
+def server_cpu_s(data: Path | None) -> float | None:
+    """CPU seconds the private server's processes (postmaster and its children) have used, or
+    None when we do not run it. Read from /proc: a rate on a shared machine says little, CPU per
+    memory does."""
+    if data is None:
+        return None
+    try:
+        root = int((data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        pid = int(stat.parent.name)
+        if pid == root or int(fields[1]) == root:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def pg_scalar(server: PgServer, sql: str, params: Sequence[Any] = ()) -> Any:
     import psycopg
 
@@ -164,6 +187,7 @@ class Stores:
     pool: int
     pg: PgServer | None = None
     pg_key: str = "local"
+    pg_data: Path | None = None  # the private server's data directory (None: `--pg-url`)
     _scratch: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -337,9 +361,11 @@ async def build(backend: str, stores: Stores, data: Data, batch: int) -> dict[st
     mem = await HierarchicalMemory.create(MemoryConfig(db_path=target), embedder=data.lookup())
     try:
         before = load_avg()
+        server0 = server_cpu_s(stores.pg_data) if backend == "pg" else None
         c0 = time.process_time()
         seconds = await add_batches(mem, drafts, batch, f"build {LABELS[backend]}")
         cpu = time.process_time() - c0
+        server1 = server_cpu_s(stores.pg_data) if backend == "pg" else None
         after = load_avg()
         t_opt = time.perf_counter()
         await mem.optimize()
@@ -350,6 +376,7 @@ async def build(backend: str, stores: Stores, data: Data, batch: int) -> dict[st
     record = {
         "memories": stores.memories, "users": stores.users, "batch": batch,
         "seconds": seconds, "per_s": stores.memories / seconds, "client_cpu_s": cpu,
+        "server_cpu_s": None if server0 is None or server1 is None else server1 - server0,
         "optimize_s": optimize_s, "load": f"{before} → {after}", "date": now_utc(),
         "current": stats["current"], "vectors": stats["vectors"],
     }
@@ -575,6 +602,19 @@ def _proxy(part: dict[str, Any], c: int) -> str:
             f"p50 {row['direct_p50']:.1f}; {row['req_per_s']:.0f} req/s; load {row['load']})")
 
 
+def _write_cpu(part: dict[str, Any]) -> str:
+    """The build's CPU per memory: what the rate would be on an idle machine is about its
+    inverse (client and server mostly take turns), whatever else ran meanwhile."""
+    b = part["build"]
+    client = 1000 * b["client_cpu_s"] / b["memories"]
+    server = b.get("server_cpu_s")
+    if server is None:
+        return f"{client:.2f} ms (in-process)"
+    server_ms = 1000 * server / b["memories"]
+    return (f"{client:.2f} + {server_ms:.2f} = {client + server_ms:.2f} ms "
+            f"(~{1000 / (client + server_ms):,.0f}/s if they took turns on an idle machine)")
+
+
 def _extrapolated(part: dict[str, Any]) -> str:
     e2e, b = part["e2e"], part["build"]
     per = e2e["embed_ms_per"] / 1000 + 1 / b["per_s"]
@@ -613,6 +653,7 @@ def markdown(report: dict[str, Any]) -> str:
         lambda p: f"**{p['build']['per_s']:.0f}/s** ({p['build']['seconds']:.0f} s, batch "
         f"{p['build']['batch']}; built {p['build']['date']}, load {p['build']['load']})",
         f"≥ {TARGET_WRITES_PER_S:,.0f}/s (PostgreSQL)")
+    row("engine-only writes: CPU per memory (client process + database server)", _write_cpu)
     row("writes incl. the embedding, measured on a sample",
         lambda p: f"{p['e2e']['per_s']:.0f}/s ({p['e2e']['n']:,} memories into a scratch store; "
         f"embedding {p['e2e']['embed_s']:.1f} of {p['e2e']['seconds']:.1f} s; load "
@@ -724,6 +765,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["pg_server"] = "your server (`--pg-url`)"
         else:
             server = stores.pg = start_cached_pg(CACHE / "pg-scale")
+            stores.pg_data = CACHE / "pg-scale" / "data"
             report["pg_server"] = (f"pgserver's PostgreSQL 16.2 + pgvector 0.6.2 on a Unix "
                                    f"socket, `{PG_SETTINGS}`")
     model = real_embedder("default", 1, cached=False) if args.e2e_n else None
