@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -425,3 +427,75 @@ async def test_context_never_crosses_users_or_sessions(memory: HierarchicalMemor
 def replace_ctx(weight: float) -> RecallPreset:
     """The fused ranker (no learned features) with this much conversation context."""
     return replace(PRESETS["common"], name="no-context", context_weight=weight)
+
+
+# --- the read path: what is read, when ---------------------------------------------------------
+
+
+async def test_the_query_is_embedded_while_bm25_searches(
+    memory: HierarchicalMemory, fake_embedder: FakeEmbedder,
+) -> None:
+    """The embedding waits here until the text search has begun: run one after the other, the
+    recall would time out."""
+    await _chat_log(memory, ["Nate: adopted a turtle named Shelly", "Nate: bought a kayak"])
+    loop = asyncio.get_running_loop()
+    searching = asyncio.Event()
+    parts = memory._retrieval.parts
+    search, embed = parts.text.search, memory._retrieval.executors.embed_query
+
+    def text_search(*args: Any, **kwargs: Any) -> list[tuple[int, float]]:
+        loop.call_soon_threadsafe(searching.set)
+        return search(*args, **kwargs)
+
+    async def embed_query(text: str) -> Any:
+        await asyncio.wait_for(searching.wait(), timeout=5)
+        return await embed(text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parts.text, "search", text_search)
+        patch.setattr(memory._retrieval.executors, "embed_query", embed_query)
+        got = await memory.recall("the turtle Shelly", "nate", now=NOW)
+    assert got[0].content == "Nate: adopted a turtle named Shelly"
+
+
+@pytest.mark.parametrize("preset", ["default", "common", "bm25"])
+async def test_searching_beside_the_embedding_ranks_as_with_the_vector_given(
+    memory: HierarchicalMemory, fake_embedder: FakeEmbedder, preset: str,
+) -> None:
+    await _chat_log(memory, [f"Nate: ok {i} with notes on boats {i % 3}" for i in range(30)])
+    question = "What did Nate say about boats?"
+    got = await memory.hybrid_search(question, "nate", top_k=8, now=NOW, preset=preset)
+    if preset != "bm25":  # what was embedded: the question without its user-common words
+        assert fake_embedder.calls[-1] == ["What did say about?"]
+    vector = fake_embedder.embed(["What did say about?"])[0]
+    given = await memory.hybrid_search(
+        question, "nate", top_k=8, now=NOW, preset=preset, query_vector=vector
+    )
+    assert len(got) == 8
+    assert [(r.memory.id, r.score) for r in got] == [
+        (r.memory.id, pytest.approx(r.score)) for r in given
+    ]
+    explained = await memory.explain_ranking(question, "nate", top_k=8, now=NOW, preset=preset)
+    assert [e["memory"].id for e in explained[:8]] == [r.memory.id for r in got]
+
+
+async def test_a_memory_purged_after_ranking_gives_way_to_the_next(
+    memory: HierarchicalMemory,
+) -> None:
+    await memory.add_many([
+        MemoryDraft("sailing boats on the lake", "dave", session_id="s1", dedup=False),
+        MemoryDraft("sailing boats at sea", "dave", dedup=False),
+        MemoryDraft("boats in the harbour", "dave", dedup=False),
+    ])
+    retrieval = memory._retrieval
+    scope = Scope("dave", "s1")
+    vector = await memory.embed_query("sailing boats")
+    ranking = await retrieval.executors.read(lambda: retrieval._ranked(
+        "sailing boats", scope, 2, None, NOW, retrieval.preset, vector))
+    assert len(ranking.scored) == 3
+    await memory.purge("dave", session_id="s1")
+    top = await retrieval.executors.read(lambda: ranking.top(2))
+    assert [m.content for _, m in top] == [
+        m.content for _, m in await retrieval.executors.read(lambda: ranking.top())
+    ]
+    assert len(top) == 2 and "sailing boats on the lake" not in [m.content for _, m in top]
