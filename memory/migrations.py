@@ -226,6 +226,42 @@ def m007_core_index(conn: Any) -> None:
     conn.execute("CREATE INDEX memories_user_importance ON memories(user_id, importance)")
 
 
+def m008_index_log(conn: Any) -> None:
+    """Per-user change log of the vector and text indexes, so a process can hold a user's index
+    in memory and replay what other processes wrote since (adapters/index_log.py). Users the
+    file already holds get a state row at seq 0: a copy read now replays from there on."""
+    conn.executescript(
+        """
+        CREATE TABLE memory_index_log (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            index_name TEXT NOT NULL,
+            user_key TEXT NOT NULL,
+            op INTEGER NOT NULL,
+            row INTEGER NOT NULL
+        );
+        CREATE INDEX memory_index_log_user ON memory_index_log(index_name, user_key, seq);
+        CREATE TABLE memory_index_users (
+            index_name TEXT NOT NULL,
+            user_key TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            floor INTEGER NOT NULL,
+            PRIMARY KEY (index_name, user_key)
+        ) WITHOUT ROWID;
+        INSERT INTO memory_index_users(index_name, user_key, seq, floor)
+            SELECT 'text', user_key, 0, 1 FROM memories_fts_users WHERE docs > 0;
+        INSERT OR IGNORE INTO memory_index_users(index_name, user_key, seq, floor)
+            SELECT DISTINCT 'vector', user_id, 0, 1 FROM memory_vectors_compact;
+        INSERT OR IGNORE INTO memory_index_users(index_name, user_key, seq, floor)
+            SELECT DISTINCT 'vector', user_id, 0, 1 FROM memory_vectors_heavy;
+        """
+    )
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'memory_vectors'").fetchone():
+        conn.execute(
+            "INSERT OR IGNORE INTO memory_index_users(index_name, user_key, seq, floor)"
+            " SELECT DISTINCT 'vector', user_id, 0, 1 FROM memory_vectors"
+        )
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
     ("m002_fts_secure_delete", m002_fts_secure_delete),
@@ -234,6 +270,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("m005_heavy_vectors", m005_heavy_vectors),
     ("m006_fts_user_counts", m006_fts_user_counts),
     ("m007_core_index", m007_core_index),
+    ("m008_index_log", m008_index_log),
 ]
 
 

@@ -51,10 +51,12 @@ def db(tmp_path: Path) -> Database:
 
 
 def _index(db: Database, **options: int) -> SqliteVecIndex:
+    """The stored tiers themselves (what a search inside a write transaction reads): the
+    in-memory copy that serves other searches is tested in test_heavy_cache.py."""
     settings = {"compact_limit": 8, "heavy_limit": 64, "oversample": 4, "min_candidates": 80}
     settings.update(options)
     with db.transaction():
-        return SqliteVecIndex(db, DIM, 8, **settings)
+        return SqliteVecIndex(db, DIM, 8, cache=False, **settings)
 
 
 def _fill(index: SqliteVecIndex, vectors: np.ndarray, user: str = "ann", first: int = 1
@@ -262,8 +264,15 @@ def test_the_migration_moves_an_older_files_heavy_users(
     reopened = Database(path)
     try:
         assert migrations.migrate(reopened.conn) == [
-            "m005_heavy_vectors", "m006_fts_user_counts", "m007_core_index",
+            "m005_heavy_vectors", "m006_fts_user_counts", "m007_core_index", "m008_index_log",
         ]
+        logged = {  # m008: every user already there starts the change log at seq 0
+            (str(r[0]), str(r[1])) for r in reopened.conn.execute(
+                "SELECT index_name, user_key FROM memory_index_users WHERE seq = 0"
+            ).fetchall()
+        }
+        assert logged == {("vector", "ann"), ("vector", "bob"), ("text", user_token("ann")),
+                          ("text", user_token("bob"))}
         text = FTS5TextIndex(reopened)
         assert (text.count("ann"), text.count("bob"), text.count("carol")) == (4, 3, 0)
         index = SqliteVecIndex(reopened, 16)

@@ -7,22 +7,33 @@ syntax) and OR-ed, so BM25 ranks by how many and how rare the shared words are.
 Each user's row count is kept beside the index (`memories_fts_users`, migration m006) as rows
 are added and removed: counting in FTS5 walks the user's whole posting list, and recall asks on
 every query.
+
+Searches outside a write transaction are scored from a per-process copy of the user's postings
+in memory with FTS5's own bm25 arithmetic and tokens (cached_text.py), checked against the
+file's per-user change log (index_log.py) on every search; every add and remove here writes
+that log in its transaction. A query word FTS5 would read as several tokens (a phrase), or a
+totals record that cannot be read, is scored by FTS5 itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from collections.abc import Sequence
 
 from ..db import Database
 from ..models import MemoryCategory
+from . import index_log
+from .cached_text import Fts5Words, TermHits, UserPostings, table_stats
+from .user_cache import UserCache, current_entry, shared_cache
 
 __all__ = ["HEAVY_ROWS", "FTS5TextIndex", "fts_terms", "user_token"]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 # From this many rows a user's search ranks first and filters scope and category after.
 HEAVY_ROWS = 5000
+_LOG = "text"  # this index's name in the change log
 
 
 def user_token(user_id: str) -> str:
@@ -49,12 +60,32 @@ def _quote(term: str) -> str:
 class FTS5TextIndex:
     def __init__(
         self, db: Database, stop_words: frozenset[str] = frozenset(), *,
-        heavy_rows: int = HEAVY_ROWS, filter_depth: int = 4,
+        heavy_rows: int = HEAVY_ROWS, filter_depth: int = 4, cache: UserCache | bool = True,
     ) -> None:
+        """`cache`: True for the process's shared cache (user_cache.DEFAULT_CACHE_BYTES), a
+        `UserCache` of one's own, or False to let FTS5 score every search."""
         self.db = db
         self.stop_words = stop_words
         self.heavy_rows = heavy_rows
         self.filter_depth = filter_depth
+        self.cache: UserCache | None = (
+            shared_cache() if cache is True else cache if isinstance(cache, UserCache) else None
+        )
+        self._owner = object()  # this index's key in a shared cache
+        if self.cache is not None:
+            weakref.finalize(self, self.cache.drop_owner, self._owner)
+        self._words: Fts5Words | None = None
+        self._hits: TermHits = {}  # rows per term in the whole table, while it is unchanged
+
+    def words(self) -> Fts5Words:
+        """The tokenizer of `memories_fts` itself, as a private table (made on first use)."""
+        if self._words is None:
+            row = self.db.conn.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'memories_fts'"
+            ).fetchone()
+            found = re.search(r"tokenize\s*=\s*'((?:[^']|'')*)'", str(row[0]) if row else "")
+            self._words = Fts5Words(found.group(1).replace("''", "'") if found else "unicode61")
+        return self._words
 
     def add(
         self, rowid: int, user_id: str, scope_key: str, category: MemoryCategory, content: str
@@ -66,6 +97,7 @@ class FTS5TextIndex:
             " VALUES (?, ?, ?, ?, ?)",
             (rowid, content, token, scope_key, category.value),
         )
+        index_log.record(conn, _LOG, token, index_log.ADD, (rowid,))
         conn.execute(
             "INSERT INTO memories_fts_users(user_key, docs) VALUES (?, 1)"
             " ON CONFLICT(user_key) DO UPDATE SET docs = docs + 1",
@@ -74,7 +106,7 @@ class FTS5TextIndex:
 
     def remove(self, rowids: Sequence[int]) -> None:
         conn = self.db.conn
-        removed: dict[str, int] = {}
+        removed: dict[str, list[int]] = {}
         for rowid in rowids:
             row = conn.execute(
                 "SELECT user_key FROM memories_fts WHERE rowid = ?", (int(rowid),)
@@ -82,16 +114,21 @@ class FTS5TextIndex:
             if row is None:
                 continue
             conn.execute("DELETE FROM memories_fts WHERE rowid = ?", (int(rowid),))
-            removed[str(row[0])] = removed.get(str(row[0]), 0) + 1
-        for token, n in removed.items():
+            removed.setdefault(str(row[0]), []).append(int(rowid))
+        for token, gone in removed.items():
             conn.execute(
-                "UPDATE memories_fts_users SET docs = docs - ? WHERE user_key = ?", (n, token)
+                "UPDATE memories_fts_users SET docs = docs - ? WHERE user_key = ?",
+                (len(gone), token),
             )
-        # A user with no rows left leaves no row here either (purge leaves no trace).
-        conn.executemany(
-            "DELETE FROM memories_fts_users WHERE user_key = ? AND docs <= 0",
-            [(t,) for t in removed],
-        )
+            left = conn.execute(
+                "SELECT docs FROM memories_fts_users WHERE user_key = ?", (token,)
+            ).fetchone()
+            if left is None or int(left[0]) <= 0:
+                # A user with no rows left leaves no row here either (purge leaves no trace).
+                conn.execute("DELETE FROM memories_fts_users WHERE user_key = ?", (token,))
+                index_log.forget(conn, _LOG, token)
+            else:
+                index_log.record(conn, _LOG, token, index_log.REMOVE, gone)
 
     def search(
         self, query: str, user_id: str, *, scope_keys: Sequence[str] | None,
@@ -100,12 +137,53 @@ class FTS5TextIndex:
         terms = fts_terms(query, self.stop_words)
         if not terms or k <= 0:
             return []
+        if self.cache is not None:
+            found = self._cached(terms, user_id, scope_keys, categories, k)
+            if found is not None:
+                return found
         match = f"user_key:{user_token(user_id)} AND content:({' OR '.join(map(_quote, terms))})"
         if (scope_keys is not None or categories) and self.count(user_id) >= self.heavy_rows:
             found = self._rank_then_filter(match, scope_keys, categories, k)
             if found is not None:
                 return found
         return self._ranked(match, scope_keys, categories, k)
+
+    def _cached(
+        self, terms: list[str], user_id: str, scope_keys: Sequence[str] | None,
+        categories: Sequence[MemoryCategory] | None, k: int,
+    ) -> list[tuple[int, float]] | None:
+        """FTS5's answer from the in-memory postings; None to let FTS5 answer."""
+        assert self.cache is not None
+        words = self.words()
+        phrases = words.tokens(terms)
+        if any(len(p) != 1 for p in phrases):
+            return None  # a word FTS5 reads as a phrase of several tokens, or as none
+        conn = self.db.conn
+        token = user_token(user_id)
+
+        def build(conn: object, seq: int) -> UserPostings:
+            docs = [
+                (int(r[0]), str(r[1]), str(r[2]), str(r[3]))
+                for r in self.db.conn.execute(
+                    "SELECT rowid, content, scope_key, category FROM memories_fts"
+                    " WHERE memories_fts MATCH ?", (f"user_key:{_quote(token)}",),
+                ).fetchall()
+            ]
+            return UserPostings(words, len(words.text_tokens(token)), seq, docs)
+
+        entry = current_entry(self.cache, self._owner, conn, _LOG, token, build)
+        if entry is None:
+            return None
+        if entry.stale:
+            self.cache.drop(self._owner, token)
+            entry = current_entry(self.cache, self._owner, conn, _LOG, token, build)
+            if entry is None:
+                return None
+        terms_of = [p[0] for p in phrases]
+        stats = table_stats(conn, self._hits, terms_of)
+        if stats is None:
+            return None
+        return entry.search(terms_of, stats, scope_keys=scope_keys, categories=categories, k=k)
 
     def _ranked(
         self, match: str, scope_keys: Sequence[str] | None,

@@ -21,11 +21,18 @@ reaches `heavy_limit` vectors, their vectors move out of vec0 into the heavy tie
 (`heavy_vectors.HeavyVectors`: a numpy scan of sign bits, then an exact float re-rank of the
 nearest few hundred); the move happens in the add that crosses the limit, in its transaction,
 and migration m005 moves the users an older file already has past it.
+
+Searches outside a write transaction are answered from a per-process copy of the user's
+vectors in memory (cached_vectors.py: exact numpy cosine, or sign bits then an exact re-rank
+for users of `BITS_FROM` rows and more), checked against the file's per-user change log
+(index_log.py) on every search, so a row another process removed is never returned and one it
+added is never missed. Every add and remove here writes that log in its transaction.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,12 +41,16 @@ from ..db import Database
 from ..errors import ConfigError
 from ..migrations import migrate
 from ..models import MemoryCategory
+from . import index_log
+from .cached_vectors import BITS_FROM, UserVectors, read_rows
 from .heavy_vectors import HEAVY_LIMIT, HeavyVectors, move_to_heavy
+from .user_cache import UserCache, current_entry, shared_cache
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COMPACT_LIMIT", "HEAVY_LIMIT", "SqliteVecIndex"]
+__all__ = ["BITS_FROM", "COMPACT_LIMIT", "HEAVY_LIMIT", "SqliteVecIndex"]
 
+_LOG = "vector"  # this index's name in the change log
 _TABLE = "memory_vectors"
 _COMPACT = "memory_vectors_compact"
 COMPACT_LIMIT = 128
@@ -64,7 +75,10 @@ class SqliteVecIndex:
         self, db: Database, dimension: int, chunk_size: int = 128, *,
         compact_limit: int = COMPACT_LIMIT, heavy_limit: int = HEAVY_LIMIT,
         oversample: int = 20, min_candidates: int = 500,
+        cache: UserCache | bool = True, bits_from: int = BITS_FROM,
     ) -> None:
+        """`cache`: True for the process's shared cache (user_cache.DEFAULT_CACHE_BYTES), a
+        `UserCache` of one's own, or False to search the file every time."""
         if compact_limit < 1:
             raise ConfigError("compact_limit must be at least 1")
         if heavy_limit < compact_limit:
@@ -76,6 +90,15 @@ class SqliteVecIndex:
         self.heavy = HeavyVectors(
             lambda: db.conn, dimension, oversample=oversample, min_candidates=min_candidates
         )
+        self.oversample = oversample
+        self.min_candidates = min_candidates
+        self.bits_from = bits_from
+        self.cache: UserCache | None = (
+            shared_cache() if cache is True else cache if isinstance(cache, UserCache) else None
+        )
+        self._owner = object()  # this index's key in a shared cache
+        if self.cache is not None:
+            weakref.finalize(self, self.cache.drop_owner, self._owner)
         conn = db.conn
         migrate(conn)  # the compact table; a read only, once the store has migrated the file
         row = conn.execute(
@@ -121,6 +144,7 @@ class SqliteVecIndex:
             )
         with self.db.transaction():  # joins the caller's: the moves below are all or nothing
             conn = self.db.conn
+            index_log.record(conn, _LOG, user_id, index_log.ADD, (rowid,))
             heavy_user = self.heavy.user(user_id)
             if heavy_user is not None:
                 self.heavy.add(rowid, heavy_user, scope_key, category, vector)
@@ -152,11 +176,51 @@ class SqliteVecIndex:
             move_to_heavy(conn, self.heavy, user_id)
 
     def remove(self, rowids: Sequence[int]) -> None:
-        params = [(int(r),) for r in rowids]
+        ids = [int(r) for r in rowids]
+        if not ids:
+            return
+        params = [(r,) for r in ids]
+        with self.db.transaction():  # the log and the rows commit together
+            conn = self.db.conn
+            owners: dict[str, list[int]] = {}
+            for row in self._owners(ids):
+                owners.setdefault(row[1], []).append(row[0])
+            conn.executemany(f"DELETE FROM {_COMPACT} WHERE rowid = ?", params)
+            conn.executemany(f"DELETE FROM {_TABLE} WHERE rowid = ?", params)
+            self.heavy.remove(ids)
+            for user_id, removed in owners.items():
+                if self._holds_any(user_id):
+                    index_log.record(conn, _LOG, user_id, index_log.REMOVE, removed)
+                else:  # a purge leaves no log of the user behind
+                    index_log.forget(conn, _LOG, user_id)
+
+    def _owners(self, rowids: list[int]) -> list[tuple[int, str]]:
+        """(rowid, user_id) of those rowids this index holds."""
         conn = self.db.conn
-        conn.executemany(f"DELETE FROM {_COMPACT} WHERE rowid = ?", params)
-        conn.executemany(f"DELETE FROM {_TABLE} WHERE rowid = ?", params)
-        self.heavy.remove([int(r) for r in rowids])
+        out: list[tuple[int, str]] = []
+        for start in range(0, len(rowids), 500):
+            part = rowids[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for table in (_COMPACT, "memory_vectors_heavy"):
+                out += [(int(r[0]), str(r[1])) for r in conn.execute(
+                    f"SELECT rowid, user_id FROM {table} WHERE rowid IN ({marks})", part
+                ).fetchall()]
+        found = {r for r, _ in out}
+        for rid in rowids:
+            if rid not in found:
+                row = conn.execute(
+                    f"SELECT rowid, user_id FROM {_TABLE} WHERE rowid = ?", (rid,)
+                ).fetchone()
+                if row is not None:
+                    out.append((int(row[0]), str(row[1])))
+        return out
+
+    def _holds_any(self, user_id: str) -> bool:
+        conn = self.db.conn
+        return any(
+            conn.execute(f"SELECT 1 FROM {t} WHERE user_id = ? LIMIT 1", (user_id,)).fetchone()
+            for t in (_COMPACT, "memory_vectors_heavy", _TABLE)
+        )
 
     def search(
         self, embedding: np.ndarray, user_id: str, *, scope_keys: Sequence[str] | None,
@@ -164,6 +228,17 @@ class SqliteVecIndex:
     ) -> list[tuple[int, float]]:
         if k <= 0:
             return []
+        if self.cache is not None:
+            entry = current_entry(
+                self.cache, self._owner, self.db.conn, _LOG, user_id,
+                lambda conn, seq: UserVectors(
+                    self.dimension, seq, read_rows(conn, user_id, None),
+                    bits_from=self.bits_from, oversample=self.oversample,
+                    min_candidates=self.min_candidates,
+                ),
+            )
+            if entry is not None:
+                return entry.search(embedding, scope_keys=scope_keys, categories=categories, k=k)
         heavy_user = self.heavy.user(user_id)
         if heavy_user is not None:  # a heavy user has no vectors in the other tables
             return self.heavy.search(

@@ -1,0 +1,149 @@
+"""A per-process cache of users' in-memory indexes, bounded by bytes, least recently used out.
+
+The vector and text indexes keep a user's search structures here (cached_vectors.py,
+cached_text.py) and check them against the file's change log (index_log.py) on every search,
+so the cache changes speed only, never answers. One budget serves every index of the process
+(`shared_cache()`, `DEFAULT_CACHE_BYTES`), independent of `MemoryConfig`: it is a property of
+the process's memory, not of a store. Each index passes its own `owner` token, so two stores in
+one process never see each other's entries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol, TypeVar
+
+from .index_log import Change, changes, state
+
+__all__ = [
+    "DEFAULT_CACHE_BYTES", "Cached", "Replayable", "UserCache", "current_entry", "shared_cache",
+]
+
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+
+
+class Cached(Protocol):
+    @property
+    def nbytes(self) -> int: ...
+
+
+class UserCache:
+    """(owner, user) -> entry, evicting the least recently used past `max_bytes`. An entry's
+    size is read when it is put; call `resize` after changing it in place."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[Hashable, str], tuple[Cached, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, owner: Hashable, user: str) -> Cached | None:
+        with self._lock:
+            hit = self._entries.get((owner, user))
+            if hit is None:
+                return None
+            self._entries.move_to_end((owner, user))
+            return hit[0]
+
+    def put(self, owner: Hashable, user: str, entry: Cached) -> None:
+        """Keep `entry` unless it alone is larger than the whole budget."""
+        size = entry.nbytes
+        with self._lock:
+            self._pop((owner, user))
+            if size > self.max_bytes:
+                return
+            self._entries[(owner, user)] = (entry, size)
+            self._bytes += size
+            self._evict()
+
+    def resize(self, owner: Hashable, user: str) -> None:
+        with self._lock:
+            hit = self._entries.get((owner, user))
+            if hit is None:
+                return
+            size = hit[0].nbytes
+            self._bytes += size - hit[1]
+            self._entries[(owner, user)] = (hit[0], size)
+            self._evict()
+
+    def drop(self, owner: Hashable, user: str) -> None:
+        with self._lock:
+            self._pop((owner, user))
+
+    def drop_owner(self, owner: Hashable) -> None:
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == owner]:
+                self._pop(key)
+
+    def _pop(self, key: tuple[Hashable, str]) -> None:
+        gone = self._entries.pop(key, None)
+        if gone is not None:
+            self._bytes -= gone[1]
+
+    def _evict(self) -> None:
+        while self._bytes > self.max_bytes and self._entries:
+            _, (_, size) = self._entries.popitem(last=False)
+            self._bytes -= size
+
+
+_shared: UserCache | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_cache() -> UserCache:
+    """The process's cache, made on first use with `DEFAULT_CACHE_BYTES`."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = UserCache()
+        return _shared
+
+
+class Replayable(Cached, Protocol):
+    """An in-memory copy of one user's index at `seq`, which can catch up on the change log."""
+
+    seq: int
+    lock: threading.Lock
+
+    def replay(self, conn: Any, changes: list[Change]) -> None: ...
+
+
+E = TypeVar("E", bound=Replayable)
+
+
+def current_entry(
+    cache: UserCache, owner: Hashable, conn: Any, index: str, user: str,
+    build: Callable[[Any, int], E],
+) -> E | None:
+    """The user's copy, brought up to the file's state; None means "search the file": inside a
+    write transaction (whose rows may still roll back, and whose seqs may then be reused) or
+    when the log holds no rows of the user. One indexed SELECT when the copy is current."""
+    if conn.in_transaction:
+        return None
+    found = state(conn, index, user)
+    if found is None:
+        cache.drop(owner, user)
+        return None
+    seq, floor = found
+    entry = cache.get(owner, user)
+    if entry is not None:
+        with entry.lock:
+            if entry.seq == seq:
+                return entry  # type: ignore[return-value]
+            if entry.seq >= floor - 1:
+                entry.replay(conn, changes(conn, index, user, entry.seq))
+                entry.seq = max(entry.seq, seq)
+                cache.resize(owner, user)
+                return entry  # type: ignore[return-value]
+    fresh = build(conn, seq)
+    cache.put(owner, user, fresh)
+    return fresh
