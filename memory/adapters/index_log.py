@@ -38,17 +38,16 @@ def record(conn: Any, index: str, user: str, op: int, rowids: Iterable[int]) -> 
     rows = [(index, user, op, int(r)) for r in rowids]
     if not rows:
         return
-    conn.executemany(f"INSERT INTO {_LOG}(index_name, user_key, op, row) VALUES (?, ?, ?, ?)",
-                     rows)
-    seq = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-    first = seq - len(rows) + 1
-    conn.execute(
-        f"INSERT INTO {_USERS}(index_name, user_key, seq, floor) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT(index_name, user_key) DO UPDATE SET seq = excluded.seq",
-        (index, user, seq, first),
-    )
+    insert = f"INSERT INTO {_LOG}(index_name, user_key, op, row) VALUES (?, ?, ?, ?)"
+    if len(rows) == 1:  # the common case, an add: two statements in all
+        seq = int(conn.execute(insert, rows[0]).lastrowid)
+    else:
+        conn.executemany(insert, rows)
+        seq = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
     floor = int(conn.execute(
-        f"SELECT floor FROM {_USERS} WHERE index_name = ? AND user_key = ?", (index, user)
+        f"INSERT INTO {_USERS}(index_name, user_key, seq, floor) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT(index_name, user_key) DO UPDATE SET seq = excluded.seq RETURNING floor",
+        (index, user, seq, seq - len(rows) + 1),
     ).fetchone()[0])
     if seq - floor >= 2 * KEEP:  # trim in steps of KEEP, not on every write
         floor = seq - KEEP + 1
