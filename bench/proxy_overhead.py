@@ -3,7 +3,7 @@ the proxy, interleaved, with the proxy's CPU time and its own overhead receipt b
 
     python bench/proxy_overhead.py [--memories 1000,10000,100000] [--concurrency 1,8,64]
                                    [--requests 300] [--workers 1] [--write-share 0.1]
-    python bench/proxy_overhead.py --quick            # smoke run, under 2 minutes
+    python bench/proxy_overhead.py --quick [--workers 2]  # c=1 and c=8 on 1k memories, ~1 min
     python bench/proxy_overhead.py --formats [chat,responses,messages] [--memories 10000]
                                    [--users 1000] [--concurrency 1,8] [--requests 200]
 
@@ -980,7 +980,8 @@ def main() -> None:
     parser.add_argument("--write-share", type=float, default=0.1)
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached stores")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1k memories, c=1,8, 60 requests per cell")
+                        help="short run: 1k memories, c=1,8, 200 requests per cell (~1 min "
+                        "on a quiet machine), RESULTS.md untouched")
     parser.add_argument("--no-write", action="store_true", help="print only, skip RESULTS.md")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -990,8 +991,8 @@ def main() -> None:
     if args.quick:
         args.memories = args.memories or "1000"
         args.concurrency = args.concurrency or "1,8"
-        args.requests = args.requests or 60
-        args.warm = min(args.warm, 15)
+        args.requests = args.requests or 200
+        args.warm = min(args.warm, 20)
         args.pool = args.pool or 2000
         args.no_write = True
     args.memories = args.memories or ("10000" if args.formats else "1000,10000,100000")
