@@ -97,7 +97,10 @@ class PgDatabase:
         try:
             self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
                 url, min_size=min_size, max_size=max_size, timeout=timeout_s,
-                kwargs={"autocommit": True}, configure=_configure, open=False,
+                # Prepared on first use (psycopg's default waits for the 5th): the statements
+                # are few and fixed, and a search is a handful of them.
+                kwargs={"autocommit": True, "prepare_threshold": 0}, configure=_configure,
+                open=False,
                 name="headroom",
             )
             self.pool.open(wait=True, timeout=timeout_s)
