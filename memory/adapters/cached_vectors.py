@@ -85,7 +85,8 @@ def read_rows(conn: Any, user_id: str | None, rowids: Sequence[int] | None) -> l
                 f"SELECT rowid, scope_key, category, embedding FROM {table} WHERE user_id = ?",
                 (user_id,),
             ).fetchall()]
-        return out + _heavy_rows(conn, "user_id = ?", (user_id,))
+        out += _heavy_rows(conn, "user_id = ?", (user_id,))
+        return list({r[0]: r for r in out}.values())  # a row moved between tiers, once
     ids = [int(r) for r in rowids]
     for start in range(0, len(ids), 500):
         part = ids[start : start + 500]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 from .index_log import Change, changes, state
@@ -140,10 +141,26 @@ def current_entry(
             if entry.seq == seq:
                 return entry  # type: ignore[return-value]
             if entry.seq >= floor - 1:
-                entry.replay(conn, changes(conn, index, user, entry.seq))
+                with _snapshot(conn):  # the log and the rows it names, as of one moment
+                    entry.replay(conn, changes(conn, index, user, entry.seq))
                 entry.seq = max(entry.seq, seq)
                 cache.resize(owner, user)
                 return entry  # type: ignore[return-value]
-    fresh = build(conn, seq)
+    with _snapshot(conn):  # a copy and its seq read as of one moment, across its tables
+        found = state(conn, index, user)
+        if found is None:
+            return None
+        fresh = build(conn, found[0])
     cache.put(owner, user, fresh)
     return fresh
+
+
+@contextmanager
+def _snapshot(conn: Any) -> Iterator[None]:
+    """One read transaction (WAL: a snapshot, taking no write lock) around several SELECTs."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
