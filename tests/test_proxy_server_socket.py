@@ -1,0 +1,69 @@
+"""The server's client connections send without Nagle's delay, however their listener was made.
+
+`serve --workers N` binds the port in the parent (uvicorn's `bind_socket`, protocol 0) and every
+worker accepts from it; asyncio turns TCP_NODELAY on only for sockets it made with
+`IPPROTO_TCP`, so those connections kept Nagle on and each response's body waited for the
+client's delayed ACK after its headers (~40 ms at concurrency 1, measured with
+bench/proxy_overhead.py --workers 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvicorn
+from uvicorn.server import ServerState
+
+from headroom.proxy.server import header_timeout_protocol
+
+
+async def _app(scope: dict[str, object], receive: object, send: object) -> None:
+    raise AssertionError("no request is sent in these tests")
+
+
+def _nodelay_of_accepted(listener: socket.socket) -> int:
+    """Accept one connection from `listener` into the proxy's protocol; its TCP_NODELAY."""
+    config = uvicorn.Config(_app, log_config=None, lifespan="off")
+    config.load()
+    protocol_class = header_timeout_protocol(5.0)
+
+    async def accept() -> int:
+        loop = asyncio.get_running_loop()
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = await loop.sock_accept(listener)
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol_class(config=config, server_state=ServerState(), app_state={},
+                                   _loop=loop),
+            accepted,
+        )
+        try:
+            return int(transport.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        finally:
+            transport.close()
+            client.close()
+
+    return asyncio.run(accept())
+
+
+def test_a_connection_accepted_from_the_workers_listener_has_nagle_off() -> None:
+    listener = uvicorn.Config(_app, host="127.0.0.1", port=0, log_config=None).bind_socket()
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        assert listener.proto == 0  # the case asyncio leaves alone
+        assert _nodelay_of_accepted(listener) == 1
+    finally:
+        listener.close()
+
+
+def test_a_connection_accepted_from_a_tcp_listener_keeps_nagle_off() -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        assert _nodelay_of_accepted(listener) == 1
+    finally:
+        listener.close()
