@@ -168,3 +168,21 @@ def test_optimize_keeps_every_result(corpus: Storage) -> None:
     assert dict(after) == pytest.approx(dict(before))  # ties may come back in another order
     assert len(after) == 3 + 30
     assert corpus.text.count("alice") == 4 + 30
+
+
+def test_searches_follow_adds_and_removes_between_them(storage: Storage) -> None:
+    """A search after a write sees it: an adapter that keeps a user's postings in memory
+    (SQLite's per-process copy) must bring them up to date, never answer from before."""
+    index_text(storage, 1, "alice", "hiking boots for the alps")
+    index_text(storage, 2, "alice", "a hiking trip with friends")
+    assert {rid for rid, _ in search(storage, "hiking")} == {1, 2}
+    index_text(storage, 3, "alice", "hiking hiking hiking")
+    assert search(storage, "hiking")[0][0] == 3
+    with storage.store.transaction():
+        storage.text.remove([3, 1])
+    assert [rid for rid, _ in search(storage, "hiking")] == [2]
+    with storage.store.transaction():
+        storage.text.remove([2])
+    assert search(storage, "hiking") == []
+    index_text(storage, 2, "alice", "kayaks only")  # a row key used again, for other words
+    assert search(storage, "hiking") == [] and [r for r, _ in search(storage, "kayaks")] == [2]

@@ -128,3 +128,22 @@ def test_a_vector_of_the_wrong_dimension_is_refused(storage: Storage) -> None:
             np.ones(DIMENSION + 1, dtype=np.float32),
         )
     assert storage.vectors.count() == 0
+
+
+def test_searches_follow_adds_and_removes_between_them(storage: Storage) -> None:
+    """A search after a write sees it: an adapter that keeps a user's vectors in memory
+    (SQLite's per-process copy) must bring them up to date, never answer from before."""
+    for rid in range(1, 6):
+        index_vector(storage, rid, "alice", blend(1, rid / 10))
+    assert search(storage, axis(0), k=1)[0][0] == 1
+    index_vector(storage, 9, "alice", axis(0))
+    assert search(storage, axis(0), k=1)[0][0] == 9
+    with storage.store.transaction():
+        storage.vectors.remove([9, 1])
+    assert [rid for rid, _ in search(storage, axis(0))] == [2, 3, 4, 5]
+    with storage.store.transaction():
+        storage.vectors.remove([2, 3, 4, 5])
+    assert search(storage, axis(0)) == []
+    index_vector(storage, 2, "alice", axis(1))  # a row key used again, for another vector
+    [(rid, similarity)] = search(storage, axis(1))
+    assert rid == 2 and similarity == pytest.approx(1.0, abs=1e-5)
