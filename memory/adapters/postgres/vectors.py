@@ -15,10 +15,11 @@ pay for a graph insert (measured ~15 ms per row with pgserver's pgvector, agains
 plain row). Per-user graphs keep one user's search off everyone else's rows and cost only the
 writes of users large enough to need them.
 
-Whether a user is large is counted (up to `exact_below`) at most every `_RECOUNT_S` seconds per
-user while they stay small, and at once when this process's own writes may have taken them past
-it: a dedup search before every write would otherwise pay a count too. A user who grows past it
-through other replicas is searched exactly (never wrongly, only slower) until the next count.
+Whether a user is large is learned without a statement of its own: the exact search counts the
+user's rows as it scans them (a window count in the same statement), and a batch's dedup lookups
+(`nearest_many`) count the users they have not seen for `_RECOUNT_S` seconds in one statement.
+A user known large is searched through their graph; a user who grows past `exact_below` (through
+any replica) is found large by their next exact search.
 
 The first search that finds a large user without a graph starts building it in the background
 (`CREATE INDEX CONCURRENTLY` on its own connection, so writes go on; a session advisory lock
@@ -138,20 +139,28 @@ class PgVectorIndex:
         if categories:
             extra += " AND category = ANY(%s)"
             params.append([c.value for c in categories])
-        if self._is_large(user_id):
+        if user_id in self._large or user_id in self._graphs:
             if self.has_graph(user_id):
                 rows = self._graph_search(query, user_id, extra, params, k)
                 if len(rows) >= k:  # scope or category may filter the walk's rows away
                     return rows
             else:
                 self.build_graph_soon(user_id)
-        rows = self.db.fetchall(
-            "SELECT rid, distance FROM (SELECT rid, embedding <=> %s AS distance"
-            f" FROM memory_vectors WHERE user_id = %s{extra} OFFSET 0) mine"
-            " ORDER BY distance, rid LIMIT %s",
+        # The exact scan reads all of the user's rows anyway, so it counts them too (before
+        # scope and category filter them): no count statement to learn whether they are large.
+        found = self.db.fetchall(
+            "SELECT rid, distance, n FROM (SELECT rid, scope_key, category,"
+            " embedding <=> %s AS distance, count(*) OVER () AS n"
+            " FROM memory_vectors WHERE user_id = %s OFFSET 0) mine"
+            f" WHERE true{extra} ORDER BY distance, rid LIMIT %s",
             [query, user_id, *params, k],
         )
-        return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
+        if found:
+            with self._lock:
+                large = self._remember_count(user_id, int(found[0][2]))
+            if large and user_id not in self._graphs:
+                self.build_graph_soon(user_id)
+        return [(int(r[0]), 1.0 - float(r[1])) for r in found]
 
     def nearest_many(
         self, probes: Sequence[tuple[str, np.ndarray]]

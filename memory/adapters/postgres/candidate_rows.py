@@ -1,0 +1,53 @@
+"""`MemoryStore.candidates` for PostgreSQL as one statement: what ranking weighs of each candidate
+(its columns and embedding), as the SQLite store reads it, instead of whole memories and then
+their embeddings in a second round trip. Whole memories are built only for the rows returned
+(`CandidateRows.memories`, through the store's `get_by_rowids`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ...candidates import CandidateRows
+
+if TYPE_CHECKING:
+    from .store import PostgresMemoryStore
+
+__all__ = ["read_candidates"]
+
+# Times as integer microseconds since the epoch (extract gives an exact numeric).
+_CANDIDATES = (
+    "SELECT rid, user_id, session_id, scope_key, category, content, importance,"
+    " (extract(epoch FROM created_at) * 1000000)::int8,"
+    " (extract(epoch FROM valid_from) * 1000000)::int8,"
+    " valid_until IS NULL AND forgotten_at IS NULL, embedding"
+    " FROM memories WHERE rid = ANY(%s)"
+)
+
+
+def read_candidates(store: PostgresMemoryStore, rowids: Sequence[int]) -> CandidateRows:
+    """The candidate columns of `rowids` that exist (in no particular order, each once); whole
+    memories of some of them on demand through `store.get_by_rowids`."""
+    rows: list[tuple[object, ...]] = []
+    if rowids:
+        store.deferred.flush("memories")
+        rows = store.db.fetchall(_CANDIDATES, ([int(r) for r in rowids],))
+    columns: list[Sequence[object]] = list(zip(*rows, strict=True)) or [()] * 11
+    blobs = columns[10]
+    size = next((len(b) for b in blobs if b is not None), 0)  # type: ignore[arg-type]
+    has = [False] * len(rows)
+    matrix = None
+    if size:
+        # One buffer, one matrix; a row of another model's size counts as having none.
+        has = [b is not None and len(b) == size for b in blobs]  # type: ignore[arg-type]
+        zero = bytes(size)
+        matrix = np.frombuffer(
+            b"".join(b if ok else zero for b, ok in zip(blobs, has, strict=True)),  # type: ignore[arg-type]
+            dtype=np.float32,
+        ).reshape(len(rows), size // 4)
+    return CandidateRows(  # type: ignore[arg-type]
+        *columns[:9], columns[9], matrix, has, store.get_by_rowids
+    )
