@@ -4,12 +4,15 @@ Storage and model calls block, so nothing of theirs runs on the event loop. SQLi
 writer at a time, and ordering every write on one thread avoids lock waits inside the process;
 WAL lets the readers run beside it. The local model is pinned to few threads on purpose: memory
 contents are embedded on a thread of their own, and queries through a `BatchingEmbedder`, whose
-callers wait on a small pool so that queries arriving together share one model call.
+callers wait on a small pool so that queries arriving together share one model call. Queries
+asked in the same turn of the event loop (asyncio.gather, a burst of requests) leave the loop as
+one call already, so they make one model call and one thread hop between them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -48,6 +51,9 @@ class Executors:
         self._query_embedder = CachedEmbedder(
             self.query_batcher, parts.config.query_embedding_cache_size
         )
+        # Queries asked since the loop last ran the flush below, and the loop they wait on.
+        self._pending_queries: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
 
     async def write(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the writer thread inside one store transaction."""
@@ -80,11 +86,34 @@ class Executors:
         )
 
     async def embed_query(self, text: str) -> np.ndarray:
-        """One query's vector, from the LRU of recent queries when it repeats."""
-        vectors = await asyncio.get_running_loop().run_in_executor(
-            self._query_embedding, self._query_embedder.embed, [text]
-        )
-        return vectors[0]
+        """One query's vector, from the LRU of recent queries when it repeats.
+
+        The query waits for the loop's next turn at most (call_soon, no timer): a lone query
+        goes out at once, and the ones asked beside it go with it.
+        """
+        loop = asyncio.get_running_loop()
+        if self._pending_loop is not loop:  # a first query, or the last loop went away
+            self._pending_queries, self._pending_loop = [], loop
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending_queries.append((text, future))
+        if len(self._pending_queries) == 1:
+            loop.call_soon(self._flush_queries)
+        return await future
+
+    def _flush_queries(self) -> None:
+        pending, self._pending_queries = self._pending_queries, []
+        loop = self._pending_loop
+        assert loop is not None
+        for start in range(0, len(pending), QUERY_BATCH_MAX):
+            group = pending[start : start + QUERY_BATCH_MAX]
+            try:
+                done = loop.run_in_executor(
+                    self._query_embedding, self._query_embedder.embed, [t for t, _ in group]
+                )
+            except RuntimeError as exc:  # the pool is shut down
+                _settle(group, None, exc)
+                continue
+            done.add_done_callback(functools.partial(_settle_from, group))
 
     def shutdown(self) -> None:
         # A model still loading must not hold shutdown up (a container gets ~10 s after SIGTERM);
@@ -93,3 +122,29 @@ class Executors:
         self._query_embedding.shutdown(wait=False, cancel_futures=True)
         self._readers.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+
+
+def _settle_from(
+    group: list[tuple[str, asyncio.Future[np.ndarray]]], done: asyncio.Future[np.ndarray]
+) -> None:
+    if done.cancelled():
+        _settle(group, None, asyncio.CancelledError())
+    else:
+        _settle(group, done.result() if done.exception() is None else None, done.exception())
+
+
+def _settle(
+    group: list[tuple[str, asyncio.Future[np.ndarray]]],
+    vectors: np.ndarray | None,
+    error: BaseException | None,
+) -> None:
+    """Hand each waiting query its row (or the group's error); a caller that gave up is skipped."""
+    for row, (_, future) in enumerate(group):
+        if future.done():
+            continue
+        if isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        elif vectors is None:
+            future.set_exception(error or RuntimeError("query embedding did not finish"))
+        else:
+            future.set_result(vectors[row])

@@ -157,6 +157,13 @@ def test_real_model_vectors_match_single_calls(local_embedder: OnnxEmbedder) -> 
     assert len(gate.calls) == 2
 
 
+async def _until(condition: Callable[[], bool], what: Callable[[], object]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what()
+        await asyncio.sleep(0.002)
+
+
 async def test_the_engine_batches_concurrent_query_embeddings(tmp_path: Path) -> None:
     gate = GatedEmbedder(FakeEmbedder())
     memory = await HierarchicalMemory.create(MemoryConfig(db_path=tmp_path / "m.db"), embedder=gate)
@@ -164,19 +171,49 @@ async def test_the_engine_batches_concurrent_query_embeddings(tmp_path: Path) ->
         gate.calls.clear()
         gate.arm()
         batcher = memory._executors.query_batcher
-        tasks = [asyncio.create_task(memory.embed_query(q)) for q in QUERIES]
-        deadline = time.monotonic() + 10
-        while batcher.stats()["queued"] < len(QUERIES) - 1:
-            assert time.monotonic() < deadline, batcher.stats()
-            await asyncio.sleep(0.002)
+        # One query finds the model idle and goes at once; seven asked while it runs queue.
+        first = asyncio.create_task(memory.embed_query(QUERIES[0]))
+        await _until(lambda: len(gate.calls) == 1, batcher.stats)
+        rest = [asyncio.create_task(memory.embed_query(q)) for q in QUERIES[1:]]
+        await _until(lambda: batcher.stats()["queued"] == 1, batcher.stats)
         gate.release.set()
-        vectors = await asyncio.gather(*tasks)
+        vectors = await asyncio.gather(first, *rest)
         for query, vector in zip(QUERIES, vectors, strict=True):
             np.testing.assert_array_equal(vector, FakeEmbedder().embed([query])[0])
-        assert len(gate.calls) == 2  # one alone, seven together
+        assert gate.calls == [QUERIES[:1], QUERIES[1:]]  # one alone, seven together
         # Repeats come from the query cache in front of the batcher: no model call at all.
         await asyncio.gather(*(memory.embed_query(q) for q in QUERIES))
         assert len(gate.calls) == 2
+    finally:
+        await memory.close()
+
+
+async def test_queries_asked_in_one_loop_turn_make_one_model_call(tmp_path: Path) -> None:
+    """asyncio.gather of 8 queries on an idle model: one call with all 8, each caller its row;
+    a lone query still goes out alone, without waiting for company."""
+    fake = FakeEmbedder()
+    memory = await HierarchicalMemory.create(MemoryConfig(db_path=tmp_path / "m.db"), embedder=fake)
+    try:
+        fake.calls.clear()
+        vectors = await asyncio.gather(*(memory.embed_query(q) for q in QUERIES))
+        assert fake.calls == [QUERIES]
+        for query, vector in zip(QUERIES, vectors, strict=True):
+            np.testing.assert_array_equal(vector, FakeEmbedder().embed([query])[0])
+        alone = await memory.embed_query("a query on its own")
+        assert fake.calls[-1] == ["a query on its own"]
+        np.testing.assert_array_equal(alone, FakeEmbedder().embed(["a query on its own"])[0])
+        # A caller that gives up does not break the others asked beside it.
+        tasks = [asyncio.create_task(memory.embed_query(f"fresh {i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks[0].cancel()
+        got = await asyncio.gather(*tasks[1:])
+        np.testing.assert_array_equal(got[1], FakeEmbedder().embed(["fresh 2"])[0])
+        # The model's error reaches every caller of the group.
+        fake.fail_with = EmbedderError("model fell over")
+        results = await asyncio.gather(
+            memory.embed_query("x1"), memory.embed_query("x2"), return_exceptions=True
+        )
+        assert all(isinstance(r, EmbedderError) for r in results), results
     finally:
         await memory.close()
 

@@ -8,14 +8,15 @@ import importlib.util
 import logging
 
 from ..errors import ConfigError
-from ..models import EmbedderBackend, MemoryConfig
+from ..models import DEFAULT_LOCAL_MODEL, EmbedderBackend, MemoryConfig
 from ..ports import Embedder
 from .batching import BatchingEmbedder
 from .cached import CachedEmbedder
-from .local import LocalEmbedder, import_torch
+from .local import LocalEmbedder, import_torch, local_model_id
 from .ollama import OllamaEmbedder
 from .onnx import OnnxEmbedder
 from .openai import OPENAI_DIMENSIONS, OpenAIEmbedder
+from .quantize import has_vnni
 
 __all__ = [
     "LOCAL_RUNTIMES",
@@ -32,7 +33,8 @@ __all__ = [
 
 log = logging.getLogger("headroom.embedders")
 
-# "onnx-int8": memory contents on the float ONNX model, queries on its int8 copy (quantize.py).
+# "onnx-int8": memory contents on the float ONNX model, queries on its int8 copy (quantize.py);
+# what "auto" picks for the default model on a CPU with VNNI.
 LOCAL_RUNTIMES = ("torch", "onnx", "onnx-int8")
 # These answer `dimensions` with an error, so a different vector_dimension is a config mistake.
 _FIXED_SIZE_OPENAI = frozenset({"text-embedding-ada-002"})
@@ -40,12 +42,15 @@ _FIXED_SIZE_OPENAI = frozenset({"text-embedding-ada-002"})
 _Built = LocalEmbedder | OnnxEmbedder | OpenAIEmbedder | OllamaEmbedder
 
 
-def resolve_runtime(runtime: str) -> str:
-    """"auto" means ONNX Runtime when it (and onnx, for the one-time export) is installed."""
+def resolve_runtime(runtime: str, model: str = DEFAULT_LOCAL_MODEL) -> str:
+    """"auto" means ONNX Runtime when it (and onnx, for the one-time export) is installed, with
+    queries on the int8 copy where that was measured to agree with the float model (the default
+    MiniLM: lowest cosine 0.991, memory/embedders/quantize.py) and the CPU makes it pay (VNNI)."""
     if runtime != "auto":
         return runtime
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
-        return "onnx"
+        measured = local_model_id(model) == local_model_id(DEFAULT_LOCAL_MODEL)
+        return "onnx-int8" if measured and has_vnni() else "onnx"
     log.info("onnxruntime/onnx not installed: the local embedder runs on torch (slower queries)")
     return "torch"
 
@@ -61,7 +66,7 @@ def make_embedder(config: MemoryConfig) -> Embedder:
         raise ConfigError("embedder_model must not be empty")
     embedder: _Built
     if config.embedder_backend is EmbedderBackend.LOCAL:
-        runtime = resolve_runtime(config.embedder_runtime)
+        runtime = resolve_runtime(config.embedder_runtime, model)
         if runtime == "torch":
             embedder = LocalEmbedder(
                 model, torch_threads=config.torch_threads, batch_size=config.embed_batch_size

@@ -1,11 +1,15 @@
-"""int8 weights for the exported ONNX model: onnxruntime's dynamic quantization of every MatMul's
-weights (per output channel), written once beside the float export and reused after.
+"""int8 weights for the exported ONNX model: onnxruntime's dynamic quantization of the weight
+MatMuls (per output channel), written once beside the float export and reused after.
 
-On a CPU with VNNI (AVX-512 VNNI or AVX-VNNI, as on recent Xeons) the int8 MatMuls make one query
-~2x cheaper (OnnxEmbedder runs int8 texts one at a time: see its embed). The vectors stay close
-to the float model's (mean cosine 0.9923, lowest 0.973 over 1,200 LoCoMo turns and questions;
-bench/embed_bench.py measures it), close enough to search memories the float model embedded.
-Without VNNI it does not pay (measured on an AVX2-only AMD machine: bench/RESULTS.md).
+Five MatMuls stay float (`FLOAT_MATMULS`): quantizing all of them made one query 2x cheaper but
+some vectors drifted to cosine 0.973 from the float model's. A per-node sweep (each MatMul
+quantized alone, over the texts the full int8 model got most wrong) put nearly all of that drift
+on the feed-forward blocks, whose inputs carry outlier activations that one int8 scale per tensor
+cannot hold: the output projection of layers 0-2 and the expansion of layers 3-4. With those in
+float, over 950 LoCoMo questions, turns and multi-turn messages the lowest cosine is 0.991 (p1
+0.994, mean 0.9975) and one short query costs ~0.67x the float model's CPU time on a Xeon with
+AVX-512 VNNI (bench/embed_bench.py measures both). Without VNNI int8 does not pay (an AVX2-only
+AMD machine: bench/RESULTS.md), so `has_vnni` gates it in `make_embedder`'s "auto".
 """
 
 from __future__ import annotations
@@ -19,14 +23,47 @@ from pathlib import Path
 from ..errors import EmbedderError
 from ._staged import staged_dir
 
-__all__ = ["INT8_SUFFIX", "quantize_export", "quantized_dir_for"]
+__all__ = ["FLOAT_MATMULS", "INT8_SUFFIX", "has_vnni", "quantize_export", "quantized_dir_for"]
 
 log = logging.getLogger("headroom.embedders")
 
 # Bump when the quantization settings change, so an old int8 copy is not reused.
-INT8_SUFFIX = "-int8-1"
+INT8_SUFFIX = "-int8-2"
 _MODEL_FILE = "model.onnx"
 _META_FILE = "meta.json"
+# Node-name endings (BERT layout, as torch.onnx names a sentence-transformers export) of the
+# MatMuls kept float: the ones whose quantization moved the vectors most (see above).
+FLOAT_MATMULS = (
+    "encoder/layer.0/output/dense/MatMul",
+    "encoder/layer.1/output/dense/MatMul",
+    "encoder/layer.2/output/dense/MatMul",
+    "encoder/layer.3/intermediate/dense/MatMul",
+    "encoder/layer.4/intermediate/dense/MatMul",
+)
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has int8 dot-product instructions, where the int8 model pays. False when
+    it cannot tell (not Linux): the float model is the safe choice there."""
+    try:
+        with cpuinfo.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.startswith("flags"):
+                    return not _VNNI_FLAGS.isdisjoint(line.split(":", 1)[-1].split())
+    except OSError:
+        return False
+    return False
+
+
+def _float_nodes(model_file: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    return [
+        node.name for node in graph.node
+        if node.op_type == "MatMul" and node.name.endswith(FLOAT_MATMULS)
+    ]
 
 
 def quantized_dir_for(export_dir: Path) -> Path:
@@ -63,6 +100,9 @@ def quantize_export(export_dir: Path) -> Path:
                     str(export_dir / _MODEL_FILE), str(tmp / _MODEL_FILE),
                     weight_type=QuantType.QInt8, per_channel=True,
                     op_types_to_quantize=["MatMul"],
+                    nodes_to_exclude=_float_nodes(export_dir / _MODEL_FILE),
+                    # The attention-score MatMuls (both inputs activations) stay float.
+                    extra_options={"MatMulConstBOnly": True},
                 )
             finally:
                 logging.getLogger().disabled = was
