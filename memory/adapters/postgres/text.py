@@ -102,7 +102,9 @@ class PgTextIndex:
         # `docs.n` picks the branch when the statement runs (a one-time filter), so it stays
         # one statement, and its text is the same whatever the number of words (the words'
         # queries are OR-ed in SQL, as `q1 || q2 || ...` would), so it is prepared once per
-        # connection.
+        # connection. Each document's terms are summed in one order (lexeme) whatever the
+        # plan, and scores equal to 9 decimals are ties broken by row key, so a plan change
+        # never reorders equal scores by their last bit.
         sql = f"""
             WITH terms AS (
                 SELECT DISTINCT u.lexeme FROM unnest(to_tsvector('{TEXT_CONFIG}', %s)) u
@@ -134,13 +136,17 @@ class PgTextIndex:
                 WHERE u.lexeme IN (SELECT lexeme FROM terms)
             ),
             df AS (SELECT lexeme, count(*)::float8 AS n FROM tf GROUP BY lexeme)
-            SELECT h.rid, sum(
-                ln(1 + (docs.n - df.n + 0.5) / (df.n + 0.5))
-                * h.f * {_K1 + 1} / (h.f + {_K1} * (1 - {_B} + {_B} * h.doc_len / docs.avgdl))
-            ) AS score
-            FROM tf h JOIN df USING (lexeme) CROSS JOIN docs
-            WHERE true{filters}
-            GROUP BY h.rid ORDER BY score DESC, h.rid LIMIT %s
+            SELECT rid, score FROM (
+                SELECT h.rid, sum(
+                    ln(1 + (docs.n - df.n + 0.5) / (df.n + 0.5))
+                    * h.f * {_K1 + 1}
+                    / (h.f + {_K1} * (1 - {_B} + {_B} * h.doc_len / docs.avgdl))
+                    ORDER BY h.lexeme
+                ) AS score
+                FROM tf h JOIN df USING (lexeme) CROSS JOIN docs
+                WHERE true{filters}
+                GROUP BY h.rid
+            ) s ORDER BY round(score::numeric, 9) DESC, rid LIMIT %s
         """
         return [(int(r[0]), float(r[1])) for r in self.db.fetchall(sql, params)]
 
