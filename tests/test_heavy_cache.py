@@ -65,6 +65,7 @@ def test_cached_vector_search_is_the_files_exact_answer_with_filters(
     rng = np.random.default_rng(size)
     _fill(cached, _unit(rng.standard_normal((size, DIM))))
     _fill(cached, _unit(rng.standard_normal((30, DIM))), user="bob", first=10_000)
+    cached.warm("ann")  # a heavy-tier user's copy is otherwise read on a background thread
     for query in _unit(rng.standard_normal((20, DIM))):
         for scopes, cats in ((None, None), ([USER_SCOPE], None), (None, [PREF]),
                              ([SESSION_SCOPE, USER_SCOPE], [FACT]), (["nowhere"], None)):
@@ -89,6 +90,7 @@ def test_sign_bit_preselection_agrees_with_exact_search(path: Path) -> None:
     topics = rng.standard_normal((30, DIM))
     stored = _unit(2 + topics[rng.integers(0, 30, 1500)] + 0.5 * rng.standard_normal((1500, DIM)))
     _fill(index, stored)
+    index.warm("ann")
     shares = []
     for query in _unit(stored[rng.integers(0, 1500, 50)] + 0.05 * rng.standard_normal((50, DIM))):
         got = index.search(query, "ann", scope_keys=[USER_SCOPE], categories=None, k=10)
@@ -110,6 +112,7 @@ def test_a_write_through_another_connection_is_seen_and_a_removal_never_served(
     rng = np.random.default_rng(3)
     stored = _unit(rng.standard_normal((120, DIM)))
     _fill(writer, stored)
+    reader.warm("ann")  # from here on the reader's copy replays the writer's log
     query = stored[5]
     assert reader.search(query, "ann", scope_keys=None, categories=None, k=1)[0][0] == 6
     with writer_db.transaction():
@@ -177,7 +180,7 @@ def test_a_purged_user_leaves_no_log_and_a_new_life_starts_clean(path: Path) -> 
     rng = np.random.default_rng(6)
     stored = _unit(rng.standard_normal((70, DIM)))  # into the heavy tier
     _fill(index, stored)
-    index.search(stored[0], "ann", scope_keys=None, categories=None, k=1)
+    index.warm("ann")
     other = _vectors(Database(path), UserCache())
     with other.db.transaction():
         other.remove(list(range(1, 71)))
@@ -228,6 +231,24 @@ def test_the_cache_evicts_the_least_recently_used_past_its_bytes(path: Path) -> 
         index.search(q, user, scope_keys=None, categories=None, k=3)
     assert cache.nbytes <= cache.max_bytes and len(cache) == 2
     assert cache.get(index._owner, "b") is None and cache.get(index._owner, "a") is not None
+
+
+def test_a_heavy_users_first_copy_is_read_in_the_background_while_the_file_answers(
+    path: Path,
+) -> None:
+    db = Database(path)
+    cache = UserCache()
+    index, stored_index = _vectors(db, cache), _vectors(db, False)
+    rng = np.random.default_rng(10)
+    stored = _unit(rng.standard_normal((100, DIM)))
+    _fill(index, stored)  # past heavy_limit (64)
+    query = stored[3]
+    first = index.search(query, "ann", scope_keys=None, categories=None, k=5)
+    assert first == stored_index.search(query, "ann", scope_keys=None, categories=None, k=5)
+    index.builder.join(timeout=60)
+    assert cache.get(index._owner, "ann") is not None
+    again = index.search(query, "ann", scope_keys=None, categories=None, k=1)
+    assert again[0][0] == 4 and again[0][1] == pytest.approx(1.0, abs=1e-5)
 
 
 # --- text ------------------------------------------------------------------------------------

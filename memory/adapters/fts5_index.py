@@ -21,12 +21,13 @@ import hashlib
 import re
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
-from ..db import Database
+from ..db import Database, connect
 from ..models import MemoryCategory
 from . import index_log
 from .cached_text import Fts5Words, TermHits, UserPostings, table_stats
-from .user_cache import UserCache, current_entry, shared_cache
+from .user_cache import Builder, UserCache, current_entry, shared_cache
 
 __all__ = ["HEAVY_ROWS", "FTS5TextIndex", "fts_terms", "user_token"]
 
@@ -76,6 +77,7 @@ class FTS5TextIndex:
             weakref.finalize(self, self.cache.drop_owner, self._owner)
         self._words: Fts5Words | None = None
         self._hits: TermHits = {}  # rows per term in the whole table, while it is unchanged
+        self.builder = Builder()  # heavy users' copies are read on a background thread
 
     def words(self) -> Fts5Words:
         """The tokenizer of `memories_fts` itself, as a private table (made on first use)."""
@@ -159,31 +161,47 @@ class FTS5TextIndex:
         if any(len(p) != 1 for p in phrases):
             return None  # a word FTS5 reads as a phrase of several tokens, or as none
         conn = self.db.conn
+        entry = self._copy(user_id, background=True)
+        if entry is not None and entry.stale:
+            self.cache.drop(self._owner, user_token(user_id))
+            entry = self._copy(user_id, background=True)
+        if entry is None:
+            return None
+        terms_of = [p[0] for p in phrases]
+        stats = table_stats(conn, self._hits, terms_of)
+        if stats is None:
+            return None
+        return entry.search(terms_of, stats, scope_keys=scope_keys, categories=categories, k=k)
+
+    def _copy(self, user_id: str, *, background: bool) -> UserPostings | None:
+        """The user's in-memory postings, current; None: let FTS5 answer (see current_entry).
+        A user of `heavy_rows` rows or more is first read on a background thread."""
+        assert self.cache is not None
+        words = self.words()
         token = user_token(user_id)
 
-        def build(conn: object, seq: int) -> UserPostings:
+        def build(conn: Any, seq: int) -> UserPostings:
             docs = [
                 (int(r[0]), str(r[1]), str(r[2]), str(r[3]))
-                for r in self.db.conn.execute(
+                for r in conn.execute(
                     "SELECT rowid, content, scope_key, category FROM memories_fts"
                     " WHERE memories_fts MATCH ?", (f"user_key:{_quote(token)}",),
                 ).fetchall()
             ]
             return UserPostings(words, len(words.text_tokens(token)), seq, docs)
 
-        entry = current_entry(self.cache, self._owner, conn, _LOG, token, build)
-        if entry is None:
-            return None
-        if entry.stale:
-            self.cache.drop(self._owner, token)
-            entry = current_entry(self.cache, self._owner, conn, _LOG, token, build)
-            if entry is None:
-                return None
-        terms_of = [p[0] for p in phrases]
-        stats = table_stats(conn, self._hits, terms_of)
-        if stats is None:
-            return None
-        return entry.search(terms_of, stats, scope_keys=scope_keys, categories=categories, k=k)
+        return current_entry(
+            self.cache, self._owner, self.db.conn, _LOG, token, build,
+            background=(self.builder, lambda: connect(self.db.path),
+                        lambda: self.count(user_id) >= self.heavy_rows)
+            if background and self.db.path != ":memory:" else None,
+        )
+
+    def warm(self, user_id: str) -> None:
+        """Read the user's postings into memory now (a no-op without a cache, or when
+        current)."""
+        if self.cache is not None:
+            self._copy(user_id, background=False)
 
     def _ranked(
         self, match: str, scope_keys: Sequence[str] | None,

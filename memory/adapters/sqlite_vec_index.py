@@ -37,14 +37,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..db import Database
+from ..db import Database, connect
 from ..errors import ConfigError
 from ..migrations import migrate
 from ..models import MemoryCategory
 from . import index_log
 from .cached_vectors import BITS_FROM, UserVectors, read_rows
 from .heavy_vectors import HEAVY_LIMIT, HeavyVectors, move_to_heavy
-from .user_cache import UserCache, current_entry, shared_cache
+from .user_cache import Builder, UserCache, current_entry, shared_cache
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class SqliteVecIndex:
         self._owner = object()  # this index's key in a shared cache
         if self.cache is not None:
             weakref.finalize(self, self.cache.drop_owner, self._owner)
+        self.builder = Builder()  # heavy users' copies are read on a background thread
         conn = db.conn
         migrate(conn)  # the compact table; a read only, once the store has migrated the file
         row = conn.execute(
@@ -229,14 +230,7 @@ class SqliteVecIndex:
         if k <= 0:
             return []
         if self.cache is not None:
-            entry = current_entry(
-                self.cache, self._owner, self.db.conn, _LOG, user_id,
-                lambda conn, seq: UserVectors(
-                    self.dimension, seq, read_rows(conn, user_id, None),
-                    bits_from=self.bits_from, oversample=self.oversample,
-                    min_candidates=self.min_candidates,
-                ),
-            )
+            entry = self._copy(user_id, background=True)
             if entry is not None:
                 return entry.search(embedding, scope_keys=scope_keys, categories=categories, k=k)
         heavy_user = self.heavy.user(user_id)
@@ -262,6 +256,26 @@ class SqliteVecIndex:
             ((float(r[1]), int(r[0])) for r in (*compact, *partition)), key=lambda h: h[0]
         )
         return [(rowid, 1.0 - distance) for distance, rowid in hits[:k]]
+
+    def _copy(self, user_id: str, *, background: bool) -> UserVectors | None:
+        """The user's in-memory copy, current; None: search the file (see current_entry). A
+        heavy-tier user's first copy is read on a background thread, others' right here."""
+        assert self.cache is not None
+        return current_entry(
+            self.cache, self._owner, self.db.conn, _LOG, user_id,
+            lambda conn, seq: UserVectors(
+                self.dimension, seq, read_rows(conn, user_id, None), bits_from=self.bits_from,
+                oversample=self.oversample, min_candidates=self.min_candidates,
+            ),
+            background=(self.builder, lambda: connect(self.db.path),
+                        lambda: self.heavy.user(user_id) is not None)
+            if background and self.db.path != ":memory:" else None,
+        )
+
+    def warm(self, user_id: str) -> None:
+        """Read the user's copy into memory now (a no-op without a cache, or when current)."""
+        if self.cache is not None:
+            self._copy(user_id, background=False)
 
     def count(self, user_id: str | None = None) -> int:
         conn = self.db.conn
