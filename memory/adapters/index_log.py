@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ["ADD", "KEEP", "REMOVE", "Change", "changes", "forget", "record", "state"]
 
 ADD, REMOVE = 1, 0
-KEEP = 4096  # log entries kept per user and index; a copy further behind is rebuilt
+KEEP = 1024  # log entries kept per user and index (1-2x this); a copy further behind rebuilds
 _LOG = "memory_index_log"
 _USERS = "memory_index_users"
 
