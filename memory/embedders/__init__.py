@@ -45,7 +45,7 @@ _Built = LocalEmbedder | OnnxEmbedder | OpenAIEmbedder | OllamaEmbedder
 def resolve_runtime(runtime: str, model: str = DEFAULT_LOCAL_MODEL) -> str:
     """"auto" means ONNX Runtime when it (and onnx, for the one-time export) is installed, with
     queries on the int8 copy where that was measured to agree with the float model (the default
-    MiniLM: lowest cosine 0.991, memory/embedders/quantize.py) and the CPU makes it pay (VNNI)."""
+    MiniLM: lowest cosine 0.994, memory/embedders/quantize.py) and the CPU makes it pay (VNNI)."""
     if runtime != "auto":
         return runtime
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):

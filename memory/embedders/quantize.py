@@ -1,15 +1,16 @@
 """int8 weights for the exported ONNX model: onnxruntime's dynamic quantization of the weight
 MatMuls (per output channel), written once beside the float export and reused after.
 
-Five MatMuls stay float (`FLOAT_MATMULS`): quantizing all of them made one query 2x cheaper but
-some vectors drifted to cosine 0.973 from the float model's. A per-node sweep (each MatMul
+Seven MatMuls stay float (`FLOAT_MATMULS`): quantizing all of them made one query 2x cheaper
+but some vectors drifted to cosine 0.973 from the float model's. A per-node sweep (each MatMul
 quantized alone, over the texts the full int8 model got most wrong) put nearly all of that drift
 on the feed-forward blocks, whose inputs carry outlier activations that one int8 scale per tensor
-cannot hold: the output projection of layers 0-2 and the expansion of layers 3-4. With those in
-float, over 950 LoCoMo questions, turns and multi-turn messages the lowest cosine is 0.991 (p1
-0.994, mean 0.9975) and one short query costs ~0.67x the float model's CPU time on a Xeon with
-AVX-512 VNNI (bench/embed_bench.py measures both). Without VNNI int8 does not pay (an AVX2-only
-AMD machine: bench/RESULTS.md), so `has_vnni` gates it in `make_embedder`'s "auto".
+cannot hold: the output projection of layers 0-2 and the expansion of layers 1-4. With those in
+float, over 950 LoCoMo questions, turns and multi-turn messages the lowest cosine is 0.9936 (p1
+0.996, mean 0.998), and one short query costs ~0.68x the float model's CPU time on a Xeon with
+AVX-512 VNNI (every MatMul int8: 0.50x; five kept float: 0.62x but lowest 0.9897 on another
+sample). bench/embed_bench.py measures both. Without VNNI int8 does not pay (an AVX2-only AMD
+machine: bench/RESULTS.md), so `has_vnni` gates it in `make_embedder`'s "auto".
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = ["FLOAT_MATMULS", "INT8_SUFFIX", "has_vnni", "quantize_export", "quant
 log = logging.getLogger("headroom.embedders")
 
 # Bump when the quantization settings change, so an old int8 copy is not reused.
-INT8_SUFFIX = "-int8-2"
+INT8_SUFFIX = "-int8-3"
 _MODEL_FILE = "model.onnx"
 _META_FILE = "meta.json"
 # Node-name endings (BERT layout, as torch.onnx names a sentence-transformers export) of the
@@ -37,6 +38,8 @@ FLOAT_MATMULS = (
     "encoder/layer.0/output/dense/MatMul",
     "encoder/layer.1/output/dense/MatMul",
     "encoder/layer.2/output/dense/MatMul",
+    "encoder/layer.1/intermediate/dense/MatMul",
+    "encoder/layer.2/intermediate/dense/MatMul",
     "encoder/layer.3/intermediate/dense/MatMul",
     "encoder/layer.4/intermediate/dense/MatMul",
 )
