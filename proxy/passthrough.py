@@ -1,4 +1,5 @@
-"""Every route other than chat completions: forwarded byte for byte, bodies streamed both ways."""
+"""Every route other than chat completions: forwarded byte for byte, the request body streamed,
+the answer streamed unless it declares at most `WHOLE_ANSWER_BYTES` (then sent whole)."""
 
 from __future__ import annotations
 
