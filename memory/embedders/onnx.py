@@ -273,7 +273,13 @@ class OnnxEmbedder:
         # Similar lengths share a batch, so little of each batch is padding.
         order = sorted(range(len(items)), key=lambda i: len(items[i]))
         out = np.empty((len(items), self.dimension), dtype=np.float32)
-        for chunk in _similar_length_chunks([len(items[i]) for i in order], self.batch_size):
+        # int8 activations are quantized with one scale per tensor, i.e. per batch: a text's
+        # vector would move with its batch-mates (lowest cosine 0.997 to itself alone over 64
+        # LoCoMo questions in batches of 8), against the Embedder contract. One at a time keeps
+        # every text's vector the same in any batch; it costs concurrent queries ~1.5x the CPU
+        # of one batch (bench/embed_bench.py --pipeline).
+        step = 1 if self.quantized else self.batch_size
+        for chunk in _similar_length_chunks([len(items[i]) for i in order], step):
             rows = [order[i] for i in chunk]
             out[rows] = self._run([items[i] for i in rows])
         return l2_normalise(out)
@@ -292,11 +298,8 @@ class OnnxEmbedder:
 
 def _similar_length_chunks(lengths: list[int], batch_size: int) -> list[range]:
     """Runs of `lengths` (sorted ascending) of at most `batch_size` in which the longest is at
-    most about twice the shortest: padding is paid for as if it were text, and int8 activations
-    share one scale per batch, so a long message would also blur a short query's vector beside
-    it (an int8 vector in a batch of similar texts: lowest cosine 0.997 to itself alone, 0.997
-    to the float model's, over 64 LoCoMo questions in batches of 8). Still batched: one by one,
-    concurrent queries cost ~1.6x the CPU of one batch."""
+    most about twice the shortest: padding is paid for as if it were text, so one long message
+    in a batch of short queries would multiply the batch's cost."""
     chunks: list[range] = []
     start = 0
     for i, length in enumerate(lengths):
