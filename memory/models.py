@@ -446,8 +446,9 @@ class MemoryConfig:
     # Beyond the spec:
     torch_threads: int = 1
     # How the local model runs: "onnx" (ONNX Runtime, same weights and vectors, ~2x faster per
-    # query), "torch", or "auto" (onnx when onnxruntime and onnx are installed, else torch);
-    # "onnx-int8" embeds queries on an int8 copy of the ONNX model (~1.7x cheaper with VNNI).
+    # query), "torch", or "auto" (onnx when onnxruntime and onnx are installed, else torch;
+    # onnx-int8 for the default MiniLM on a CPU with VNNI: memory/embedders/__init__.py);
+    # "onnx-int8" embeds queries on an int8 copy of the ONNX model (~1.5x cheaper with VNNI).
     embedder_runtime: str = "auto"
     embed_batch_size: int = 64
     query_embedding_cache_size: int = 1024

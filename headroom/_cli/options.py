@@ -158,8 +158,9 @@ EMBEDDER_PARAMETERS: tuple[inspect.Parameter, ...] = (
     )], 1),
     _keyword("embedder_runtime", Annotated[str, typer.Option(
         "--embedder-runtime", envvar="HEADROOM_EMBEDDER_RUNTIME", rich_help_panel=_EMBED_PANEL,
-        help="How the local model runs: auto (onnx when installed), onnx, onnx-int8 (queries on "
-        "an int8 copy made on first use: cheaper on CPUs with VNNI) or torch.",
+        help="How the local model runs: auto (onnx when installed; onnx-int8 for the default "
+        "model on CPUs with VNNI), onnx, onnx-int8 (queries on an int8 copy made on first use: "
+        "cheaper on CPUs with VNNI) or torch.",
     )], "auto"),
 )
 
