@@ -44,10 +44,13 @@ def record(conn: Any, index: str, user: str, op: int, rowids: Iterable[int]) -> 
     else:
         conn.executemany(insert, rows)
         seq = int(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+    # A new state row (the user's first rows, or their first since a purge forgot the log)
+    # gets floor = its first seq + 1: only a copy read at that seq or later replays it. A copy
+    # from before, even one seq before, missed the removals the forgotten log held.
     floor = int(conn.execute(
         f"INSERT INTO {_USERS}(index_name, user_key, seq, floor) VALUES (?, ?, ?, ?)"
         " ON CONFLICT(index_name, user_key) DO UPDATE SET seq = excluded.seq RETURNING floor",
-        (index, user, seq, seq - len(rows) + 1),
+        (index, user, seq, seq - len(rows) + 2),
     ).fetchone()[0])
     if seq - floor >= 2 * KEEP:  # trim in steps of KEEP, not on every write
         floor = seq - KEEP + 1

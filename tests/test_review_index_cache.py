@@ -1,0 +1,84 @@
+"""Review regressions of the per-process index copies (user_cache.py, index_log.py): a copy
+never absorbs a change log it cannot trust, so a removed row is never served again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from headroom.memory.adapters import (
+    FTS5TextIndex,
+    SQLiteMemoryStore,
+    SqliteVecIndex,
+)
+from headroom.memory.adapters.user_cache import UserCache
+from headroom.memory.db import Database
+from headroom.memory.models import MemoryCategory
+
+pytestmark = pytest.mark.sqlite_only("the in-memory copies serve the SQLite indexes")
+
+DIM = 16
+FACT = MemoryCategory.FACT
+SCOPE = "ann\x1f\x1f"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    p = tmp_path / "review.db"
+    db = Database(p)
+    SQLiteMemoryStore(db)
+    SqliteVecIndex(db, DIM)
+    db.close()
+    return p
+
+
+def _vectors(db: Database, cache: UserCache | bool) -> SqliteVecIndex:
+    return SqliteVecIndex(db, DIM, 8, compact_limit=8, heavy_limit=64, cache=cache)
+
+
+def _hits(index: SqliteVecIndex, query: np.ndarray, k: int = 50) -> set[int]:
+    return {r for r, _ in index.search(query, "ann", scope_keys=None, categories=None, k=k)}
+
+
+def test_a_users_last_row_removed_then_a_new_one_added_never_brings_the_old_back(
+    path: Path,
+) -> None:
+    """The user's log is forgotten with their last row; the next add starts a new log one seq
+    after the copy's. The copy must not replay across that gap (it missed the removal)."""
+    reader = _vectors(Database(path), UserCache())
+    writer = _vectors(Database(path), UserCache())
+    rng = np.random.default_rng(1)
+    a, b = _unit(rng.standard_normal((2, DIM)))
+    with writer.db.transaction():
+        writer.add(1, "ann", SCOPE, FACT, a)
+    assert _hits(reader, a) == {1}  # the reader's copy holds row 1 at the log's newest seq
+    with writer.db.transaction():
+        writer.remove([1])  # ann's last row: her log and state row go
+    with writer.db.transaction():
+        writer.add(2, "ann", SCOPE, FACT, b)
+    assert _hits(reader, a) == {2}
+
+
+def test_text_a_users_last_row_removed_then_a_new_one_added_never_brings_the_old_back(
+    path: Path,
+) -> None:
+    reader = FTS5TextIndex(Database(path), cache=UserCache())
+    writer = FTS5TextIndex(Database(path), cache=UserCache())
+    with writer.db.transaction():
+        writer.add(1, "ann", SCOPE, FACT, "sailing boats on the lake")
+    search = lambda q: [r for r, _ in reader.search(  # noqa: E731
+        q, "ann", scope_keys=None, categories=None, k=10)]
+    assert search("sailing") == [1]
+    with writer.db.transaction():
+        writer.remove([1])
+    with writer.db.transaction():
+        writer.add(2, "ann", SCOPE, FACT, "boats in the harbour")
+    assert search("sailing") == []
+    assert search("boats") == [2]
+
