@@ -4,6 +4,7 @@ never absorbs a change log it cannot trust, so a removed row is never served aga
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from headroom.memory.adapters import (
     FTS5TextIndex,
     SQLiteMemoryStore,
     SqliteVecIndex,
+    index_log,
+    user_cache,
 )
 from headroom.memory.adapters.user_cache import UserCache
 from headroom.memory.db import Database
@@ -82,3 +85,69 @@ def test_text_a_users_last_row_removed_then_a_new_one_added_never_brings_the_old
     assert search("sailing") == []
     assert search("boats") == [2]
 
+
+def _after_first_state_read(
+    monkeypatch: pytest.MonkeyPatch, write: Any
+) -> None:
+    """Run `write` (another connection's commits) right after the next search has read the
+    user's log state, before it reads the log: the window a concurrent writer can hit."""
+    real = user_cache.state
+    fired: list[bool] = []
+
+    def state(conn: Any, index: str, user: str) -> tuple[int, int] | None:
+        found = real(conn, index, user)
+        if not fired:
+            fired.append(True)
+            write()
+        return found
+
+    monkeypatch.setattr(user_cache, "state", state)
+
+
+def test_a_log_trimmed_between_the_state_read_and_the_replay_is_not_replayed(
+    path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(index_log, "KEEP", 4)
+    reader = _vectors(Database(path), UserCache())
+    writer = _vectors(Database(path), UserCache())
+    rng = np.random.default_rng(2)
+    stored = _unit(rng.standard_normal((40, DIM)))
+    with writer.db.transaction():
+        for i in range(6):
+            writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    assert _hits(reader, stored[0]) == set(range(1, 7))
+    with writer.db.transaction():
+        writer.remove([1])
+
+    def trim() -> None:  # enough single adds that the log drops the removal of row 1
+        for i in range(6, 30):
+            with writer.db.transaction():
+                writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
+
+    _after_first_state_read(monkeypatch, trim)
+    assert 1 not in _hits(reader, stored[0])
+    assert _hits(reader, stored[0]) == set(range(2, 31))
+
+
+def test_a_user_purged_and_back_between_the_state_read_and_the_replay_is_rebuilt(
+    path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reader = _vectors(Database(path), UserCache())
+    writer = _vectors(Database(path), UserCache())
+    rng = np.random.default_rng(3)
+    stored = _unit(rng.standard_normal((10, DIM)))
+    with writer.db.transaction():
+        for i in range(3):
+            writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    assert _hits(reader, stored[0]) == {1, 2, 3}
+    with writer.db.transaction():
+        writer.add(4, "ann", SCOPE, FACT, stored[3])  # the reader's copy is one seq behind
+
+    def purge_and_return() -> None:
+        with writer.db.transaction():
+            writer.remove([1, 2, 3, 4])
+        with writer.db.transaction():
+            writer.add(5, "ann", SCOPE, FACT, stored[4])
+
+    _after_first_state_read(monkeypatch, purge_and_return)
+    assert _hits(reader, stored[0]) == {5}

@@ -176,16 +176,25 @@ def current_entry(
     if found is None:
         cache.drop(owner, user)
         return None
-    seq, floor = found
+    seq = found[0]
     entry = cache.get(owner, user)
     if entry is not None:
         with entry.lock:
             if entry.seq == seq:
                 return entry  # type: ignore[return-value]
-            if entry.seq >= floor - 1:
-                with _snapshot(conn):  # the log and the rows it names, as of one moment
+            # The state is read again inside the snapshot: between the read above and this
+            # one another connection may have trimmed the log past the copy, or purged the
+            # user and started a new log, and replaying then would keep rows it removed.
+            with _snapshot(conn):  # the state, the log and the rows it names, as of one moment
+                now = state(conn, index, user)
+                replayable = now is not None and entry.seq >= now[1] - 1
+                if now is not None and replayable:
                     entry.replay(conn, changes(conn, index, user, entry.seq))
-                entry.seq = max(entry.seq, seq)
+                    entry.seq = max(entry.seq, now[0])
+            if now is None:
+                cache.drop(owner, user)
+                return None
+            if replayable:
                 cache.resize(owner, user)
                 return entry  # type: ignore[return-value]
     if background is not None and background[2]():
