@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -51,9 +52,11 @@ class Executors:
         self._query_embedder = CachedEmbedder(
             self.query_batcher, parts.config.query_embedding_cache_size
         )
-        # Queries asked since the loop last ran the flush below, and the loop they wait on.
-        self._pending_queries: list[tuple[str, asyncio.Future[np.ndarray]]] = []
-        self._pending_loop: asyncio.AbstractEventLoop | None = None
+        # Per event loop, the queries asked since it last ran `_flush_queries`. Keyed by loop
+        # (weakly: a closed loop's entry goes with it) as an engine may be used from two loops.
+        self._pending_queries: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, list[tuple[str, asyncio.Future[np.ndarray]]]
+        ] = weakref.WeakKeyDictionary()
 
     async def write(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the writer thread inside one store transaction."""
@@ -92,18 +95,15 @@ class Executors:
         goes out at once, and the ones asked beside it go with it.
         """
         loop = asyncio.get_running_loop()
-        if self._pending_loop is not loop:  # a first query, or the last loop went away
-            self._pending_queries, self._pending_loop = [], loop
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending_queries.append((text, future))
-        if len(self._pending_queries) == 1:
-            loop.call_soon(self._flush_queries)
+        pending = self._pending_queries.setdefault(loop, [])
+        pending.append((text, future))
+        if len(pending) == 1:
+            loop.call_soon(self._flush_queries, loop)
         return await future
 
-    def _flush_queries(self) -> None:
-        pending, self._pending_queries = self._pending_queries, []
-        loop = self._pending_loop
-        assert loop is not None
+    def _flush_queries(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending = self._pending_queries.pop(loop, [])
         for start in range(0, len(pending), QUERY_BATCH_MAX):
             group = pending[start : start + QUERY_BATCH_MAX]
             try:

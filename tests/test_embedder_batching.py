@@ -236,3 +236,22 @@ async def test_the_engine_embeds_queries_on_the_embedders_query_twin(tmp_path: P
         assert len(contents.calls) == contents_calls
     finally:
         await memory.close()
+
+
+async def test_queries_from_a_second_event_loop_are_answered_too(tmp_path: Path) -> None:
+    """An engine used from another loop (a background loop in a thread) while this one asks too:
+    each loop's queries go out from that loop and none is lost."""
+    fake = FakeEmbedder()
+    memory = await HierarchicalMemory.create(MemoryConfig(db_path=tmp_path / "m.db"), embedder=fake)
+    try:
+        async def both() -> list[np.ndarray]:
+            return list(await asyncio.gather(*(memory.embed_query(f"other {i}") for i in range(3))))
+
+        other = asyncio.get_running_loop().run_in_executor(None, asyncio.run, both())
+        mine = await asyncio.gather(*(memory.embed_query(f"mine {i}") for i in range(3)))
+        theirs = await asyncio.wait_for(other, 10)
+        for i in range(3):
+            np.testing.assert_array_equal(mine[i], FakeEmbedder().embed([f"mine {i}"])[0])
+            np.testing.assert_array_equal(theirs[i], FakeEmbedder().embed([f"other {i}"])[0])
+    finally:
+        await memory.close()
