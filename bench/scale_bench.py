@@ -12,7 +12,9 @@ What it measures, per backend, in one run (the Markdown table at the end puts th
    model in the loop). Memories end with their owner's `[user-NNNN]` tag, which the proxy phase's
    leak check reads. Built stores are cached under bench/.cache, keyed by
    (memories, users, pool): a rerun measures again without rebuilding and reports the cached
-   build's throughput with its date and load (`--rebuild` builds afresh).
+   build's throughput with its date and load (`--rebuild` builds afresh). The build also
+   records CPU seconds of this process and of the private PostgreSQL server (its postmaster's
+   processes, from /proc): on a shared machine CPU per memory says what the rate cannot.
 2. **Writes including the embedding**, on a small sample (`--e2e-n` memories with the real model
    into a scratch store), and the extrapolation to the whole store (sample embedding time per
    memory + the big build's engine time per memory), labelled as such.
