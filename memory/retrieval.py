@@ -94,8 +94,10 @@ class Ranking:
     rows: CandidateRows
 
     def top(self, k: int | None = None) -> list[tuple[Scored, Memory]]:
-        """The best `k` (all when None) with their memories, built now; a row removed since
-        it was weighed (a purge) is skipped and the next one takes its place."""
+        """The best `k` (all when None) with their memories, built now; a row changed since
+        it was weighed is skipped and the next one takes its place: removed (a purge), closed
+        (forgotten, superseded), or its key now another memory's (`memories.rid` is reused
+        after a purge of the newest row, by any user's next insert)."""
         wanted = len(self.scored) if k is None else k
         out: list[tuple[Scored, Memory]] = []
         start = 0
@@ -103,8 +105,21 @@ class Ranking:
             batch = self.scored[start : start + wanted - len(out)]
             start += len(batch)
             memories = self.rows.memories([s.rowid for s in batch])
-            out += [(s, memories[s.rowid]) for s in batch if s.rowid in memories]
+            out += [(s, memories[s.rowid]) for s in batch
+                    if s.rowid in memories and self._still_weighed(s.rowid, memories[s.rowid])]
         return out
+
+    def _still_weighed(self, rowid: int, memory: Memory) -> bool:
+        """`memory`, read now, is the row that was weighed, and current if that was."""
+        rows = self.rows
+        i = rows.at.get(rowid)
+        if i is None:
+            return False
+        if memory.user_id != rows.user_id[i] or memory.scope.key != rows.scope_key[i]:
+            return False
+        if memory.content != rows.content[i]:
+            return False
+        return not rows.current[i] or (memory.is_current and memory.forgotten_at is None)
 
 
 def _categories(categories: Sequence[MemoryCategory | str] | None) -> list[MemoryCategory] | None:
