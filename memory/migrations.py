@@ -262,6 +262,15 @@ def m008_index_log(conn: Any) -> None:
         )
 
 
+def m009_index_log_entries(conn: Any) -> None:
+    """Each user's count of change-log entries, so the log is trimmed to `index_log.KEEP`
+    entries of that user (the global seq counts every user's). Existing logs start at 0: they
+    are trimmed once they hold 2 x KEEP more."""
+    conn.execute(
+        "ALTER TABLE memory_index_users ADD COLUMN entries INTEGER NOT NULL DEFAULT 0"
+    )
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
     ("m002_fts_secure_delete", m002_fts_secure_delete),
@@ -271,6 +280,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("m006_fts_user_counts", m006_fts_user_counts),
     ("m007_core_index", m007_core_index),
     ("m008_index_log", m008_index_log),
+    ("m009_index_log_entries", m009_index_log_entries),
 ]
 
 

@@ -151,3 +151,38 @@ def test_a_user_purged_and_back_between_the_state_read_and_the_replay_is_rebuilt
 
     _after_first_state_read(monkeypatch, purge_and_return)
     assert _hits(reader, stored[0]) == {5}
+
+
+def test_other_users_writes_do_not_push_a_users_log_past_their_copy(
+    path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The log keeps `KEEP` entries per user, counted in that user's entries: a quiet user's
+    copy replays their next write however much other users wrote meanwhile, not a rebuild."""
+    monkeypatch.setattr(index_log, "KEEP", 4)
+    cache = UserCache()
+    reader = _vectors(Database(path), cache)
+    writer = _vectors(Database(path), UserCache())
+    rng = np.random.default_rng(4)
+    stored = _unit(rng.standard_normal((60, DIM)))
+    with writer.db.transaction():
+        for i in range(3):
+            writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    assert _hits(reader, stored[0]) == {1, 2, 3}
+    copy = cache.get(reader._owner, "ann")
+    for i in range(3, 40):  # bob writes far more than ann's log keeps
+        with writer.db.transaction():
+            writer.add(i + 1, "bob", "bob\x1f\x1f", FACT, stored[i])
+    with writer.db.transaction():
+        writer.remove([2])
+    assert _hits(reader, stored[0]) == {1, 3}
+    assert cache.get(reader._owner, "ann") is copy  # replayed, not read again
+    conn = reader.db.conn
+    kept = conn.execute(
+        "SELECT count(*) FROM memory_index_log WHERE index_name = 'vector' AND user_key = ?",
+        ("bob",),
+    ).fetchone()[0]
+    assert 4 <= kept < 8  # bob's own log is trimmed to KEEP-2xKEEP entries
+    assert _hits(reader, stored[0], k=100) == {1, 3}
+    bob = {r for r, _ in reader.search(
+        stored[5], "bob", scope_keys=None, categories=None, k=100)}
+    assert bob == set(range(4, 41))

@@ -26,6 +26,7 @@ __all__ = ["ADD", "KEEP", "REMOVE", "Change", "changes", "forget", "record", "st
 
 ADD, REMOVE = 1, 0
 KEEP = 1024  # log entries kept per user and index (1-2x this); a copy further behind rebuilds
+# (`memory_index_users.entries` counts a user's entries since the last trim, migration m009)
 _LOG = "memory_index_log"
 _USERS = "memory_index_users"
 
@@ -47,20 +48,31 @@ def record(conn: Any, index: str, user: str, op: int, rowids: Iterable[int]) -> 
     # A new state row (the user's first rows, or their first since a purge forgot the log)
     # gets floor = its first seq + 1: only a copy read at that seq or later replays it. A copy
     # from before, even one seq before, missed the removals the forgotten log held.
-    floor = int(conn.execute(
-        f"INSERT INTO {_USERS}(index_name, user_key, seq, floor) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT(index_name, user_key) DO UPDATE SET seq = excluded.seq RETURNING floor",
-        (index, user, seq, seq - len(rows) + 2),
-    ).fetchone()[0])
-    if seq - floor >= 2 * KEEP:  # trim in steps of KEEP, not on every write
-        floor = seq - KEEP + 1
+    floor, entries = conn.execute(
+        f"INSERT INTO {_USERS}(index_name, user_key, seq, floor, entries) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT(index_name, user_key) DO UPDATE SET seq = excluded.seq,"
+        " entries = entries + excluded.entries RETURNING floor, entries",
+        (index, user, seq, seq - len(rows) + 2, len(rows)),
+    ).fetchone()
+    # Trim by the user's own entries, in steps of KEEP, not on every write. (`seq` counts
+    # every user's entries: trimming by it made a quiet user's next write, after others
+    # wrote KEEP entries, push the log past their copy and force a rebuild.)
+    if int(entries) >= 2 * KEEP:
+        newest_dropped = conn.execute(
+            f"SELECT seq FROM {_LOG} WHERE index_name = ? AND user_key = ?"
+            " ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (index, user, KEEP),
+        ).fetchone()
+        if newest_dropped is not None:
+            # a copy at the newest dropped entry still replays
+            floor = max(int(floor), int(newest_dropped[0]) + 1)
+            conn.execute(
+                f"DELETE FROM {_LOG} WHERE index_name = ? AND user_key = ? AND seq < ?",
+                (index, user, floor),
+            )
         conn.execute(
-            f"DELETE FROM {_LOG} WHERE index_name = ? AND user_key = ? AND seq < ?",
-            (index, user, floor),
-        )
-        conn.execute(
-            f"UPDATE {_USERS} SET floor = ? WHERE index_name = ? AND user_key = ?",
-            (floor, index, user),
+            f"UPDATE {_USERS} SET floor = ?, entries = ? WHERE index_name = ? AND user_key = ?",
+            (int(floor), min(int(entries), KEEP), index, user),
         )
 
 
