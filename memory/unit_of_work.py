@@ -103,10 +103,14 @@ class UnitOfWork:
             ]
         results: list[Memory | None] = [None] * len(items)
         for round_ in _rounds([m.user_id for m, _, _ in items]):
-            probed = [i for i in round_ if items[i][2]]
-            exact = store.find_current_by_contents(
-                [(items[i][0].user_id, items[i][0].content) for i in probed]
+            # Every op is looked up, dedup or not: the lookup takes the users' write locks, all
+            # at once in one order (round 1 holds every user of the batch), so two batches
+            # sharing users never wait on each other in a cycle.
+            looked_up = store.find_current_by_contents(
+                [(items[i][0].user_id, items[i][0].content) for i in round_]
             )
+            probed = [i for i in round_ if items[i][2]]
+            exact = [e for i, e in zip(round_, looked_up, strict=True) if items[i][2]]
             unmatched = [i for i, e in zip(probed, exact, strict=True) if e is None]
             nearest = dict(zip(unmatched, vectors.nearest_many(
                 [(items[i][0].user_id, items[i][1]) for i in unmatched]

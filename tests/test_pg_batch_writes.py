@@ -41,11 +41,14 @@ BATCH = [
     ("carol", f"I have 3 cats {CATS}"),
     ("alice", "my favourite colour is green"),
     ("dave", "I play chess on Sundays"),
+    ("dave", "I play chess on Sundays"),  # dedup off (below): stored twice
 ]
+NO_DEDUP = {len(BATCH) - 1}
 
 
 def _drafts() -> list[MemoryDraft]:
-    return [MemoryDraft(text, user, session_id="s1") for user, text in BATCH]
+    return [MemoryDraft(text, user, session_id="s1", dedup=i not in NO_DEDUP)
+            for i, (user, text) in enumerate(BATCH)]
 
 
 @pytest.fixture
@@ -101,6 +104,8 @@ async def test_add_many_equals_one_add_after_another(
                    if m.is_current}
         assert current == {("alice", "I live in Lisbon near the river"),
                            ("alice", "My favourite colour is green")}
+        dave = [m.content for m in await _versions(batched, "dave") if m.is_current]
+        assert dave == ["I play chess on Sundays"] * 2
         carol = [m for m in await _versions(batched, "carol") if m.is_current]
         assert [m.content for m in carol] == [f"I have 3 cats {CATS}"]
     finally:
