@@ -186,3 +186,30 @@ def test_other_users_writes_do_not_push_a_users_log_past_their_copy(
     bob = {r for r, _ in reader.search(
         stored[5], "bob", scope_keys=None, categories=None, k=100)}
     assert bob == set(range(4, 41))
+
+
+@pytest.mark.parametrize("rows", [20, 70])  # read right here; read on a background thread
+def test_a_copy_larger_than_the_cache_is_not_read_again_on_every_search(
+    path: Path, monkeypatch: pytest.MonkeyPatch, rows: int,
+) -> None:
+    from headroom.memory.adapters import sqlite_vec_index
+
+    reads: list[str | None] = []
+    real = sqlite_vec_index.read_rows
+
+    def counted(conn: Any, user_id: str | None, rowids: Any) -> Any:
+        if rowids is None:
+            reads.append(user_id)
+        return real(conn, user_id, rowids)
+
+    monkeypatch.setattr(sqlite_vec_index, "read_rows", counted)
+    index = _vectors(Database(path), UserCache(max_bytes=1000))  # no user fits
+    rng = np.random.default_rng(5)
+    stored = _unit(rng.standard_normal((rows, DIM)))
+    with index.db.transaction():
+        for i in range(rows):
+            index.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    for _ in range(5):
+        assert _hits(index, stored[0], k=100) == set(range(1, rows + 1))  # the file answers
+        index.builder.join()
+    assert reads == ["ann"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -22,11 +23,15 @@ from .index_log import Change, changes, state
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_CACHE_BYTES", "Builder", "Cached", "Replayable", "UserCache", "current_entry",
+    "DEFAULT_CACHE_BYTES", "REFUSED_SECONDS", "Builder", "Cached", "Replayable", "UserCache",
+    "current_entry",
     "shared_cache",
 ]
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+# A copy found larger than the whole budget is not read again for this long (or until the
+# budget changes): reading it costs seconds of CPU and it would be thrown away each time.
+REFUSED_SECONDS = 600.0
 
 
 class Cached(Protocol):
@@ -43,6 +48,8 @@ class UserCache:
         self._entries: OrderedDict[tuple[Hashable, str], tuple[Cached, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        # (owner, user) -> (budget, monotonic time) of a copy refused as larger than the budget
+        self._refused: dict[tuple[Hashable, str], tuple[int, float]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +72,9 @@ class UserCache:
         with self._lock:
             self._pop((owner, user))
             if size > self.max_bytes:
+                self._refused[(owner, user)] = (self.max_bytes, time.monotonic())
                 return
+            self._refused.pop((owner, user), None)
             self._entries[(owner, user)] = (entry, size)
             self._bytes += size
             self._evict()
@@ -80,14 +89,28 @@ class UserCache:
             self._entries[(owner, user)] = (hit[0], size)
             self._evict()
 
+    def refused(self, owner: Hashable, user: str) -> bool:
+        """The user's copy was lately found larger than the whole budget (see `put`)."""
+        with self._lock:
+            hit = self._refused.get((owner, user))
+            if hit is None:
+                return False
+            if hit[0] != self.max_bytes or time.monotonic() - hit[1] > REFUSED_SECONDS:
+                del self._refused[(owner, user)]
+                return False
+            return True
+
     def drop(self, owner: Hashable, user: str) -> None:
         with self._lock:
             self._pop((owner, user))
+            self._refused.pop((owner, user), None)
 
     def drop_owner(self, owner: Hashable) -> None:
         with self._lock:
             for key in [k for k in self._entries if k[0] == owner]:
                 self._pop(key)
+            for key in [k for k in self._refused if k[0] == owner]:
+                del self._refused[key]
 
     def _pop(self, key: tuple[Hashable, str]) -> None:
         gone = self._entries.pop(key, None)
@@ -197,6 +220,8 @@ def current_entry(
             if replayable:
                 cache.resize(owner, user)
                 return entry  # type: ignore[return-value]
+    if cache.refused(owner, user):
+        return None  # too large for the budget: the file answers, as without a cache
     if background is not None and background[2]():
         builder, connection, _ = background
 
