@@ -110,7 +110,10 @@ class Ranking:
         return out
 
     def _still_weighed(self, rowid: int, memory: Memory) -> bool:
-        """`memory`, read now, is the row that was weighed, and current if that was."""
+        """`memory`, read now, is the row that was weighed, and current. Every candidate was
+        current when found (the indexes and the date windows hold current rows only, and
+        context neighbours must be), but BM25 runs before the rows are read for the ranking,
+        and the memories are read after it: a forget in between shows only here."""
         rows = self.rows
         i = rows.at.get(rowid)
         if i is None:
@@ -119,7 +122,7 @@ class Ranking:
             return False
         if memory.content != rows.content[i]:
             return False
-        return not rows.current[i] or (memory.is_current and memory.forgotten_at is None)
+        return memory.is_current and memory.forgotten_at is None
 
 
 def _categories(categories: Sequence[MemoryCategory | str] | None) -> list[MemoryCategory] | None:

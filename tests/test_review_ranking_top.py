@@ -62,3 +62,27 @@ async def test_a_row_key_reused_by_another_user_after_ranking_is_not_returned(
         s.rowid for s in ranking.scored
     }  # the purged row's key is erin's now
     assert await _top(memory, ranking) == ["sailing boats at sea"]
+
+
+async def test_a_memory_forgotten_between_the_text_search_and_the_ranking_is_not_returned(
+    memory: HierarchicalMemory,
+) -> None:
+    """recall runs BM25 while the query is embedded, and ranks after: a text hit may be
+    forgotten before its row is read for the ranking."""
+    added = await memory.add_many([
+        MemoryDraft("sailing boats on the lake", "dave", dedup=False),
+        MemoryDraft("sailing boats at sea", "dave", dedup=False),
+    ])
+    retrieval = memory._retrieval
+    preset = retrieval.preset
+    common = await retrieval.executors.read(
+        lambda: retrieval._common_terms("sailing boats", "dave", preset))
+    text_hits = await retrieval.executors.read(lambda: retrieval._text_hits(
+        "sailing boats", Scope("dave"), 3, None, [], preset, common))
+    assert len(text_hits) == 2
+    await memory.forget(added[0].id, user_id="dave")
+    vector = await memory.embed_query("sailing boats")
+    ranking: Ranking = await retrieval.executors.read(lambda: retrieval._ranked(
+        "sailing boats", Scope("dave"), 3, None, NOW, preset, vector, common,
+        searched=([], text_hits)))
+    assert await _top(memory, ranking) == ["sailing boats at sea"]
