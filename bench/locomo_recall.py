@@ -265,6 +265,11 @@ async def evaluate(
     return rows, latency
 
 
+def _pair(group: dict | None) -> str:
+    """R@5 / R@10 of a split group, or a dash when the run did not cover that split."""
+    return f"{group['R@5']:.1f} / {group['R@10']:.1f}" if group else "–"
+
+
 def markdown(out: dict) -> str:
     """One Markdown row per preset, for bench/RESULTS.md."""
     cats = [f"{c} {n}" for c, n in CATEGORIES.items()]
@@ -280,8 +285,7 @@ def markdown(out: dict) -> str:
         lines.append(
             f"| `{name}` | {o['R@5']:.1f} | {o['R@10']:.1f} | {o['R@25']:.1f} "
             f"| {o['nDCG@10']:.1f} | {o['hit@10']:.1f} "
-            f"| {s['dev']['R@5']:.1f} / {s['dev']['R@10']:.1f} "
-            f"| {s['test']['R@5']:.1f} / {s['test']['R@10']:.1f} "
+            f"| {_pair(s.get('dev'))} | {_pair(s.get('test'))} "
             f"| {nc['R@5']:.1f} / {nc['R@10']:.1f} / {nc['R@25']:.1f} "
             f"| {per_cat} "
             f"| {lat.get('hybrid_p50_ms', 0):.1f} / {lat.get('hybrid_p99_ms', 0):.1f} |"
@@ -308,7 +312,8 @@ async def run(args: argparse.Namespace) -> dict:
         db_path = args.db or str(Path(tmp) / "locomo.db")
         reuse = args.db is not None and Path(args.db).exists()
         config = MemoryConfig(
-            db_path=db_path, recall_preset=presets[0], query_embedding_cache_size=4096
+            db_path=db_path, recall_preset=presets[0], query_embedding_cache_size=4096,
+            embedder_runtime=args.embedder_runtime,
         )
         first = await HierarchicalMemory.create(config)
         ingest_s = 0.0 if reuse else await ingest(first, convs)
@@ -355,6 +360,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--details", action="store_true", help="per-question rows in --json")
     parser.add_argument("--db", help="keep the database here and reuse it if it exists")
+    parser.add_argument(
+        "--embedder-runtime", default="auto",
+        help="MemoryConfig.embedder_runtime (auto, onnx, onnx-int8, torch); a reused --db keeps "
+        "the stored vectors, so only the query embedding changes",
+    )
     args = parser.parse_args(argv)
     out = asyncio.run(run(args))
     print("\n" + markdown(out))
