@@ -213,3 +213,76 @@ def test_a_copy_larger_than_the_cache_is_not_read_again_on_every_search(
         assert _hits(index, stored[0], k=100) == set(range(1, rows + 1))  # the file answers
         index.builder.join()
     assert reads == ["ann"]
+
+
+@pytest.mark.parametrize("failing", ["build", "replay"])
+def test_a_copy_that_cannot_be_read_leaves_the_search_to_the_file(
+    path: Path, monkeypatch: pytest.MonkeyPatch, failing: str,
+) -> None:
+    from headroom.memory.adapters import cached_vectors, sqlite_vec_index
+
+    cache = UserCache()
+    index = _vectors(Database(path), cache)
+    rng = np.random.default_rng(6)
+    stored = _unit(rng.standard_normal((10, DIM)))
+    with index.db.transaction():
+        for i in range(5):
+            index.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    if failing == "replay":
+        assert _hits(index, stored[0]) == set(range(1, 6))  # a copy, to replay into
+        with index.db.transaction():
+            index.add(6, "ann", SCOPE, FACT, stored[5])
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("cannot read the copy")
+
+    if failing == "build":
+        monkeypatch.setattr(sqlite_vec_index, "read_rows", broken)
+    else:
+        monkeypatch.setattr(cached_vectors.UserVectors, "replay", broken)
+    assert _hits(index, stored[0]) == set(range(1, 7 if failing == "replay" else 6))
+    assert cache.get(index._owner, "ann") is None  # nothing half read is kept
+    monkeypatch.undo()
+    with index.db.transaction():
+        index.remove([1])
+    assert _hits(index, stored[0]) == set(range(2, 7 if failing == "replay" else 6))
+
+
+def test_a_text_copy_that_cannot_be_read_leaves_the_search_to_fts5(
+    path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from headroom.memory.adapters import cached_text
+
+    index = FTS5TextIndex(Database(path), cache=UserCache())
+    with index.db.transaction():
+        index.add(1, "ann", SCOPE, FACT, "sailing boats on the lake")
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("cannot read the copy")
+
+    monkeypatch.setattr(cached_text.UserPostings, "__init__", broken)
+    found = index.search("sailing", "ann", scope_keys=None, categories=None, k=5)
+    assert [r for r, _ in found] == [1]
+
+
+def test_a_failing_copy_search_leaves_the_answer_to_the_file(
+    path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from headroom.memory.adapters import cached_text, cached_vectors
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("cannot search the copy")
+
+    vectors = _vectors(Database(path), UserCache())
+    text = FTS5TextIndex(vectors.db, cache=UserCache())
+    rng = np.random.default_rng(7)
+    stored = _unit(rng.standard_normal((3, DIM)))
+    with vectors.db.transaction():
+        for i in range(3):
+            vectors.add(i + 1, "ann", SCOPE, FACT, stored[i])
+            text.add(i + 1, "ann", SCOPE, FACT, f"sailing boat number {i}")
+    monkeypatch.setattr(cached_vectors.UserVectors, "search", broken)
+    monkeypatch.setattr(cached_text.UserPostings, "search", broken)
+    assert _hits(vectors, stored[0]) == {1, 2, 3}
+    found = text.search("sailing", "ann", scope_keys=None, categories=None, k=5)
+    assert {r for r, _ in found} == {1, 2, 3}

@@ -18,6 +18,7 @@ totals record that cannot be read, is scored by FTS5 itself.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import weakref
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from ..models import MemoryCategory
 from . import index_log
 from .cached_text import Fts5Words, TermHits, UserPostings, table_stats
 from .user_cache import Builder, UserCache, current_entry, shared_cache
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HEAVY_ROWS", "FTS5TextIndex", "fts_terms", "user_token"]
 
@@ -140,7 +143,12 @@ class FTS5TextIndex:
         if not terms or k <= 0:
             return []
         if self.cache is not None:
-            found = self._cached(terms, user_id, scope_keys, categories, k)
+            try:
+                found = self._cached(terms, user_id, scope_keys, categories, k)
+            except Exception:  # the copy changes speed only: FTS5 answers instead
+                log.warning("searching a user's in-memory postings failed", exc_info=True)
+                self.cache.drop(self._owner, user_token(user_id))
+                found = None
             if found is not None:
                 return found
         match = f"user_key:{user_token(user_id)} AND content:({' OR '.join(map(_quote, terms))})"

@@ -232,7 +232,13 @@ class SqliteVecIndex:
         if self.cache is not None:
             entry = self._copy(user_id, background=True)
             if entry is not None:
-                return entry.search(embedding, scope_keys=scope_keys, categories=categories, k=k)
+                try:
+                    return entry.search(
+                        embedding, scope_keys=scope_keys, categories=categories, k=k
+                    )
+                except Exception:  # the copy changes speed only: the file answers instead
+                    log.warning("searching a user's in-memory vectors failed", exc_info=True)
+                    self.cache.drop(self._owner, user_id)
         heavy_user = self.heavy.user(user_id)
         if heavy_user is not None:  # a heavy user has no vectors in the other tables
             return self.heavy.search(

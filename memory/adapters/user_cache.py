@@ -191,10 +191,26 @@ def current_entry(
     """The user's copy, brought up to the file's state; None means "search the file": inside a
     write transaction (whose rows may still roll back, and whose seqs may then be reused), when
     the log holds no rows of the user, or while `background` = (builder, a factory of private
-    connections, whether this user is worth it) builds the copy on another thread. One
-    indexed SELECT when the copy is current."""
+    connections, whether this user is worth it) builds the copy on another thread, or when
+    the copy cannot be read or brought up to date (the search must not fail for want of a
+    copy: it is dropped, and the next search reads it anew). One indexed SELECT when the copy
+    is current."""
     if conn.in_transaction:
         return None
+    try:
+        return _current(cache, owner, conn, index, user, build, background)
+    except Exception:
+        log.warning("could not bring a user's in-memory index copy up to date; the file"
+                    " answers", exc_info=True)
+        cache.drop(owner, user)
+        return None
+
+
+def _current(
+    cache: UserCache, owner: Hashable, conn: Any, index: str, user: str,
+    build: Callable[[Any, int], E],
+    background: tuple[Builder, Callable[[], Any], Callable[[], bool]] | None,
+) -> E | None:
     found = state(conn, index, user)
     if found is None:
         cache.drop(owner, user)
