@@ -56,7 +56,10 @@ class MemoryStore(Protocol):
 
     def query(self, flt: MemoryFilter) -> list[Memory]: ...
 
-    def count(self, flt: MemoryFilter) -> int: ...
+    def count(self, flt: MemoryFilter, *, cap: int | None = None) -> int:
+        """The rows `flt` matches (`limit` aside); with `cap`, at most `cap` of them are
+        counted, so asking whether a user's window holds more than n reads n + 1 rows."""
+        ...
 
     def touch(self, memory_ids: Sequence[str], when: datetime) -> None:
         """Record an access (recall hit): access_count + 1, last_accessed."""

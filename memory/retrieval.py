@@ -337,7 +337,7 @@ class Retrieval:
                 turn_id=scope.turn_id, categories=categories, created_after=w.start,
                 created_before=w.end + slack, limit=None,
             )
-            if store.count(flt) <= preset.time_candidates:
+            if store.count(flt, cap=preset.time_candidates + 1) <= preset.time_candidates:
                 extra += store.embeddings_as_of(flt)
         if not extra:
             return hits

@@ -242,8 +242,9 @@ class FakeMemoryStore:
             hits = hits[: flt.limit]
         return [copy.deepcopy(m) for _, m in hits]
 
-    def count(self, flt: MemoryFilter) -> int:
-        return len(self._selected(flt))
+    def count(self, flt: MemoryFilter, *, cap: int | None = None) -> int:
+        n = len(self._selected(flt))
+        return n if cap is None else min(n, cap)
 
     def recent_contents(self, user_id: str, limit: int) -> list[str]:
         mine = [

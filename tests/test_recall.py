@@ -12,7 +12,7 @@ import pytest
 
 from headroom.memory.errors import ConfigError
 from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
-from headroom.memory.models import Memory, MemoryCategory, Scope
+from headroom.memory.models import Memory, MemoryCategory, MemoryFilter, Scope
 from headroom.memory.recall import (
     PRESETS,
     RecallPreset,
@@ -504,3 +504,24 @@ async def test_a_memory_purged_after_ranking_gives_way_to_the_next(
         m.content for _, m in await retrieval.executors.read(lambda: ranking.top())
     ]
     assert len(top) == 2 and "sailing boats on the lake" not in [m.content for _, m in top]
+
+
+async def test_a_capped_count_stops_at_the_cap_and_keeps_the_scope(
+    memory: HierarchicalMemory,
+) -> None:
+    """The date windows ask only whether a window holds more than `time_candidates`: the
+    count stops at the cap, and what it counts is still the scope's current rows."""
+    await memory.add_many(
+        [MemoryDraft(f"day {i} at the lake", "eve", created_at=NOW - timedelta(days=i),
+                     dedup=False) for i in range(5)]
+        + [MemoryDraft("a session note", "eve", session_id="s9", dedup=False),
+           MemoryDraft("someone else's day", "frank", created_at=NOW, dedup=False)]
+    )
+    store = memory._retrieval.parts.store
+    window = MemoryFilter(user_id="eve", created_after=NOW - timedelta(days=10),
+                          created_before=NOW + timedelta(days=1), limit=None)
+
+    def counts() -> list[int]:
+        return [store.count(window, cap=c) for c in (None, 0, 3, 5, 6, 100)]
+
+    assert await memory._retrieval.executors.read(counts) == [5, 0, 3, 5, 5, 5]

@@ -203,13 +203,13 @@ class SQLiteMemoryStore:
             params.append(flt.offset)
         return [_row_to_memory(r) for r in self.db.conn.execute(sql, params).fetchall()]
 
-    def count(self, flt: MemoryFilter) -> int:
+    def count(self, flt: MemoryFilter, *, cap: int | None = None) -> int:
         where, params = where_clause(flt)
-        return int(
-            self.db.conn.execute(f"SELECT count(*) FROM memories WHERE {where}", params).fetchone()[
-                0
-            ]
-        )
+        sql = f"SELECT count(*) FROM memories WHERE {where}"
+        if cap is not None:  # a heavy user's wide window: stop at the cap, not at its end
+            sql = f"SELECT count(*) FROM (SELECT 1 FROM memories WHERE {where} LIMIT ?)"
+            params.append(max(cap, 0))
+        return int(self.db.conn.execute(sql, params).fetchone()[0])
 
     def recent_contents(self, user_id: str, limit: int) -> list[str]:
         rows = self.db.conn.execute(

@@ -202,11 +202,16 @@ class PostgresMemoryStore:
             params.append(flt.offset)
         return [_row_to_memory(r) for r in self.db.fetchall(sql, params, dicts=True)]
 
-    def count(self, flt: MemoryFilter) -> int:
+    def count(self, flt: MemoryFilter, *, cap: int | None = None) -> int:
         if flt.user_id is not None:
             self.db.lock_user(flt.user_id)  # per-user limits count inside the write path
         self.deferred.flush("memories", flt.user_id)
         where, params = where_clause(flt)
+        if cap is not None:
+            return int(self.db.scalar(
+                f"SELECT count(*) FROM (SELECT 1 FROM memories WHERE {where} LIMIT %s) AS c",
+                [*params, max(cap, 0)],
+            ))
         return int(self.db.scalar(f"SELECT count(*) FROM memories WHERE {where}", params))
 
     def recent_contents(self, user_id: str, limit: int) -> list[str]:
