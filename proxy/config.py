@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,6 +45,11 @@ class ProxyConfig:
     upstream_connect_timeout_s: float = 10.0
     upstream_read_timeout_s: float = 600.0
     upstream_total_timeout_s: float = 0.0
+    # What sends to the upstream (HEADROOM_UPSTREAM_TRANSPORT): "http1", the proxy's lean
+    # HTTP/1.1 client (proxy.http1), or "httpx", httpx's own transport (httpcore).
+    upstream_transport: str = field(
+        default_factory=lambda: os.environ.get("HEADROOM_UPSTREAM_TRANSPORT", "http1")
+    )
     # A client that stalls holds a connection: the longest wait for the rest of the request line
     # and headers (HEADROOM_HEADER_READ_TIMEOUT), and between two pieces of a body
     # (HEADROOM_BODY_READ_TIMEOUT, then a 408).

@@ -3,8 +3,8 @@ headers, streams, and maps httpx errors to `UpstreamError`s.
 
 A request is sent once. The only resend is after a connect error, when no connection existed
 and so no byte of the request can have left; a kept-alive connection the upstream has closed is
-discarded by httpcore before use (it is readable at checkout). A connection that breaks after
-the request was written is a 502, never a second paid call.
+discarded before use (it is readable at checkout; proxy.http1 and httpcore both check). A
+connection that breaks after the request was written is a 502, never a second paid call.
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ import anyio
 import httpx
 from starlette.datastructures import MutableHeaders
 
+from ..memory.errors import ConfigError
 from .config import ProxyConfig
 from .errors import UpstreamTimeoutError, UpstreamUnreachableError
+from .http1 import Http1Transport
 from .scope import HEADROOM_HEADER_PREFIX
 from .timing import ProxyClock
 
 __all__ = [
-    "HOP_BY_HOP", "TotalDeadline", "Upstream", "request_headers", "response_headers", "target"
+    "HOP_BY_HOP", "UPSTREAM_TRANSPORTS", "TotalDeadline", "Upstream", "network_transport",
+    "request_headers", "response_headers", "target",
 ]
 
 _RECONNECT_PAUSE_S = 0.05
@@ -179,6 +182,31 @@ _CLIENT_DEFAULTS = {
 _URL_CACHE_SIZE = 256
 
 
+# Idle connections expire before common servers' keep-alive (uvicorn: 5 s), so we rarely reuse
+# one the upstream is closing at that very moment.
+_MAX_CONNECTIONS, _MAX_KEEPALIVE, _KEEPALIVE_EXPIRY_S = 512, 64, 4.0
+UPSTREAM_TRANSPORTS = ("http1", "httpx")
+
+
+def network_transport(config: ProxyConfig) -> httpx.AsyncBaseTransport:
+    """The transport that reaches the upstream: our lean HTTP/1.1 one (proxy.http1) unless the
+    config asks for httpx's (`upstream_transport="httpx"`) or the URL is one it cannot send to."""
+    if config.upstream_transport not in UPSTREAM_TRANSPORTS:
+        raise ConfigError(f"upstream transport {config.upstream_transport!r} is not one of "
+                          f"{', '.join(UPSTREAM_TRANSPORTS)}")
+    if config.upstream_transport == "http1" and Http1Transport.supports(config.upstream_base):
+        return Http1Transport(
+            max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_KEEPALIVE,
+            keepalive_expiry=_KEEPALIVE_EXPIRY_S,
+        )
+    return httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(
+            max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_KEEPALIVE,
+            keepalive_expiry=_KEEPALIVE_EXPIRY_S,
+        ),
+    )
+
+
 class Upstream:
     """Sends through the transport itself rather than an `httpx.AsyncClient`: the client's
     per-request work (base-URL merge, header merge, cookie jar, auth and redirect machinery,
@@ -187,13 +215,7 @@ class Upstream:
 
     def __init__(self, config: ProxyConfig, transport: httpx.AsyncBaseTransport | None = None):
         self.config = config
-        network = transport or httpx.AsyncHTTPTransport(
-            # Idle connections expire before common servers' keep-alive (uvicorn: 5 s), so we
-            # rarely reuse one the upstream is closing at that very moment.
-            limits=httpx.Limits(
-                max_connections=512, max_keepalive_connections=64, keepalive_expiry=4.0
-            ),
-        )
+        network = transport or network_transport(config)
         if config.upstream_total_timeout_s > 0:
             network = TotalDeadline(network, config.upstream_total_timeout_s)
         self.transport: httpx.AsyncBaseTransport = network
