@@ -94,6 +94,22 @@ DurableWaitOpt = _seconds(
 )
 
 
+class UpstreamTransport(enum.StrEnum):
+    HTTP1 = "http1"
+    HTTPX = "httpx"
+
+
+UpstreamTransportOpt = Annotated[
+    UpstreamTransport | None,
+    typer.Option(
+        "--upstream-transport", envvar="HEADROOM_UPSTREAM_TRANSPORT", case_sensitive=False,
+        rich_help_panel=_LIMITS, show_default="http1",
+        help="What sends to the upstream: http1, the proxy's lean HTTP/1.1 client, or httpx, "
+        "httpx's own transport.",
+    ),
+]
+
+
 def _preset(value: str) -> str:
     if value not in PRESETS:
         raise typer.BadParameter(f"{value!r} is not a preset; one of {', '.join(PRESETS)}")
@@ -272,6 +288,7 @@ def serve(
     body_read_timeout: BodyReadOpt = None,
     header_read_timeout: HeaderReadOpt = None,
     durable_wait: DurableWaitOpt = None,
+    upstream_transport: UpstreamTransportOpt = None,
     recall_preset: RecallPresetOpt = "default",
     anthropic_upstream: AnthropicUpstreamOpt = None,
     max_memories_per_user: MaxMemoriesOpt = None,
@@ -320,6 +337,7 @@ def serve(
         tenant_upstream_keys=_tenant_keys(tenant_upstream_keys_file),
         key_requests_per_minute=key_requests_per_minute,
         key_memories_per_minute=key_memories_per_minute, workers=workers,
+        **({} if upstream_transport is None else {"upstream_transport": upstream_transport.value}),
         **_routes(upstream_routes),
         # Unset timeouts keep ProxyConfig's defaults, which are the one place they are written.
         **{name: value for name, value in given.items() if value is not None},
