@@ -271,6 +271,21 @@ def m009_index_log_entries(conn: Any) -> None:
     )
 
 
+def m010_core_covering_index(conn: Any) -> None:
+    """The core tier's filter (user, importance, current, scope, category) and order (newest)
+    answered from one index: through memories_user_importance every important memory of the
+    user was read from the table to sort it (a heavy user's ~1,000 of 100k memories: 4.7 ms
+    CPU per recall); with this index only the 50 kept are (1.0 ms). It starts with the same
+    columns, so it replaces that one."""
+    conn.executescript(
+        """
+        CREATE INDEX memories_user_core
+            ON memories(user_id, importance, valid_until, scope_key, category, created_at);
+        DROP INDEX IF EXISTS memories_user_importance;
+        """
+    )
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("m001_initial", m001_initial),
     ("m002_fts_secure_delete", m002_fts_secure_delete),
@@ -281,6 +296,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("m007_core_index", m007_core_index),
     ("m008_index_log", m008_index_log),
     ("m009_index_log_entries", m009_index_log_entries),
+    ("m010_core_covering_index", m010_core_covering_index),
 ]
 
 

@@ -265,7 +265,7 @@ def test_the_migration_moves_an_older_files_heavy_users(
     try:
         assert migrations.migrate(reopened.conn) == [
             "m005_heavy_vectors", "m006_fts_user_counts", "m007_core_index", "m008_index_log",
-            "m009_index_log_entries",
+            "m009_index_log_entries", "m010_core_covering_index",
         ]
         logged = {  # m008: every user already there starts the change log at seq 0
             (str(r[0]), str(r[1])) for r in reopened.conn.execute(

@@ -525,3 +525,40 @@ async def test_a_capped_count_stops_at_the_cap_and_keeps_the_scope(
         return [store.count(window, cap=c) for c in (None, 0, 3, 5, 6, 100)]
 
     assert await memory._retrieval.executors.read(counts) == [5, 0, 3, 5, 5, 5]
+
+
+async def test_the_core_read_is_the_newest_important_rows_the_scope_sees(
+    memory: HierarchicalMemory,
+) -> None:
+    """The core tier's read (`min_importance` with a limit, chosen inside the index) returns
+    what the unlimited read returns, cut to the limit and offset: same rows, same order
+    (importances below `bubble_importance_threshold`, so the sessions' rows stay theirs)."""
+    drafts = [
+        MemoryDraft(f"fact {i}", "gil", importance=(0.3, 0.6, 0.7)[i % 3],
+                    session_id=("s1", "s2", None, None)[i % 4],
+                    created_at=NOW - timedelta(hours=i // 2), dedup=False)
+        for i in range(24)
+    ] + [MemoryDraft("hal's fact", "hal", importance=1.0, created_at=NOW, dedup=False)]
+    await memory.add_many(drafts)
+    store = memory._retrieval.parts.store
+    everything = await memory.query(MemoryFilter(user_id="gil", all_scopes=True, limit=None))
+    await memory.forget(next(m.id for m in everything if m.content == "fact 2"))
+
+    def reads() -> list[tuple[list[str], list[str]]]:
+        out = []
+        for session in (None, "s1"):
+            for limit, offset in ((3, 0), (4, 2), (50, 0)):
+                flt = MemoryFilter(user_id="gil", session_id=session, min_importance=0.6,
+                                   limit=limit, offset=offset)
+                every = store.query(replace(flt, limit=None, offset=0))
+                out.append(([m.id for m in store.query(flt)],
+                            [m.id for m in every[offset : offset + limit]]))
+        return out
+
+    got = await memory._retrieval.executors.read(reads)
+    assert all(a == b for a, b in got)
+    def seen(sessions: set[str | None]) -> int:  # important, visible, not forgotten
+        return sum(d.importance >= 0.6 and d.session_id in sessions and d.content != "fact 2"
+                   for d in drafts if d.user_id == "gil")
+
+    assert len(got[2][0]) == seen({None}) and len(got[5][0]) == seen({None, "s1"}) > 3

@@ -194,7 +194,19 @@ class SQLiteMemoryStore:
 
     def query(self, flt: MemoryFilter) -> list[Memory]:
         where, params = where_clause(flt)
-        sql = f"SELECT {_COLUMNS} FROM memories WHERE {where} ORDER BY created_at DESC, rid DESC"
+        order = " ORDER BY created_at DESC, rid DESC"
+        if flt.limit is not None and flt.min_importance is not None:
+            # The core tier's read: the rows are chosen and ordered inside the covering index
+            # memories_user_core, and only the ones kept are read whole (m010).
+            sql = (
+                f"SELECT {_COLUMNS} FROM memories WHERE rid IN (SELECT rid FROM memories"
+                f" WHERE {where}{order} LIMIT ? OFFSET ?){order}"
+            )
+            return [
+                _row_to_memory(r)
+                for r in self.db.conn.execute(sql, [*params, flt.limit, flt.offset]).fetchall()
+            ]
+        sql = f"SELECT {_COLUMNS} FROM memories WHERE {where}{order}"
         if flt.limit is not None:
             sql += " LIMIT ? OFFSET ?"
             params += [flt.limit, flt.offset]
