@@ -70,6 +70,13 @@ class CommonWords:
                 self._entries.popitem(last=False)
         return words
 
+    def worth_counting(self, user_id: str, share: float) -> bool:
+        """Whether a count made ahead of recall would be kept: the user has an entry, or the
+        cache has room. Counting users a full cache would evict again at once only thrashes
+        (a write to each of 10k users recounted every one of them)."""
+        with self._lock:
+            return (user_id, share) in self._entries or len(self._entries) < self.max_users
+
     def forget(self, user_id: str | None = None) -> None:
         """Drop one user's entries (after a purge), or every entry."""
         with self._lock:

@@ -384,6 +384,8 @@ class Retrieval:
 
     def _refresh_common_words(self, user_ids: list[str]) -> None:
         for user_id in user_ids:
+            if not self.common_words.worth_counting(user_id, self.preset.common_share):
+                continue  # counted when a recall asks, like a user evicted from the cache
             try:
                 self._user_common_words(user_id, self.preset)
             except Exception:

@@ -85,3 +85,20 @@ async def test_writes_count_the_users_common_words_off_the_recall_path(
     ])
     await memory._executors.write(lambda: None)  # the writer thread is FIFO: the refresh has run
     assert memory._retrieval.common_words.get("nate", 25, 0.3, lambda n: []) == {"nate", "ok"}
+
+
+async def test_writes_do_not_count_users_a_full_cache_would_evict_at_once(
+    memory: HierarchicalMemory,
+) -> None:
+    cache = memory._retrieval.common_words
+    share = memory._retrieval.preset.common_share
+    for i in range(cache.max_users):
+        cache.get(f"filler-{i}", 25, share, lambda n: ["filler words"])
+    await memory.add_many([
+        MemoryDraft(f"Nate: ok {i}", "nate", created_at=NOW - timedelta(days=i), dedup=False)
+        for i in range(25)
+    ])
+    await memory._executors.write(lambda: None)  # the writer thread is FIFO: the refresh has run
+    assert not cache.worth_counting("nate", share)
+    # Recall still counts the user when it asks.
+    assert memory._retrieval._user_common_words("nate", memory._retrieval.preset) == {"nate", "ok"}
