@@ -342,7 +342,7 @@ async def run_facts(args: argparse.Namespace, presets: list[str], tmp: str) -> d
     asks = [a for a in asks if a.conv in _split(args.split)]
     config = MemoryConfig(
         db_path=str(Path(args.db_dir or tmp) / "facts.db"),
-        embedder_runtime="onnx", query_embedding_cache_size=8192,
+        embedder_runtime=args.embedder_runtime, query_embedding_cache_size=8192,
     )
     reuse = Path(str(config.db_path)).exists()
     mem = await HierarchicalMemory.create(config)
@@ -370,7 +370,7 @@ async def run_turns(args: argparse.Namespace, presets: list[str], tmp: str) -> d
     convs = load_turns(Path(args.data), "turns", DEV + TEST)
     config = MemoryConfig(
         db_path=str(Path(args.db_dir or tmp) / "turns.db"),
-        embedder_runtime="onnx", query_embedding_cache_size=8192,
+        embedder_runtime=args.embedder_runtime, query_embedding_cache_size=8192,
     )
     reuse = Path(str(config.db_path)).exists()
     mem = await HierarchicalMemory.create(config)
@@ -419,6 +419,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", default=str(default_data_path()))
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--db-dir", help="keep the databases here and reuse them if they exist")
+    parser.add_argument(
+        "--embedder-runtime", default="auto",
+        help="MemoryConfig.embedder_runtime; auto is the product's default (int8 queries on "
+        "CPUs with VNNI). Stored memories are float under onnx and onnx-int8 alike, so one "
+        "--db-dir serves both",
+    )
     args = parser.parse_args(argv)
     out = asyncio.run(run(args))
     if args.json:
