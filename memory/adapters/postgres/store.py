@@ -20,6 +20,7 @@ from ...models import Memory, MemoryFilter
 from .. import store_shared as shared
 from ..store_shared import COLUMNS as _COLUMNS
 from ..store_shared import Dialect, normalize_content
+from .candidate_rows import read_candidates
 from .connection import PgDatabase
 from .deferred import BulkInsert, DeferredWrites, deferred_writes
 from .outbox import PostgresOutbox
@@ -387,4 +388,5 @@ class PostgresMemoryStore:
         return summary
 
     def candidates(self, rowids: Sequence[int]) -> shared.CandidateRows:
-        return shared.candidates_from_memories(self, rowids)
+        # One columnar statement; whole memories only for what recall returns.
+        return read_candidates(self, rowids)
