@@ -22,6 +22,7 @@ use code points, combining marks in decomposed text), and the order of rows with
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import threading
@@ -200,6 +201,17 @@ class UserPostings:
         self.postings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.tails: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._postings_bytes = 0
+        # each row's terms, so a removed row's postings go with it (a purge leaves no trace):
+        # per appended batch (first position, offsets by row, term numbers), and the terms by
+        # number with the count of live rows holding each (a term no row holds is forgotten)
+        self._row_terms: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._term_no: dict[str, int] = {}
+        self._terms: list[str | None] = []
+        self._holders = np.zeros(0, dtype=np.int64)
+        # Searches read the arrays outside the lock; a removed row's key and length are zeroed
+        # once none that began before the removal (and may still weigh it) is running.
+        self._readers = 0
+        self._unscrubbed: list[int] = []
         self._append(docs, bulk=True)
 
     def _label(self, name: str) -> int:
@@ -233,12 +245,14 @@ class UserPostings:
         keys, tf = np.unique(term_ids.astype(np.int64) * len(docs) + at, return_counts=True)
         term_of = keys // len(docs)
         row_of = (keys % len(docs)).astype(np.int32) + start
+        self._remember_terms(start, len(docs), vocab, term_of, row_of)
         bounds = np.flatnonzero(np.diff(term_of)) + 1
         for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(keys)], strict=True):
             if lo == hi:
                 continue
             term = vocab[int(term_of[lo])]
-            part = (row_of[lo:hi], tf[lo:hi].astype(np.float64))
+            # copies, not views of one array: a removed row's posting is freed with its term's
+            part = (row_of[lo:hi].copy(), tf[lo:hi].astype(np.float64))
             if bulk:
                 self.postings[term] = part
             else:
@@ -247,16 +261,93 @@ class UserPostings:
         self.n = need
         self.live += len(docs)
 
+    def _remember_terms(
+        self, start: int, count: int, vocab: list[str], term_of: np.ndarray, row_of: np.ndarray
+    ) -> None:
+        numbers = np.array([self._number(t) for t in vocab], dtype=np.int32)
+        if len(self._terms) > len(self._holders):
+            grown = np.zeros(max(len(self._terms), 2 * len(self._holders)), dtype=np.int64)
+            grown[: len(self._holders)] = self._holders
+            self._holders = grown
+        order = np.argsort(row_of, kind="stable")
+        per_row = np.bincount(row_of - start, minlength=count)
+        offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64)
+        held = numbers[term_of[order]] if len(order) else numbers[:0]
+        np.add.at(self._holders, held, 1)
+        self._row_terms.append((start, offsets, held))
+
+    def _number(self, term: str) -> int:
+        no = self._term_no.get(term)
+        if no is None:
+            no = self._term_no[term] = len(self._terms)
+            self._terms.append(term)
+        return no
+
+    def _drop_postings(self, at: int) -> None:
+        """Take row position `at` out of its terms' postings and tails, and forget each term
+        no live row holds any more."""
+        batch = bisect.bisect_right([b[0] for b in self._row_terms], at) - 1
+        start, offsets, held = self._row_terms[batch]
+        lo, hi = int(offsets[at - start]), int(offsets[at - start + 1])
+        for no in held[lo:hi].tolist():
+            term = self._terms[no] if no >= 0 else None
+            if term is None:
+                continue
+            self._drop_from_term(term, at)
+            self._holders[no] -= 1
+            if self._holders[no] <= 0:
+                self.postings.pop(term, None)
+                self.tails.pop(term, None)
+                self._term_no.pop(term, None)
+                self._terms[no] = None
+                self._postings_bytes -= 100
+        held[lo:hi] = -1  # the row's term numbers say nothing once it is gone
+
+    def _drop_from_term(self, term: str, at: int) -> None:
+        parts = ([] if term not in self.postings else [("base", self.postings[term])]) + [
+            ("tail", p) for p in self.tails.get(term, [])
+        ]
+        tails: list[tuple[np.ndarray, np.ndarray]] = []
+        for kind, (rows, tf) in parts:
+            i = int(np.searchsorted(rows, at))  # postings hold positions in ascending order
+            if i < len(rows) and rows[i] == at:
+                rows, tf = np.delete(rows, i), np.delete(tf, i)
+                self._postings_bytes -= 12
+            if kind == "base":
+                self.postings[term] = (rows, tf)
+            else:
+                tails.append((rows, tf))
+        if term in self.tails:
+            self.tails[term] = tails
+
     def _remove(self, rowid: int) -> None:
         at = self.pos.pop(rowid, None)
-        if at is not None:
-            self.alive[at] = False
-            self.live -= 1
+        if at is None:
+            return
+        self.alive[at] = False
+        self.live -= 1
+        self._drop_postings(at)  # replaced, not changed in place: a running search keeps its own
+        self._unscrubbed.append(at)
+        if self._readers == 0:
+            self._scrub()
+
+    def _scrub(self) -> None:
+        """Zero removed rows' keys, lengths and labels; the caller holds the lock and no search
+        is reading the arrays."""
+        if not self._unscrubbed:
+            return
+        at = np.array(self._unscrubbed, dtype=np.int64)
+        self._unscrubbed = []
+        self.rowids[at] = 0
+        self.lengths[at] = 0.0
+        self.scopes[at] = self.categories[at] = 0
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.rowids, self.lengths, self.scopes, self.categories, self.alive)
-        return sum(a.nbytes for a in arrays) + self._postings_bytes + 100 * len(self.pos)
+        arrays = (self.rowids, self.lengths, self.scopes, self.categories, self.alive,
+                  self._holders, *(a for _, o, h in self._row_terms for a in (o, h)))
+        return (sum(a.nbytes for a in arrays) + self._postings_bytes + 100 * len(self.pos)
+                + 100 * len(self._term_no))
 
     def replay(self, conn: Any, changes: list[Change]) -> None:
         """Apply logged changes in order; an add re-reads the row as it is now, so replaying
@@ -299,6 +390,20 @@ class UserPostings:
         return base
 
     def search(
+        self, phrases: Sequence[str], stats: tuple[int, float, list[int]], *,
+        scope_keys: Sequence[str] | None, categories: Sequence[MemoryCategory] | None, k: int,
+    ) -> list[tuple[int, float]]:
+        with self.lock:
+            self._readers += 1
+        try:
+            return self._search(phrases, stats, scope_keys=scope_keys, categories=categories, k=k)
+        finally:
+            with self.lock:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._scrub()
+
+    def _search(
         self, phrases: Sequence[str], stats: tuple[int, float, list[int]], *,
         scope_keys: Sequence[str] | None, categories: Sequence[MemoryCategory] | None, k: int,
     ) -> list[tuple[int, float]]:

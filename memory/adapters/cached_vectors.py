@@ -121,6 +121,10 @@ class UserVectors:
         self.min_candidates = min_candidates
         self.words_per_row = -(-dimension // 64)
         self._labels: dict[str, int] = {}
+        # Searches read the arrays outside the lock; a removed row's slot is zeroed once none
+        # that began before the removal (and may still weigh it) is running.
+        self._readers = 0
+        self._unscrubbed: list[int] = []
         self._reset(rows)
 
     # --- storage ---------------------------------------------------------------------------
@@ -183,6 +187,21 @@ class UserVectors:
         if i is not None:
             self.alive[i] = False
             self.live -= 1
+            self._unscrubbed.append(i)
+            if self._readers == 0:
+                self._scrub()
+
+    def _scrub(self) -> None:
+        """Zero removed rows' floats, sign bits, row keys and labels (a purge leaves no trace
+        in memory); the caller holds the lock and no search is reading the arrays."""
+        if not self._unscrubbed:
+            return
+        at = np.array(self._unscrubbed, dtype=np.int64)
+        self._unscrubbed = []
+        self.matrix[at] = 0.0
+        self.words[:, at] = 0
+        self.rowids[at] = 0
+        self.scopes[at] = self.categories[at] = 0
 
     @property
     def nbytes(self) -> int:
@@ -221,6 +240,7 @@ class UserVectors:
         self.words = np.zeros((self.words_per_row, self.n), dtype=np.uint64)
         self.bits_n = 0
         self.center = None
+        self._unscrubbed = []  # the dead slots are gone; the old arrays go with their readers
 
     # --- search ----------------------------------------------------------------------------
 
@@ -252,6 +272,20 @@ class UserVectors:
         return out
 
     def search(
+        self, query: np.ndarray, *, scope_keys: Sequence[str] | None,
+        categories: Sequence[MemoryCategory] | None, k: int,
+    ) -> list[tuple[int, float]]:
+        with self.lock:
+            self._readers += 1
+        try:
+            return self._search(query, scope_keys=scope_keys, categories=categories, k=k)
+        finally:
+            with self.lock:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._scrub()
+
+    def _search(
         self, query: np.ndarray, *, scope_keys: Sequence[str] | None,
         categories: Sequence[MemoryCategory] | None, k: int,
     ) -> list[tuple[int, float]]:
