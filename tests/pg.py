@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -30,8 +31,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 import pytest
 
+from headroom.memory.adapters.postgres import PgDatabase, open_database
+
 __all__ = [
-    "PgServer", "pg_database", "pg_schema_url", "pg_server", "schema_url", "start_private_server",
+    "PgServer", "fresh_schema", "pg_database", "pg_db", "pg_schema_url", "pg_server",
+    "schema_url", "start_private_server",
 ]
 
 ENV_URL = "HEADROOM_TEST_PG_URL"
@@ -174,15 +178,32 @@ def schema_url(database_url: str, schema: str) -> str:
     return f"{database_url}{sep}options={options}"
 
 
-@pytest.fixture
-def pg_schema_url(pg_database: str) -> Iterator[str]:
-    """A fresh empty schema in the module's database for one test: the URL of a backend that sees
-    nothing else. Dropped afterwards, with what the test left in it."""
+@contextmanager
+def fresh_schema(database_url: str) -> Iterator[str]:
+    """A new empty schema in `database_url`'s database: the URL of a backend that sees nothing
+    else. Dropped afterwards, with what was left in it."""
     schema = f"s{next(_ids)}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_database, autocommit=True) as conn:
+    with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
-        yield schema_url(pg_database, schema)
+        yield schema_url(database_url, schema)
     finally:
-        with psycopg.connect(pg_database, autocommit=True) as conn:
+        with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_schema_url(pg_database: str) -> Iterator[str]:
+    """A fresh empty schema in the module's database for one test (see `fresh_schema`)."""
+    with fresh_schema(pg_database) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_db(pg_schema_url: str) -> Iterator[PgDatabase]:
+    """An open database (a pool of 4 connections) on a fresh schema, closed afterwards."""
+    database = open_database(pg_schema_url, pool_size=4)
+    try:
+        yield database
+    finally:
+        database.close()

@@ -4,14 +4,12 @@ per table, and the candidates of a search come back in one columnar read."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
-import psycopg
 import pytest
 
-from headroom.memory.adapters.postgres import PgDatabase, PgVectorIndex, open_database
+from headroom.memory.adapters.postgres import PgDatabase, PgVectorIndex
 from headroom.memory.adapters.postgres.candidate_rows import read_candidates
 from headroom.memory.adapters.store_shared import candidates_from_memories
 from headroom.memory.hierarchical import HierarchicalMemory
@@ -24,7 +22,13 @@ from headroom.memory.models import (
 )
 from headroom.memory.unit_of_work import _rounds
 from tests.fakes import FakeEmbedder
-from tests.pg import pg_database, pg_schema_url, pg_server, schema_url  # noqa: F401 (fixtures)
+from tests.pg import (  # noqa: F401 (fixtures)
+    fresh_schema,
+    pg_database,
+    pg_db,
+    pg_schema_url,
+    pg_server,
+)
 
 # Long enough that one changed number keeps the bag-of-words cosine past dedup_threshold.
 CATS = ("at home in the small blue house by the old harbour where the fishing boats come in"
@@ -53,14 +57,8 @@ def _drafts() -> list[MemoryDraft]:
 
 @pytest.fixture
 def second_schema_url(pg_database: str) -> Iterator[str]:  # noqa: F811
-    schema = f"b_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_database, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    try:
-        yield schema_url(pg_database, schema)
-    finally:
-        with psycopg.connect(pg_database, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    with fresh_schema(pg_database) as url:
+        yield url
 
 
 async def _versions(mem: HierarchicalMemory, user: str) -> list[Memory]:
@@ -119,12 +117,8 @@ def test_rounds_hold_each_user_once_in_order() -> None:
 
 
 @pytest.fixture
-def db(pg_schema_url: str) -> Iterator[PgDatabase]:  # noqa: F811
-    database = open_database(pg_schema_url, pool_size=4)
-    try:
-        yield database
-    finally:
-        database.close()
+def db(pg_db: PgDatabase) -> PgDatabase:  # noqa: F811
+    return pg_db
 
 
 def _unit(n: int, seed: int, dim: int = 16) -> np.ndarray:

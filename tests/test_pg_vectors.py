@@ -5,7 +5,6 @@ nearest rows."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import psycopg
@@ -16,23 +15,18 @@ from headroom.memory.adapters.postgres import (
     PgVectorIndex,
     ensure_vector_table,
     graph_name,
-    open_database,
 )
 from headroom.memory.errors import ConfigError
 from headroom.memory.models import MemoryCategory
-from tests.pg import pg_database, pg_schema_url, pg_server  # noqa: F401 (fixtures)
+from tests.pg import pg_database, pg_db, pg_schema_url, pg_server  # noqa: F401 (fixtures)
 
 DIMENSION = 16
 FACT = MemoryCategory.FACT
 
 
 @pytest.fixture
-def db(pg_schema_url: str) -> Iterator[PgDatabase]:  # noqa: F811
-    database = open_database(pg_schema_url, pool_size=4)
-    try:
-        yield database
-    finally:
-        database.close()
+def db(pg_db: PgDatabase) -> PgDatabase:  # noqa: F811
+    return pg_db
 
 
 def unit_rows(n: int, seed: int) -> np.ndarray:
