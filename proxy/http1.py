@@ -196,6 +196,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
             # httpx's own context (certifi's roots, or SSL_CERT_FILE / SSL_CERT_DIR when set):
             # the upstream's certificate is checked exactly as with the httpx transport.
             self._ssl_context = httpx.create_ssl_context()
+            self._ssl_context.set_alpn_protocols(["http/1.1"])  # as httpcore offers it
         return self._ssl_context
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
