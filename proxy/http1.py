@@ -323,35 +323,45 @@ async def _read_head(
             raise _protocol_error(request, "the server switched protocols; none was asked for")
         break
     headers: list[tuple[bytes, bytes]] = []
+    # The framing headers are read here, from the raw lines: httpx.Headers lookups decode every
+    # header on each call, which was a fifth of this function's cost.
+    connection: set[bytes] = set()
+    chunked = False
+    lengths: list[bytes] | None = None
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or name[-1:] in (b" ", b"\t"):
             raise _protocol_error(request, f"malformed header line {line[:100]!r}")
-        headers.append((name, value.strip(b" \t")))
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        lower = name.lower()
+        if lower == b"connection":
+            connection.update(t.strip().lower() for t in value.split(b","))
+        elif lower == b"transfer-encoding":
+            chunked = chunked or b"chunked" in value.lower()
+        elif lower == b"content-length":
+            lengths = (lengths or []) + value.split(b",")
     reason = status_line[2] if len(status_line) > 2 else b""
-    response_headers = httpx.Headers(headers)
 
-    connection = {t.strip().lower() for t in response_headers.get("connection", "").split(",")}
-    keep_alive = status_line[0] == b"HTTP/1.1" and "close" not in connection
-    if "close" in {t.strip().lower() for t in request.headers.get("connection", "").split(",")}:
+    keep_alive = status_line[0] == b"HTTP/1.1" and b"close" not in connection
+    if "close" in request.headers.get("connection", "").lower():
         keep_alive = False
     if request.method == "HEAD" or status in _NO_BODY_STATUSES:
         body: _Body = _Body(conn, pool, request, timeout, keep_alive, length=0)
-    elif "chunked" in response_headers.get("transfer-encoding", "").lower():
+    elif chunked:
         body = _Body(conn, pool, request, timeout, keep_alive, chunked=True)
-    elif "content-length" in response_headers:
+    elif lengths is not None:
         try:
-            values = response_headers.get_list("content-length", split_commas=True)
-            lengths = {int(v) for v in values}
+            distinct = {int(v) for v in lengths}
         except ValueError:
-            lengths = set()
-        if len(lengths) != 1 or min(lengths) < 0:
+            distinct = set()
+        if len(distinct) != 1 or min(distinct) < 0:
             raise _protocol_error(request, "invalid Content-Length")
-        body = _Body(conn, pool, request, timeout, keep_alive, length=lengths.pop())
+        body = _Body(conn, pool, request, timeout, keep_alive, length=distinct.pop())
     else:
         body = _Body(conn, pool, request, timeout, keep_alive=False, length=None)
     return httpx.Response(
-        status, headers=response_headers, stream=body,
+        status, headers=headers, stream=body,
         extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
     )
 
