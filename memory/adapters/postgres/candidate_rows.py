@@ -7,14 +7,23 @@ their embeddings in a second round trip. Whole memories are built only for the r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from ...candidates import CandidateRows
+from ...models import Memory
+from .connection import PgDatabase
+from .deferred import DeferredWrites
 
-if TYPE_CHECKING:
-    from .store import PostgresMemoryStore
+
+class _Store(Protocol):
+    """What of `PostgresMemoryStore` the read needs (the store imports this module)."""
+
+    db: PgDatabase
+    deferred: DeferredWrites
+
+    def get_by_rowids(self, rowids: Sequence[int]) -> dict[int, Memory]: ...
 
 __all__ = ["read_candidates"]
 
@@ -28,7 +37,7 @@ _CANDIDATES = (
 )
 
 
-def read_candidates(store: PostgresMemoryStore, rowids: Sequence[int]) -> CandidateRows:
+def read_candidates(store: _Store, rowids: Sequence[int]) -> CandidateRows:
     """The candidate columns of `rowids` that exist (in no particular order, each once); whole
     memories of some of them on demand through `store.get_by_rowids`."""
     rows: list[tuple[object, ...]] = []
