@@ -35,6 +35,7 @@ import numpy as np
 from ..db import sqlite_module
 from ..models import MemoryCategory
 from .index_log import ADD, Change
+from .user_cache import ReadersThenScrub
 
 __all__ = ["Fts5Words", "TermHits", "UserPostings", "table_stats"]
 
@@ -180,7 +181,7 @@ def table_stats(
 Doc = tuple[int, str, str, str]  # (rowid, content, scope_key, category)
 
 
-class UserPostings:
+class UserPostings(ReadersThenScrub):
     """A user's full-text rows at log `seq`: per-row arrays and postings per term. Replayed
     adds go to per-term tails, merged into the arrays when a query reads that term."""
 
@@ -393,15 +394,8 @@ class UserPostings:
         self, phrases: Sequence[str], stats: tuple[int, float, list[int]], *,
         scope_keys: Sequence[str] | None, categories: Sequence[MemoryCategory] | None, k: int,
     ) -> list[tuple[int, float]]:
-        with self.lock:
-            self._readers += 1
-        try:
+        with self.reading():
             return self._search(phrases, stats, scope_keys=scope_keys, categories=categories, k=k)
-        finally:
-            with self.lock:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._scrub()
 
     def _search(
         self, phrases: Sequence[str], stats: tuple[int, float, list[int]], *,

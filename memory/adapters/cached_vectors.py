@@ -25,6 +25,7 @@ import numpy as np
 
 from ..models import MemoryCategory
 from .index_log import ADD, Change
+from .user_cache import ReadersThenScrub
 
 __all__ = ["BITS_FROM", "UserVectors", "read_rows"]
 
@@ -108,7 +109,7 @@ def read_rows(conn: Any, user_id: str | None, rowids: Sequence[int] | None) -> l
     return out
 
 
-class UserVectors:
+class UserVectors(ReadersThenScrub):
     """A user's live vectors at log `seq`, in arrays with spare capacity for replayed adds."""
 
     def __init__(self, dimension: int, seq: int, rows: list[Row], *, bits_from: int = BITS_FROM,
@@ -275,15 +276,8 @@ class UserVectors:
         self, query: np.ndarray, *, scope_keys: Sequence[str] | None,
         categories: Sequence[MemoryCategory] | None, k: int,
     ) -> list[tuple[int, float]]:
-        with self.lock:
-            self._readers += 1
-        try:
+        with self.reading():
             return self._search(query, scope_keys=scope_keys, categories=categories, k=k)
-        finally:
-            with self.lock:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._scrub()
 
     def _search(
         self, query: np.ndarray, *, scope_keys: Sequence[str] | None,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ from ..db import Database, connect
 from ..models import MemoryCategory
 from . import index_log
 from .cached_text import Fts5Words, TermHits, UserPostings, table_stats
-from .user_cache import Builder, UserCache, current_entry, shared_cache
+from .user_cache import Builder, UserCache, attach_cache, current_entry
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +71,7 @@ class FTS5TextIndex:
         self.stop_words = stop_words
         self.heavy_rows = heavy_rows
         self.filter_depth = filter_depth
-        self.cache: UserCache | None = (
-            shared_cache() if cache is True else cache if isinstance(cache, UserCache) else None
-        )
-        self._owner = object()  # this index's key in a shared cache
-        if self.cache is not None:
-            weakref.finalize(self, self.cache.drop_owner, self._owner)
+        self.cache, self._owner = attach_cache(self, cache)
         self._words: Fts5Words | None = None
         self._hits: TermHits = {}  # rows per term in the whole table, while it is unchanged
         self.builder = Builder()  # heavy users' copies are read on a background thread

@@ -32,7 +32,6 @@ added is never missed. Every add and remove here writes that log in its transact
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,7 +43,7 @@ from ..models import MemoryCategory
 from . import index_log
 from .cached_vectors import BITS_FROM, UserVectors, read_rows
 from .heavy_vectors import HEAVY_LIMIT, HeavyVectors, move_to_heavy
-from .user_cache import Builder, UserCache, current_entry, shared_cache
+from .user_cache import Builder, UserCache, attach_cache, current_entry
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +92,7 @@ class SqliteVecIndex:
         self.oversample = oversample
         self.min_candidates = min_candidates
         self.bits_from = bits_from
-        self.cache: UserCache | None = (
-            shared_cache() if cache is True else cache if isinstance(cache, UserCache) else None
-        )
-        self._owner = object()  # this index's key in a shared cache
-        if self.cache is not None:
-            weakref.finalize(self, self.cache.drop_owner, self._owner)
+        self.cache, self._owner = attach_cache(self, cache)
         self.builder = Builder()  # heavy users' copies are read on a background thread
         conn = db.conn
         migrate(conn)  # the compact table; a read only, once the store has migrated the file

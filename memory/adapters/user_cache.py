@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -23,9 +24,8 @@ from .index_log import Change, changes, state
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_CACHE_BYTES", "REFUSED_SECONDS", "Builder", "Cached", "Replayable", "UserCache",
-    "current_entry",
-    "shared_cache",
+    "DEFAULT_CACHE_BYTES", "REFUSED_SECONDS", "Builder", "Cached", "ReadersThenScrub",
+    "Replayable", "UserCache", "attach_cache", "current_entry", "shared_cache",
 ]
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
@@ -134,6 +134,39 @@ def shared_cache() -> UserCache:
         if _shared is None:
             _shared = UserCache()
         return _shared
+
+
+def attach_cache(index: object, cache: UserCache | bool) -> tuple[UserCache | None, object]:
+    """The cache an index's `cache` argument names (True: the process's shared one; False: none)
+    and the index's owner key in it, whose entries go when the index is collected."""
+    chosen = shared_cache() if cache is True else cache if isinstance(cache, UserCache) else None
+    owner = object()
+    if chosen is not None:
+        weakref.finalize(index, chosen.drop_owner, owner)
+    return chosen, owner
+
+
+class ReadersThenScrub:
+    """Searches read a copy's arrays outside its lock, so a removed row is zeroed (`_scrub`)
+    only once no search that began before the removal, and may still weigh it, is running."""
+
+    lock: threading.Lock
+    _readers: int
+
+    def _scrub(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self.lock:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._scrub()
 
 
 class Replayable(Cached, Protocol):
