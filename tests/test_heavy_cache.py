@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from headroom.memory.adapters import FTS5TextIndex, SQLiteMemoryStore, SqliteVecIndex, index_log
+from headroom.memory.adapters import FTS5TextIndex, SqliteVecIndex, index_log
 from headroom.memory.adapters.fts5_index import user_token
 from headroom.memory.adapters.user_cache import UserCache
 from headroom.memory.db import Database
 from headroom.memory.models import MemoryCategory
+from tests.index_files import index_file, unit
 
 pytestmark = pytest.mark.sqlite_only("the in-memory copies serve the SQLite indexes")
 
@@ -26,18 +27,9 @@ FACT, PREF = MemoryCategory.FACT, MemoryCategory.PREFERENCE
 USER_SCOPE, SESSION_SCOPE = "ann\x1f\x1f", "ann\x1fs1\x1f"
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
-    p = tmp_path / "cache.db"
-    db = Database(p)
-    SQLiteMemoryStore(db)
-    SqliteVecIndex(db, DIM)
-    db.close()
-    return p
+    return index_file(tmp_path / "cache.db", DIM)
 
 
 def _vectors(db: Database, cache: UserCache | bool, **options: int) -> SqliteVecIndex:
@@ -63,10 +55,10 @@ def test_cached_vector_search_is_the_files_exact_answer_with_filters(
     db = Database(path)
     cached, stored = _vectors(db, UserCache()), _vectors(db, False)
     rng = np.random.default_rng(size)
-    _fill(cached, _unit(rng.standard_normal((size, DIM))))
-    _fill(cached, _unit(rng.standard_normal((30, DIM))), user="bob", first=10_000)
+    _fill(cached, unit(rng.standard_normal((size, DIM))))
+    _fill(cached, unit(rng.standard_normal((30, DIM))), user="bob", first=10_000)
     cached.warm("ann")  # a heavy-tier user's copy is otherwise read on a background thread
-    for query in _unit(rng.standard_normal((20, DIM))):
+    for query in unit(rng.standard_normal((20, DIM))):
         for scopes, cats in ((None, None), ([USER_SCOPE], None), (None, [PREF]),
                              ([SESSION_SCOPE, USER_SCOPE], [FACT]), (["nowhere"], None)):
             got = cached.search(query, "ann", scope_keys=scopes, categories=cats, k=10)
@@ -88,11 +80,11 @@ def test_sign_bit_preselection_agrees_with_exact_search(path: Path) -> None:
     index = _vectors(db, UserCache(), bits_from=256, min_candidates=150, oversample=6)
     rng = np.random.default_rng(7)
     topics = rng.standard_normal((30, DIM))
-    stored = _unit(2 + topics[rng.integers(0, 30, 1500)] + 0.5 * rng.standard_normal((1500, DIM)))
+    stored = unit(2 + topics[rng.integers(0, 30, 1500)] + 0.5 * rng.standard_normal((1500, DIM)))
     _fill(index, stored)
     index.warm("ann")
     shares = []
-    for query in _unit(stored[rng.integers(0, 1500, 50)] + 0.05 * rng.standard_normal((50, DIM))):
+    for query in unit(stored[rng.integers(0, 1500, 50)] + 0.05 * rng.standard_normal((50, DIM))):
         got = index.search(query, "ann", scope_keys=[USER_SCOPE], categories=None, k=10)
         sims = stored @ query
         allowed = np.array([i % 4 != 0 for i in range(1500)])
@@ -110,7 +102,7 @@ def test_a_write_through_another_connection_is_seen_and_a_removal_never_served(
     reader_db, writer_db = Database(path), Database(path)  # two connections, as two processes
     reader, writer = _vectors(reader_db, UserCache()), _vectors(writer_db, UserCache())
     rng = np.random.default_rng(3)
-    stored = _unit(rng.standard_normal((120, DIM)))
+    stored = unit(rng.standard_normal((120, DIM)))
     _fill(writer, stored)
     reader.warm("ann")  # from here on the reader's copy replays the writer's log
     query = stored[5]
@@ -134,7 +126,7 @@ def test_another_process_writes_are_seen(path: Path) -> None:
     db = Database(path)
     index = _vectors(db, UserCache())
     rng = np.random.default_rng(4)
-    stored = _unit(rng.standard_normal((50, DIM)))
+    stored = unit(rng.standard_normal((50, DIM)))
     _fill(index, stored)
     assert len(index.search(stored[0], "ann", scope_keys=None, categories=None, k=100)) == 50
     script = textwrap.dedent(f"""
@@ -159,10 +151,10 @@ def test_a_rolled_back_write_never_reaches_the_copy(path: Path) -> None:
     db = Database(path)
     index = _vectors(db, UserCache())
     rng = np.random.default_rng(5)
-    stored = _unit(rng.standard_normal((20, DIM)))
+    stored = unit(rng.standard_normal((20, DIM)))
     _fill(index, stored)
     index.search(stored[0], "ann", scope_keys=None, categories=None, k=1)  # cached now
-    probe = _unit(rng.standard_normal(DIM))
+    probe = unit(rng.standard_normal(DIM))
     with pytest.raises(RuntimeError), db.transaction():
         index.add(77, "ann", USER_SCOPE, FACT, probe)
         # inside the write transaction the file is read (the row is visible to its writer)
@@ -178,7 +170,7 @@ def test_a_purged_user_leaves_no_log_and_a_new_life_starts_clean(path: Path) -> 
     db = Database(path)
     index = _vectors(db, UserCache())
     rng = np.random.default_rng(6)
-    stored = _unit(rng.standard_normal((70, DIM)))  # into the heavy tier
+    stored = unit(rng.standard_normal((70, DIM)))  # into the heavy tier
     _fill(index, stored)
     index.warm("ann")
     other = _vectors(Database(path), UserCache())
@@ -204,7 +196,7 @@ def test_a_copy_behind_the_kept_log_is_rebuilt(
     db = Database(path)
     reader, writer = _vectors(db, UserCache()), _vectors(Database(path), UserCache())
     rng = np.random.default_rng(8)
-    stored = _unit(rng.standard_normal((40, DIM)))
+    stored = unit(rng.standard_normal((40, DIM)))
     _fill(writer, stored[:10])
     reader.search(stored[0], "ann", scope_keys=None, categories=None, k=1)
     for i in range(10, 40):  # 30 writes: the log keeps the last 4 to 8
@@ -223,8 +215,8 @@ def test_the_cache_evicts_the_least_recently_used_past_its_bytes(path: Path) -> 
     index = _vectors(db, cache)
     rng = np.random.default_rng(9)
     for n, user in enumerate(("a", "b", "c")):
-        _fill(index, _unit(rng.standard_normal((40, DIM))), user=user, first=1 + 100 * n)
-    q = _unit(rng.standard_normal(DIM))
+        _fill(index, unit(rng.standard_normal((40, DIM))), user=user, first=1 + 100 * n)
+    q = unit(rng.standard_normal(DIM))
     index.search(q, "a", scope_keys=None, categories=None, k=3)
     cache.max_bytes = int(cache.nbytes * 2.5)  # room for two users of this size
     for user in ("b", "a", "c"):
@@ -240,7 +232,7 @@ def test_a_heavy_users_first_copy_is_read_in_the_background_while_the_file_answe
     cache = UserCache()
     index, stored_index = _vectors(db, cache), _vectors(db, False)
     rng = np.random.default_rng(10)
-    stored = _unit(rng.standard_normal((100, DIM)))
+    stored = unit(rng.standard_normal((100, DIM)))
     _fill(index, stored)  # past heavy_limit (64)
     query = stored[3]
     first = index.search(query, "ann", scope_keys=None, categories=None, k=5)

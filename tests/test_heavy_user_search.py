@@ -17,6 +17,7 @@ from headroom.memory.db import Database
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import MemoryCategory, MemoryConfig
 from tests.fakes import FakeEmbedder
+from tests.index_files import unit
 
 pytestmark = pytest.mark.sqlite_only("the heavy tier is the SQLite vector index's")
 
@@ -25,22 +26,18 @@ FACT, PREF = MemoryCategory.FACT, MemoryCategory.PREFERENCE
 USER, SESSION = "\x1f\x1f", "s1\x1f\x1f"
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def _clustered(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
     """Vectors around topics sharing a common direction, as sentence embeddings are (MiniLM's
     have a mean far from zero), not isotropic noise."""
     topics = rng.standard_normal((40, dim)).astype(np.float32)
     common = np.abs(rng.standard_normal(dim)).astype(np.float32) * 2
-    return _unit(common + topics[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, dim)))
+    return unit(common + topics[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, dim)))
 
 
 def _near(rng: np.random.Generator, vectors: np.ndarray, n: int) -> np.ndarray:
     """Queries about stored memories: a stored vector moved a little."""
     picked = vectors[rng.integers(0, len(vectors), n)]
-    return _unit(picked + 0.04 * rng.standard_normal(picked.shape))
+    return unit(picked + 0.04 * rng.standard_normal(picked.shape))
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 
 from headroom.memory.adapters import (
     FTS5TextIndex,
-    SQLiteMemoryStore,
     SqliteVecIndex,
     index_log,
     user_cache,
@@ -19,6 +18,7 @@ from headroom.memory.adapters import (
 from headroom.memory.adapters.user_cache import UserCache
 from headroom.memory.db import Database
 from headroom.memory.models import MemoryCategory
+from tests.index_files import index_file, unit
 
 pytestmark = pytest.mark.sqlite_only("the in-memory copies serve the SQLite indexes")
 
@@ -27,18 +27,9 @@ FACT = MemoryCategory.FACT
 SCOPE = "ann\x1f\x1f"
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
-    p = tmp_path / "review.db"
-    db = Database(p)
-    SQLiteMemoryStore(db)
-    SqliteVecIndex(db, DIM)
-    db.close()
-    return p
+    return index_file(tmp_path / "review.db", DIM)
 
 
 def _vectors(db: Database, cache: UserCache | bool) -> SqliteVecIndex:
@@ -57,7 +48,7 @@ def test_a_users_last_row_removed_then_a_new_one_added_never_brings_the_old_back
     reader = _vectors(Database(path), UserCache())
     writer = _vectors(Database(path), UserCache())
     rng = np.random.default_rng(1)
-    a, b = _unit(rng.standard_normal((2, DIM)))
+    a, b = unit(rng.standard_normal((2, DIM)))
     with writer.db.transaction():
         writer.add(1, "ann", SCOPE, FACT, a)
     assert _hits(reader, a) == {1}  # the reader's copy holds row 1 at the log's newest seq
@@ -111,7 +102,7 @@ def test_a_log_trimmed_between_the_state_read_and_the_replay_is_not_replayed(
     reader = _vectors(Database(path), UserCache())
     writer = _vectors(Database(path), UserCache())
     rng = np.random.default_rng(2)
-    stored = _unit(rng.standard_normal((40, DIM)))
+    stored = unit(rng.standard_normal((40, DIM)))
     with writer.db.transaction():
         for i in range(6):
             writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
@@ -135,7 +126,7 @@ def test_a_user_purged_and_back_between_the_state_read_and_the_replay_is_rebuilt
     reader = _vectors(Database(path), UserCache())
     writer = _vectors(Database(path), UserCache())
     rng = np.random.default_rng(3)
-    stored = _unit(rng.standard_normal((10, DIM)))
+    stored = unit(rng.standard_normal((10, DIM)))
     with writer.db.transaction():
         for i in range(3):
             writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
@@ -163,7 +154,7 @@ def test_other_users_writes_do_not_push_a_users_log_past_their_copy(
     reader = _vectors(Database(path), cache)
     writer = _vectors(Database(path), UserCache())
     rng = np.random.default_rng(4)
-    stored = _unit(rng.standard_normal((60, DIM)))
+    stored = unit(rng.standard_normal((60, DIM)))
     with writer.db.transaction():
         for i in range(3):
             writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
@@ -205,7 +196,7 @@ def test_a_copy_larger_than_the_cache_is_not_read_again_on_every_search(
     monkeypatch.setattr(sqlite_vec_index, "read_rows", counted)
     index = _vectors(Database(path), UserCache(max_bytes=1000))  # no user fits
     rng = np.random.default_rng(5)
-    stored = _unit(rng.standard_normal((rows, DIM)))
+    stored = unit(rng.standard_normal((rows, DIM)))
     with index.db.transaction():
         for i in range(rows):
             index.add(i + 1, "ann", SCOPE, FACT, stored[i])
@@ -224,7 +215,7 @@ def test_a_copy_that_cannot_be_read_leaves_the_search_to_the_file(
     cache = UserCache()
     index = _vectors(Database(path), cache)
     rng = np.random.default_rng(6)
-    stored = _unit(rng.standard_normal((10, DIM)))
+    stored = unit(rng.standard_normal((10, DIM)))
     with index.db.transaction():
         for i in range(5):
             index.add(i + 1, "ann", SCOPE, FACT, stored[i])
@@ -276,7 +267,7 @@ def test_a_failing_copy_search_leaves_the_answer_to_the_file(
     vectors = _vectors(Database(path), UserCache())
     text = FTS5TextIndex(vectors.db, cache=UserCache())
     rng = np.random.default_rng(7)
-    stored = _unit(rng.standard_normal((3, DIM)))
+    stored = unit(rng.standard_normal((3, DIM)))
     with vectors.db.transaction():
         for i in range(3):
             vectors.add(i + 1, "ann", SCOPE, FACT, stored[i])
