@@ -99,6 +99,28 @@ class CandidateRows:
         return {r: self._memories[r] for r in rowids if r in self._memories}
 
     @classmethod
+    def from_rows(
+        cls, rows: Sequence[Sequence[object]],
+        load: Callable[[Sequence[int]], Mapping[int, Memory]],
+    ) -> CandidateRows:
+        """Rows as a store's columnar read returns them: the constructor's first ten columns in
+        its order, then the embedding as float32 bytes or None."""
+        columns: list[Sequence[object]] = list(zip(*rows, strict=True)) or [()] * 11
+        blobs = columns[10]
+        has = [False] * len(rows)
+        matrix = None
+        size = next((len(b) for b in blobs if b is not None), 0)  # type: ignore[arg-type]
+        if size:
+            # One buffer, one matrix; a row of another model's size counts as having none.
+            has = [b is not None and len(b) == size for b in blobs]  # type: ignore[arg-type]
+            zero = bytes(size)
+            matrix = np.frombuffer(
+                b"".join(b if ok else zero for b, ok in zip(blobs, has, strict=True)),  # type: ignore[arg-type]
+                dtype=np.float32,
+            ).reshape(len(rows), size // 4)
+        return cls(*columns[:10], matrix, has, load)  # type: ignore[arg-type]
+
+    @classmethod
     def of(
         cls, memories: Mapping[int, Memory], embeddings: Mapping[int, np.ndarray] | None = None
     ) -> CandidateRows:

@@ -177,20 +177,7 @@ class SQLiteMemoryStore:
 
     def candidates(self, rowids: Sequence[int]) -> CandidateRows:
         rows = self._rows_by_rowids(_CANDIDATE_COLUMNS, rowids, plain=True)
-        columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) or [()] * 11
-        blobs = columns[10]
-        has = [False] * len(rows)
-        matrix = None
-        size = next((len(b) for b in blobs if b is not None), 0)
-        if size:
-            # One buffer, one matrix; a row of another model's size counts as having none.
-            has = [b is not None and len(b) == size for b in blobs]
-            zero = bytes(size)
-            matrix = np.frombuffer(
-                b"".join(b if ok else zero for b, ok in zip(blobs, has, strict=True)),
-                dtype=np.float32,
-            ).reshape(len(rows), size // 4)
-        return CandidateRows(*columns[:9], columns[9], matrix, has, self.get_by_rowids)
+        return CandidateRows.from_rows(rows, self.get_by_rowids)
 
     def query(self, flt: MemoryFilter) -> list[Memory]:
         where, params = where_clause(flt)

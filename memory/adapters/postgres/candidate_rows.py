@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
-
 from ...candidates import CandidateRows
 from ...models import Memory
 from .connection import PgDatabase
@@ -44,19 +42,4 @@ def read_candidates(store: _Store, rowids: Sequence[int]) -> CandidateRows:
     if rowids:
         store.deferred.flush("memories")
         rows = store.db.fetchall(_CANDIDATES, ([int(r) for r in rowids],))
-    columns: list[Sequence[object]] = list(zip(*rows, strict=True)) or [()] * 11
-    blobs = columns[10]
-    size = next((len(b) for b in blobs if b is not None), 0)  # type: ignore[arg-type]
-    has = [False] * len(rows)
-    matrix = None
-    if size:
-        # One buffer, one matrix; a row of another model's size counts as having none.
-        has = [b is not None and len(b) == size for b in blobs]  # type: ignore[arg-type]
-        zero = bytes(size)
-        matrix = np.frombuffer(
-            b"".join(b if ok else zero for b, ok in zip(blobs, has, strict=True)),  # type: ignore[arg-type]
-            dtype=np.float32,
-        ).reshape(len(rows), size // 4)
-    return CandidateRows(  # type: ignore[arg-type]
-        *columns[:9], columns[9], matrix, has, store.get_by_rowids
-    )
+    return CandidateRows.from_rows(rows, store.get_by_rowids)
