@@ -11,7 +11,7 @@ import pytest
 
 from headroom.memory.adapters.postgres import PgDatabase, PgVectorIndex
 from headroom.memory.adapters.postgres.candidate_rows import read_candidates
-from headroom.memory.adapters.store_shared import candidates_from_memories
+from headroom.memory.candidates import CandidateRows
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import (
     Memory,
@@ -164,7 +164,7 @@ async def test_read_candidates_equals_rows_and_embeddings(pg_schema_url: str) ->
         rids = [store.rowid_of(m.id) for m in added]
         wanted = [r for r in rids if r is not None] + [10**9]  # a row that is not there
         columnar = read_candidates(store, wanted)  # type: ignore[arg-type]
-        generic = candidates_from_memories(store, wanted)
+        generic = CandidateRows.of(store.get_by_rowids(wanted), store.embeddings_by_rowids(wanted))
         assert sorted(columnar.rowids) == sorted(generic.rowids) == sorted(wanted[:-1])
         order = generic.positions(columnar.rowids)
         for name in ("user_id", "session_id", "scope_key", "category", "content"):

@@ -19,7 +19,6 @@ __all__ = [
     "COLUMNS",
     "CandidateRows",
     "Dialect",
-    "candidates_from_memories",
     "chain",
     "event_json",
     "in_scope",
@@ -77,12 +76,6 @@ def row_to_memory(row: Mapping[str, Any], when: Callable[[Any], datetime | None]
         last_accessed=when(row["last_accessed"]),
         embedding_model=row["embedding_model"],
     )
-
-
-def candidates_from_memories(store: Any, rowids: Sequence[int]) -> CandidateRows:
-    """`MemoryStore.candidates` for a store without a columnar read of its own: built from its
-    `get_by_rowids` and `embeddings_by_rowids` (two reads)."""
-    return CandidateRows.of(store.get_by_rowids(rowids), store.embeddings_by_rowids(rowids))
 
 
 def event_json(value: Any) -> str | None:
