@@ -366,8 +366,15 @@ class Retrieval:
         words = self._user_common_words(user_id, preset)
         return frozenset(t for t in terms if t in words)
 
-    def _user_common_words(self, user_id: str, preset: RecallPreset) -> frozenset[str]:
+    def _user_common_words(
+        self, user_id: str, preset: RecallPreset, *, recount: bool = False
+    ) -> frozenset[str]:
+        """`recount`: check the count even if it was checked recently (after a write)."""
         p = self.parts
+        if not recount:
+            words = self.common_words.recent(user_id, preset.common_share)
+            if words is not None:
+                return words
         total = p.text.count(user_id)
         if total < max(preset.common_min_memories, 1):
             return frozenset()
@@ -387,7 +394,7 @@ class Retrieval:
             if not self.common_words.worth_counting(user_id, self.preset.common_share):
                 continue  # counted when a recall asks, like a user evicted from the cache
             try:
-                self._user_common_words(user_id, self.preset)
+                self._user_common_words(user_id, self.preset, recount=True)
             except Exception:
                 log.debug("could not count the common words of a user", exc_info=True)
 

@@ -40,6 +40,23 @@ def test_cache_counts_again_only_when_the_user_has_changed_enough() -> None:
     assert load.calls == 3
 
 
+def test_a_recently_checked_entry_is_used_without_a_count() -> None:
+    now = [1000.0]
+    cache = CommonWords(refresh=0.1, recheck_s=60.0, clock=lambda: now[0])
+    load = Loader(["Nate: a", "Nate: b", "Jo: c"])
+    assert cache.recent("u", 0.5) is None  # never counted
+    assert cache.get("u", 100, 0.5, load) == {"nate"}
+    now[0] += 59
+    assert cache.recent("u", 0.5) == {"nate"}
+    assert cache.recent("u", 0.9) is None  # another share, another entry
+    now[0] += 2
+    assert cache.recent("u", 0.5) is None  # checked too long ago: count again
+    assert cache.get("u", 105, 0.5, load) == {"nate"}  # the count agrees: checked now
+    assert load.calls == 1
+    now[0] += 30
+    assert cache.recent("u", 0.5) == {"nate"}
+
+
 def test_cache_reads_a_bounded_sample_and_evicts_old_users() -> None:
     cache = CommonWords(max_users=2, sample=2)
     load = Loader(["x y", "x", "y", "y"])
@@ -85,6 +102,28 @@ async def test_writes_count_the_users_common_words_off_the_recall_path(
     ])
     await memory._executors.write(lambda: None)  # the writer thread is FIFO: the refresh has run
     assert memory._retrieval.common_words.get("nate", 25, 0.3, lambda n: []) == {"nate", "ok"}
+
+
+async def test_a_write_recounts_a_user_whose_entry_was_checked_just_now(
+    memory: HierarchicalMemory,
+) -> None:
+    """The entry is trusted without a count for `recheck_s`, but not after this process wrote
+    to the user: their next recall must see the new words."""
+    await memory.add_many([
+        MemoryDraft(f"Nate: ok {i}", "nate", created_at=NOW - timedelta(days=i), dedup=False)
+        for i in range(25)
+    ])
+    await memory.recall("What did Nate say?", "nate", now=NOW)
+    cache = memory._retrieval.common_words
+    share = memory._retrieval.preset.common_share
+    assert cache.recent("nate", share) == {"nate", "ok"}
+    await memory.add_many([
+        MemoryDraft(f"Nate and Ivy: walk {i}", "nate", created_at=NOW - timedelta(hours=i),
+                    dedup=False)
+        for i in range(30)
+    ])
+    await memory._executors.write(lambda: None)  # the refresh after the write has run
+    assert cache.recent("nate", share) == {"nate", "ok", "and", "ivy", "walk"}
 
 
 async def test_writes_do_not_count_users_a_full_cache_would_evict_at_once(

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from headroom.memory.adapters.postgres import PgDatabase, PgVectorIndex
-from headroom.memory.adapters.postgres.candidate_rows import read_candidates
 from headroom.memory.candidates import CandidateRows
 from headroom.memory.hierarchical import HierarchicalMemory
 from headroom.memory.models import (
@@ -163,7 +162,7 @@ async def test_read_candidates_equals_rows_and_embeddings(pg_schema_url: str) ->
         store = mem._parts.store
         rids = [store.rowid_of(m.id) for m in added]
         wanted = [r for r in rids if r is not None] + [10**9]  # a row that is not there
-        columnar = read_candidates(store, wanted)  # type: ignore[arg-type]
+        columnar = store.candidates(wanted)
         generic = CandidateRows.of(store.get_by_rowids(wanted), store.embeddings_by_rowids(wanted))
         assert sorted(columnar.rowids) == sorted(generic.rowids) == sorted(wanted[:-1])
         order = generic.positions(columnar.rowids)
@@ -173,7 +172,8 @@ async def test_read_candidates_equals_rows_and_embeddings(pg_schema_url: str) ->
             assert np.array_equal(getattr(generic, name)[order], getattr(columnar, name))
         assert np.array_equal(generic.embeddings[order], columnar.embeddings)
         assert list(columnar.current).count(False) == 1  # the forgotten one
-        first = columnar.rowids[0]
-        assert columnar.memories([first])[first].id in {m.id for m in added}
+        # The memories are built from the same read, field for field as get_by_rowids's.
+        assert columnar.memories(columnar.rowids) == store.get_by_rowids(columnar.rowids)
+        assert columnar.memories([10**9]) == {}
     finally:
         await mem.close()

@@ -263,7 +263,8 @@ class PostgresMemoryStore:
         self.deferred.flush("memories", flt.user_id)
         where, params = where_clause(flt)
         rows = self.db.fetchall(
-            f"SELECT rid, embedding FROM memories WHERE {where} AND embedding IS NOT NULL", params
+            f"SELECT rid, embedding FROM memories WHERE {where} AND embedding IS NOT NULL", params,
+            binary=True,
         )
         return [(int(r[0]), _vector(r[1])) for r in rows]  # type: ignore[misc]
 
@@ -388,5 +389,5 @@ class PostgresMemoryStore:
         return summary
 
     def candidates(self, rowids: Sequence[int]) -> shared.CandidateRows:
-        # One columnar statement; whole memories only for what recall returns.
+        # One statement; whole memories built only for what recall returns.
         return read_candidates(self, rowids)

@@ -148,7 +148,7 @@ class PgTextIndex:
                 GROUP BY h.rid
             ) s ORDER BY round(score::numeric, 9) DESC, rid LIMIT %s
         """
-        return [(int(r[0]), float(r[1])) for r in self.db.fetchall(sql, params)]
+        return [(int(r[0]), float(r[1])) for r in self.db.fetchall(sql, params, binary=True)]
 
     def optimize(self) -> None:
         """Merge the GIN index's pending list into the index proper (what FTS5's 'optimize'

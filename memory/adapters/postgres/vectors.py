@@ -150,10 +150,10 @@ class PgVectorIndex:
         # scope and category filter them): no count statement to learn whether they are large.
         found = self.db.fetchall(
             "SELECT rid, distance, n FROM (SELECT rid, scope_key, category,"
-            " embedding <=> %s AS distance, count(*) OVER () AS n"
+            " embedding <=> %b AS distance, count(*) OVER () AS n"
             " FROM memory_vectors WHERE user_id = %s OFFSET 0) mine"
             f" WHERE true{extra} ORDER BY distance, rid LIMIT %s",
-            [query, user_id, *params, k],
+            [query, user_id, *params, k], binary=True,
         )
         if found:
             with self._lock:
@@ -234,9 +234,9 @@ class PgVectorIndex:
             # only against a predicate it can see, whatever plan it caches.
             mine = sql.Literal(user_id).as_string(conn).replace("%", "%%")
             rows = self.db.fetchall(
-                f"SELECT rid, embedding <=> %s FROM memory_vectors WHERE user_id = {mine}{extra}"
-                " ORDER BY embedding <=> %s LIMIT %s",
-                [query, *params, query, k],
+                f"SELECT rid, embedding <=> %b FROM memory_vectors WHERE user_id = {mine}{extra}"
+                " ORDER BY embedding <=> %b LIMIT %s",
+                [query, *params, query, k], binary=True,
             )
         return [(int(r[0]), 1.0 - float(r[1])) for r in rows]
 
