@@ -211,13 +211,14 @@ class Retrieval:
         def ranked(
             vector: np.ndarray | None, common: frozenset[str] | None,
             searched: tuple[list[TimeWindow], list[tuple[int, float]]] | None,
+            vector_hits: list[tuple[int, float]] | None = None,
         ) -> list[SearchResult]:
             ranking = self._ranked(query, scope, top_k, cats, when, chosen, vector, common,
-                                   searched=searched)
+                                   searched=searched, vector_hits=vector_hits)
             return [SearchResult(m, s.similarity, s.score, s.bm25)
                     for s, m in ranking.top(top_k)]
 
-        if query_vector is not None or chosen.w_vector <= 0:
+        if chosen.w_vector <= 0:
             return await self.executors.read(lambda: ranked(query_vector, None, None))
         common = await self.executors.read(lambda: self._common_terms(query, scope.user_id,
                                                                       chosen))
@@ -226,6 +227,17 @@ class Retrieval:
             windows = query_windows(query, when) if chosen.reads_dates else []
             return windows, self._text_hits(query, scope, top_k, cats, windows, chosen, common)
 
+        if query_vector is not None:
+            # Both index searches at once, on two readers (on PostgreSQL two server backends).
+            vector_hits, searched = await asyncio.gather(
+                self.executors.read(
+                    lambda: self._vector_hits(query_vector, scope, top_k, cats, chosen)
+                ),
+                self.executors.read(text_search),
+            )
+            return await self.executors.read(
+                lambda: ranked(query_vector, common, searched, vector_hits)
+            )
         # BM25 needs no vector: at concurrency 1 the wait is the longer of the two, not both.
         vector, searched = await asyncio.gather(
             self.executors.embed_query(drop_words(query, common)),
@@ -281,9 +293,11 @@ class Retrieval:
         now: datetime, preset: RecallPreset, vector: np.ndarray | None,
         common: frozenset[str] | None = None, *,
         searched: tuple[list[TimeWindow], list[tuple[int, float]]] | None = None,
+        vector_hits: list[tuple[int, float]] | None = None,
     ) -> Ranking:
         """Every candidate, best first: index hits, date-window rows, conversation context.
-        `searched`: the query's time windows and BM25 hits when already found (`_text_hits`)."""
+        `searched`: the query's time windows and BM25 hits when already found (`_text_hits`);
+        `vector_hits`: the vector index's, when already found (`_vector_hits`)."""
         p = self.parts
         if searched is None:
             windows = query_windows(query, now) if preset.reads_dates else []
@@ -291,14 +305,8 @@ class Retrieval:
             windows, text_hits = searched
         if common is None:
             common = self._common_terms(query, scope.user_id, preset)
-        vector_hits = (
-            p.vectors.search(
-                vector, scope.user_id, scope_keys=scope.visible_keys(), categories=categories,
-                k=max(preset.vector_depth, top_k),
-            )
-            if vector is not None and preset.w_vector > 0
-            else []
-        )
+        if vector_hits is None:
+            vector_hits = self._vector_hits(vector, scope, top_k, categories, preset)
         if vector_hits and windows and preset.time_candidates > 0:
             vector_hits = self._window_hits(vector_hits, vector, scope, categories, windows, preset)
         if searched is None:
@@ -321,6 +329,17 @@ class Retrieval:
                 ranked = ranker.diversify_scored(ranked, vectors, preset)
             return Ranking(ranked, rows)
         return Ranking(rescore_scored(with_context, rows, now, preset, windows), rows)
+
+    def _vector_hits(
+        self, vector: np.ndarray | None, scope: Scope, top_k: int,
+        categories: list[MemoryCategory] | None, preset: RecallPreset,
+    ) -> list[tuple[int, float]]:
+        if vector is None or preset.w_vector <= 0:
+            return []
+        return self.parts.vectors.search(
+            vector, scope.user_id, scope_keys=scope.visible_keys(), categories=categories,
+            k=max(preset.vector_depth, top_k),
+        )
 
     def _window_hits(
         self, hits: list[tuple[int, float]], vector: Any, scope: Scope,

@@ -479,10 +479,13 @@ async def test_searching_beside_the_embedding_ranks_as_with_the_vector_given(
     assert [e["memory"].id for e in explained[:8]] == [r.memory.id for r in got]
 
 
+@pytest.mark.sqlite_only(
+    "PostgreSQL builds the returned memories from the candidates read: no later read to differ"
+)
 async def test_a_memory_purged_after_ranking_gives_way_to_the_next(
     memory: HierarchicalMemory,
 ) -> None:
-    """Both stores build the returned memories after ranking (`Ranking.top`): one purged in
+    """SQLite builds the returned memories after ranking (`Ranking.top`): one purged in
     between is skipped, not returned, and the next takes its place."""
     await memory.add_many([
         MemoryDraft("sailing boats on the lake", "dave", session_id="s1", dedup=False),

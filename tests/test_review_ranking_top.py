@@ -1,5 +1,6 @@
 """Review regressions of `Ranking.top` (retrieval.py): SQLite builds the returned memories after
-ranking, so the memory read then must still be the row that was weighed, and still current."""
+ranking, so the memory read then must still be the row that was weighed, and still current.
+PostgreSQL builds them from the candidates read itself (`postgres/candidate_rows.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
 from headroom.memory.models import Scope
 from headroom.memory.retrieval import Ranking
 
-pytestmark = pytest.mark.sqlite_only(
+_ONE_READ = pytest.mark.sqlite_only(
     "PostgreSQL builds whole memories with the candidates, in one read: no later read to differ"
 )
 
@@ -31,6 +32,7 @@ async def _top(memory: HierarchicalMemory, ranking: Ranking) -> list[str]:
     return [m.content for _, m in top]
 
 
+@_ONE_READ
 async def test_a_memory_forgotten_after_ranking_is_not_returned(
     memory: HierarchicalMemory,
 ) -> None:
@@ -44,6 +46,7 @@ async def test_a_memory_forgotten_after_ranking_is_not_returned(
     assert await _top(memory, ranking) == ["sailing boats at sea"]
 
 
+@_ONE_READ
 async def test_a_row_key_reused_by_another_user_after_ranking_is_not_returned(
     memory: HierarchicalMemory,
 ) -> None:
@@ -68,7 +71,8 @@ async def test_a_memory_forgotten_between_the_text_search_and_the_ranking_is_not
     memory: HierarchicalMemory,
 ) -> None:
     """recall runs BM25 while the query is embedded, and ranks after: a text hit may be
-    forgotten before its row is read for the ranking."""
+    forgotten before its row is read for the ranking (both stores: PostgreSQL's one read
+    comes after the forget, SQLite's re-read too)."""
     added = await memory.add_many([
         MemoryDraft("sailing boats on the lake", "dave", dedup=False),
         MemoryDraft("sailing boats at sea", "dave", dedup=False),
