@@ -76,17 +76,21 @@ class Commands:
         cat = MemoryCategory.parse(category) if category is not None else None
         vector = (await self.executors.embed([content]))[0]
         when = as_utc(at) if at else utcnow()
-        return await self.executors.write(
+        new = await self.executors.write(
             lambda: self.unit.supersede(
                 old_memory_id, content, vector, when, cat, importance, metadata, entity_refs,
                 user_id, request_id,
             )
         )
+        self.after_write([new.user_id])
+        return new
 
     async def forget(
         self, memory_id: str, *, user_id: str | None, reason: str | None,
         request_id: str | None,
     ) -> Memory:
-        return await self.executors.write(
+        forgotten = await self.executors.write(
             lambda: self.unit.forget(memory_id, user_id, reason, request_id)
         )
+        self.after_write([forgotten.user_id])
+        return forgotten

@@ -8,8 +8,8 @@ here, over a sample of the user's newest memories, costs one pass per user and t
 The entry is refreshed when the user's memory count has moved by more than `refresh` of itself,
 so writes from other processes are picked up too; a stale entry only makes ranking a little worse.
 That count is itself a round trip on PostgreSQL (~0.5 ms of a ~7 ms search), so an entry checked
-within `recheck_s` is used without it (`recent`): another replica's writes reach it within that
-time, this process's own at once (recall recounts a user after writing to them).
+within `recheck_s` is used without it (`recent`): another replica's writes (a purge too) reach it
+within that time, this process's own at once (every write expires the user's entries).
 """
 
 from __future__ import annotations
@@ -93,6 +93,15 @@ class CommonWords:
             while len(self._entries) > self.max_users:
                 self._entries.popitem(last=False)
         return words
+
+    def expire(self, user_ids: Iterable[str]) -> None:
+        """Make these users' entries (every share) count again at their next use: this process
+        just wrote to them. Their words are kept, so a count that still agrees keeps them."""
+        wanted = set(user_ids)
+        with self._lock:
+            for key, entry in self._entries.items():
+                if key[0] in wanted:
+                    self._entries[key] = _Entry(entry.total, entry.words, float("-inf"))
 
     def worth_counting(self, user_id: str, share: float) -> bool:
         """Whether a count made ahead of recall would be kept: the user has an entry, or the

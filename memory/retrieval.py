@@ -396,6 +396,7 @@ class Retrieval:
                 return words
         total = p.text.count(user_id)
         if total < max(preset.common_min_memories, 1):
+            self.common_words.forget(user_id)  # an entry from when they had more is not recent
             return frozenset()
         return self.common_words.get(
             user_id, total, preset.common_share, lambda n: p.store.recent_contents(user_id, n)
@@ -405,8 +406,11 @@ class Retrieval:
         """Bring the common-words entries of users just written to up to date, on the writer
         thread after the write, so the next recall finds them counted (when closing, the next
         process counts them when asked)."""
+        users = sorted(set(user_ids))
+        # At once, before the caller's next recall can run: whatever share it asks with.
+        self.common_words.expire(users)
         if self.preset.common_share > 0:
-            self.executors.write_later(self._refresh_common_words, sorted(set(user_ids)))
+            self.executors.write_later(self._refresh_common_words, users)
 
     def _refresh_common_words(self, user_ids: list[str]) -> None:
         for user_id in user_ids:

@@ -117,11 +117,16 @@ async def test_a_write_recounts_a_user_whose_entry_was_checked_just_now(
     cache = memory._retrieval.common_words
     share = memory._retrieval.preset.common_share
     assert cache.recent("nate", share) == {"nate", "ok"}
+    cache.get("nate", 25, 0.9, lambda n: ["x"])  # an entry of another preset's share
     await memory.add_many([
         MemoryDraft(f"Nate and Ivy: walk {i}", "nate", created_at=NOW - timedelta(hours=i),
                     dedup=False)
         for i in range(30)
     ])
+    # The next recall, even one asked before the writer thread recounted, does not use the
+    # words from before the write, whatever share it asks with.
+    assert cache.recent("nate", share) != {"nate", "ok"}
+    assert cache.recent("nate", 0.9) is None
     await memory._executors.write(lambda: None)  # the refresh after the write has run
     assert cache.recent("nate", share) == {"nate", "ok", "and", "ivy", "walk"}
 
@@ -141,3 +146,25 @@ async def test_writes_do_not_count_users_a_full_cache_would_evict_at_once(
     assert not cache.worth_counting("nate", share)
     # Recall still counts the user when it asks.
     assert memory._retrieval._user_common_words("nate", memory._retrieval.preset) == {"nate", "ok"}
+
+
+async def test_forgets_expire_the_users_entry(memory: HierarchicalMemory) -> None:
+    """Forgets change the count as adds do: a user left with fewer than `common_min_memories`
+    has no common words at their next recall, not the words trusted from before."""
+    added = await memory.add_many([
+        MemoryDraft(f"Nate: ok {i}", "nate", created_at=NOW - timedelta(days=i), dedup=False)
+        for i in range(25)
+    ])
+    retrieval = memory._retrieval
+    await memory.recall("What did Nate say?", "nate", now=NOW)
+    cache = retrieval.common_words
+    share = retrieval.preset.common_share
+    cache.expire(["someone else"])
+    assert cache.recent("nate", share) == {"nate", "ok"}
+    for m in added[:6]:
+        await memory.forget(m.id, user_id="nate")
+    await memory._executors.write(lambda: None)
+    assert cache.recent("nate", share) is None
+    assert await retrieval.executors.read(
+        lambda: retrieval._common_terms("What did Nate say?", "nate", retrieval.preset)
+    ) == frozenset()
