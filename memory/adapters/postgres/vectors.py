@@ -64,6 +64,10 @@ def graph_name(user_id: str) -> str:
 
 
 class PgVectorIndex:
+    # Searches wait on the server, so recall runs this one and the text search at once
+    # (`Retrieval.hybrid_search`); in-process indexes would only take turns on the GIL.
+    answers_from_server = True
+
     def __init__(
         self, db: PgDatabase, dimension: int, *, hnsw_m: int = 16,
         hnsw_ef_construction: int = 64, hnsw_ef_search: int = 40, exact_below: int = 10_000,
