@@ -5,6 +5,7 @@ per table, and the candidates of a search come back in one columnar read."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -157,8 +158,17 @@ async def test_read_candidates_equals_rows_and_embeddings(pg_schema_url: str) ->
         added = await mem.add_many(
             [MemoryDraft(f"fact number {i} about {w}", "erin") for i, w in
              enumerate(["tea", "chess", "rain", "boats"])]
+            # Every column filled, odd values: they come back through the candidates read's
+            # JSON array and its epoch microseconds.
+            + [MemoryDraft("Zoë's \"quoted\" ✓ fact\nover two lines", "erin", session_id="s1",
+                           agent_id="a1", turn_id="t1", category="preference", importance=0.9,
+                           entity_refs=["Zoë", "日本"], metadata={"ü": ["✓", 1, None], "n": 2.5},
+                           created_at=datetime(1969, 7, 20, 20, 17, 40, 123456, tzinfo=UTC),
+                           valid_from=datetime(2999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC))]
         )
         await mem.forget(added[1].id, user_id="erin")
+        await mem.supersede(added[2].id, "fact number 2 about rain, corrected", user_id="erin")
+        await mem.recall("fact about tea", "erin")  # an access count and time on some rows
         store = mem._parts.store
         rids = [store.rowid_of(m.id) for m in added]
         wanted = [r for r in rids if r is not None] + [10**9]  # a row that is not there
@@ -171,7 +181,7 @@ async def test_read_candidates_equals_rows_and_embeddings(pg_schema_url: str) ->
         for name in ("importance", "created_at", "valid_from", "current", "has_embedding"):
             assert np.array_equal(getattr(generic, name)[order], getattr(columnar, name))
         assert np.array_equal(generic.embeddings[order], columnar.embeddings)
-        assert list(columnar.current).count(False) == 1  # the forgotten one
+        assert list(columnar.current).count(False) == 2  # the forgotten and the superseded one
         # The memories are built from the same read, field for field as get_by_rowids's.
         assert columnar.memories(columnar.rowids) == store.get_by_rowids(columnar.rowids)
         assert columnar.memories([10**9]) == {}
