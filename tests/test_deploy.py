@@ -549,6 +549,9 @@ def test_compose_pg_database_service() -> None:
     data = _named_mounts(db).get("/var/lib/postgresql/data")
     assert data in (_compose_pg().get("volumes") or {}), "the data must be on a named volume"
     assert "ports" not in db, "the database is not published"
+    # Sized by the operator (the image's 128 MB default is far below a 1M-memory store's need).
+    assert any(re.search(r"shared_buffers=\$\{POSTGRES_SHARED_BUFFERS:-\w+\}", arg)
+               for arg in db["command"])
     # The replicas log in as the user the image creates, on the database it creates.
     url = urlsplit(next(iter(_proxy_services().values()))["environment"]["HEADROOM_DB"])
     assert url.username == db["environment"]["POSTGRES_USER"]
