@@ -169,6 +169,7 @@ async def test_read_candidates_equals_rows_and_embeddings(pg_schema_url: str) ->
         await mem.forget(added[1].id, user_id="erin")
         await mem.supersede(added[2].id, "fact number 2 about rain, corrected", user_id="erin")
         await mem.recall("fact about tea", "erin")  # an access count and time on some rows
+        await mem._executors.write(lambda: None)  # the touch is queued on the writer: done
         store = mem._parts.store
         rids = [store.rowid_of(m.id) for m in added]
         wanted = [r for r in rids if r is not None] + [10**9]  # a row that is not there
@@ -183,7 +184,9 @@ async def test_read_candidates_equals_rows_and_embeddings(pg_schema_url: str) ->
         assert np.array_equal(generic.embeddings[order], columnar.embeddings)
         assert list(columnar.current).count(False) == 2  # the forgotten and the superseded one
         # The memories are built from the same read, field for field as get_by_rowids's.
-        assert columnar.memories(columnar.rowids) == store.get_by_rowids(columnar.rowids)
+        built = columnar.memories(columnar.rowids)
+        assert built == store.get_by_rowids(columnar.rowids)
+        assert any(m.access_count > 0 and m.last_accessed is not None for m in built.values())
         assert columnar.memories([10**9]) == {}
     finally:
         await mem.close()
