@@ -61,6 +61,9 @@ class CommonWords:
         self.recheck_s = recheck_s
         self._clock = clock
         self._entries: OrderedDict[tuple[str, float], _Entry] = OrderedDict()
+        # The shares asked for (one per preset in use): a user's entries are found by key,
+        # not by a walk over every user's (a write expires, a small user drops, per request).
+        self._shares: set[float] = set()
         self._lock = threading.Lock()
 
     def recent(self, user_id: str, share: float) -> frozenset[str] | None:
@@ -88,6 +91,7 @@ class CommonWords:
                 return entry.words
         words = frequent_words(newest(self.sample), share)
         with self._lock:
+            self._shares.add(share)
             self._entries[key] = _Entry(total, words, self._clock())
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_users:
@@ -97,11 +101,10 @@ class CommonWords:
     def expire(self, user_ids: Iterable[str]) -> None:
         """Make these users' entries (every share) count again at their next use: this process
         just wrote to them. Their words are kept, so a count that still agrees keeps them."""
-        wanted = set(user_ids)
         with self._lock:
-            for key, entry in self._entries.items():
-                if key[0] in wanted:
-                    self._entries[key] = _Entry(entry.total, entry.words, float("-inf"))
+            for key in self._keys(set(user_ids)):
+                entry = self._entries[key]
+                self._entries[key] = _Entry(entry.total, entry.words, float("-inf"))
 
     def worth_counting(self, user_id: str, share: float) -> bool:
         """Whether a count made ahead of recall would be kept: the user has an entry, or the
@@ -113,5 +116,12 @@ class CommonWords:
     def forget(self, user_id: str | None = None) -> None:
         """Drop one user's entries (after a purge), or every entry."""
         with self._lock:
-            for key in [k for k in self._entries if user_id is None or k[0] == user_id]:
+            if user_id is None:
+                self._entries.clear()
+                return
+            for key in self._keys({user_id}):
                 del self._entries[key]
+
+    def _keys(self, user_ids: set[str]) -> list[tuple[str, float]]:
+        """The entries' keys of these users (under the lock)."""
+        return [(u, s) for u in user_ids for s in self._shares if (u, s) in self._entries]
