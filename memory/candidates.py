@@ -17,7 +17,7 @@ import numpy as np
 
 from .models import Memory
 
-__all__ = ["CandidateRows", "as_candidate_rows", "micros"]
+__all__ = ["CandidateRows", "as_candidate_rows", "from_micros", "micros"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -28,6 +28,11 @@ def micros(when: datetime) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return (when - _EPOCH) // _MICROSECOND
+
+
+def from_micros(us: int) -> datetime:
+    """The aware UTC time `us` microseconds after the epoch (`micros`' inverse)."""
+    return _EPOCH + us * _MICROSECOND
 
 
 class CandidateRows:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
-from ...candidates import CandidateRows
+from ...candidates import CandidateRows, from_micros
 from ...models import Memory
 from ..store_shared import row_to_memory
 from .connection import PgDatabase
@@ -32,7 +32,6 @@ class _Store(Protocol):
 
 __all__ = ["read_candidates"]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # The rest of a memory, as one JSON array per row: loading two dozen columns of ~90 rows costs
 # more than the read itself, and only the few returned rows are parsed (times as epoch micros).
@@ -79,7 +78,7 @@ def _memory(row: tuple[Any, ...]) -> Memory:
 
 
 def _time(us: int | None) -> datetime | None:
-    return None if us is None else _EPOCH + timedelta(microseconds=us)
+    return None if us is None else from_micros(us)
 
 
 def _as_is(value: datetime | None) -> datetime | None:
