@@ -40,6 +40,16 @@ def _hits(index: SqliteVecIndex, query: np.ndarray, k: int = 50) -> set[int]:
     return {r for r, _ in index.search(query, "ann", scope_keys=None, categories=None, k=k)}
 
 
+def _seeded(index: SqliteVecIndex, seed: int, total: int, added: int) -> np.ndarray:
+    """`total` seeded unit vectors, the first `added` of them added for ann as rows 1.. in one
+    transaction."""
+    stored = unit(np.random.default_rng(seed).standard_normal((total, DIM)))
+    with index.db.transaction():
+        for i in range(added):
+            index.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    return stored
+
+
 def test_a_users_last_row_removed_then_a_new_one_added_never_brings_the_old_back(
     path: Path,
 ) -> None:
@@ -101,11 +111,7 @@ def test_a_log_trimmed_between_the_state_read_and_the_replay_is_not_replayed(
     monkeypatch.setattr(index_log, "KEEP", 4)
     reader = _vectors(Database(path), UserCache())
     writer = _vectors(Database(path), UserCache())
-    rng = np.random.default_rng(2)
-    stored = unit(rng.standard_normal((40, DIM)))
-    with writer.db.transaction():
-        for i in range(6):
-            writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    stored = _seeded(writer, 2, 40, 6)
     assert _hits(reader, stored[0]) == set(range(1, 7))
     with writer.db.transaction():
         writer.remove([1])
@@ -125,11 +131,7 @@ def test_a_user_purged_and_back_between_the_state_read_and_the_replay_is_rebuilt
 ) -> None:
     reader = _vectors(Database(path), UserCache())
     writer = _vectors(Database(path), UserCache())
-    rng = np.random.default_rng(3)
-    stored = unit(rng.standard_normal((10, DIM)))
-    with writer.db.transaction():
-        for i in range(3):
-            writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    stored = _seeded(writer, 3, 10, 3)
     assert _hits(reader, stored[0]) == {1, 2, 3}
     with writer.db.transaction():
         writer.add(4, "ann", SCOPE, FACT, stored[3])  # the reader's copy is one seq behind
@@ -153,11 +155,7 @@ def test_other_users_writes_do_not_push_a_users_log_past_their_copy(
     cache = UserCache()
     reader = _vectors(Database(path), cache)
     writer = _vectors(Database(path), UserCache())
-    rng = np.random.default_rng(4)
-    stored = unit(rng.standard_normal((60, DIM)))
-    with writer.db.transaction():
-        for i in range(3):
-            writer.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    stored = _seeded(writer, 4, 60, 3)
     assert _hits(reader, stored[0]) == {1, 2, 3}
     copy = cache.get(reader._owner, "ann")
     for i in range(3, 40):  # bob writes far more than ann's log keeps
@@ -195,11 +193,7 @@ def test_a_copy_larger_than_the_cache_is_not_read_again_on_every_search(
 
     monkeypatch.setattr(sqlite_vec_index, "read_rows", counted)
     index = _vectors(Database(path), UserCache(max_bytes=1000))  # no user fits
-    rng = np.random.default_rng(5)
-    stored = unit(rng.standard_normal((rows, DIM)))
-    with index.db.transaction():
-        for i in range(rows):
-            index.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    stored = _seeded(index, 5, rows, rows)
     for _ in range(5):
         assert _hits(index, stored[0], k=100) == set(range(1, rows + 1))  # the file answers
         index.builder.join()
@@ -214,11 +208,7 @@ def test_a_copy_that_cannot_be_read_leaves_the_search_to_the_file(
 
     cache = UserCache()
     index = _vectors(Database(path), cache)
-    rng = np.random.default_rng(6)
-    stored = unit(rng.standard_normal((10, DIM)))
-    with index.db.transaction():
-        for i in range(5):
-            index.add(i + 1, "ann", SCOPE, FACT, stored[i])
+    stored = _seeded(index, 6, 10, 5)
     if failing == "replay":
         assert _hits(index, stored[0]) == set(range(1, 6))  # a copy, to replay into
         with index.db.transaction():
