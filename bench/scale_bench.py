@@ -467,7 +467,7 @@ async def search(target: str, data: Data, users: int, n: int, seed: int) -> dict
         before = load_avg()
         hybrid: list[float] = []
         results = 0
-        for q, user, session in plan[:n]:
+        for q, user, session in plan:
             t0 = time.perf_counter()
             got = await mem.hybrid_search(q, user, session, top_k=10,
                                           query_vector=data.vectors[q])
@@ -479,7 +479,7 @@ async def search(target: str, data: Data, users: int, n: int, seed: int) -> dict
         preset = mem.preset
         vec_ms, txt_ms = [], []
         k_vec, k_txt = max(preset.vector_depth, 10), max(preset.text_depth, 10)
-        for q, user, session in plan[:n]:
+        for q, user, session in plan:
             keys = Scope(user, session).visible_keys()
             t0 = time.perf_counter()
             mem.vectors.search(data.vectors[q], user, scope_keys=keys, categories=None, k=k_vec)
