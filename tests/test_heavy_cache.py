@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from headroom.memory.adapters import FTS5TextIndex, SqliteVecIndex, index_log
+from headroom.memory.adapters.cached_vectors import _hamming, _nearest
 from headroom.memory.adapters.fts5_index import user_token
 from headroom.memory.adapters.user_cache import UserCache
 from headroom.memory.db import Database
@@ -94,6 +95,31 @@ def test_sign_bit_preselection_agrees_with_exact_search(path: Path) -> None:
             assert sim == pytest.approx(float(sims[rid - 1]), abs=1e-5)
             assert (rid - 1) % 4 != 0
     assert np.mean(shares) >= 0.95
+
+
+@pytest.mark.parametrize("dimension", [32, 384, 3072])
+def test_hamming_distances_are_exact_and_filtered_rows_come_after_every_kept_one(
+    dimension: int,
+) -> None:
+    rng = np.random.default_rng(dimension)
+    bits = rng.random((500, dimension)) < 0.5
+    query = rng.random(dimension) < 0.5
+    words_per_row = -(-dimension // 64)
+
+    def packed(b: np.ndarray) -> np.ndarray:
+        padded = np.zeros((*b.shape[:-1], words_per_row * 64), dtype=bool)
+        padded[..., :dimension] = b
+        return np.packbits(padded, axis=-1).view(np.uint64)
+
+    words, qwords = np.ascontiguousarray(packed(bits).T), packed(query)
+    keep = rng.random(500) < 0.3
+    exact = (bits != query).sum(axis=1)
+    assert _hamming(words, qwords, None).tolist() == exact.tolist()
+    filtered = _hamming(words, qwords, keep)
+    assert filtered[keep].tolist() == exact[keep].tolist()
+    assert filtered[~keep].min() > dimension  # never within any cut a kept row can set
+    for want in (1, 10, int(keep.sum())):
+        assert keep[_nearest(filtered, want)].all()
 
 
 def test_a_write_through_another_connection_is_seen_and_a_removal_never_served(
