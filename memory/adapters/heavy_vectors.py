@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..models import MemoryCategory
+from .cached_vectors import exclude
 
 __all__ = [
     "BLOCK_SLOTS",
@@ -399,7 +400,7 @@ class HeavyVectors:
         distance = np.zeros(codes.size, dtype=np.uint16)
         for j, word in enumerate(qwords):  # word-major layout: contiguous, no row reductions
             distance += np.bitwise_count(codes.words[j] ^ word)
-        distance[~keep] = np.iinfo(np.uint16).max
+        exclude(distance, keep, len(qwords) * 64)
         want = min(self.candidates(k), int(keep.sum()))
         if want == 0:
             return []
