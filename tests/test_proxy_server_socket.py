@@ -1,9 +1,9 @@
 """The server's client connections send without Nagle's delay, however their listener was made.
 
-`serve --workers N` binds the port in the parent (uvicorn's `bind_socket`, protocol 0) and every
-worker accepts from it; asyncio turns TCP_NODELAY on only for sockets it made with
-`IPPROTO_TCP`, so those connections kept Nagle on and each response's body waited for the
-client's delayed ACK after its headers (~40 ms at concurrency 1, measured with
+`serve --workers N` binds the port in the parent (uvicorn's `bind_socket`: protocol 0 before
+uvicorn 0.55) and every worker accepts from it; asyncio turns TCP_NODELAY on only for sockets
+it made with `IPPROTO_TCP`, so those connections kept Nagle on and each response's body waited
+for the client's delayed ACK after its headers (~40 ms at concurrency 1, measured with
 bench/proxy_overhead.py --workers 2).
 """
 
@@ -48,7 +48,19 @@ def _nodelay_of_accepted(listener: socket.socket) -> int:
 
 
 def test_a_connection_accepted_from_the_workers_listener_has_nagle_off() -> None:
+    # uvicorn's own listener: protocol 0 up to 0.54, IPPROTO_TCP from 0.55 (both allowed).
     listener = uvicorn.Config(_app, host="127.0.0.1", port=0, log_config=None).bind_socket()
+    listener.listen()
+    listener.setblocking(False)
+    try:
+        assert _nodelay_of_accepted(listener) == 1
+    finally:
+        listener.close()
+
+
+def test_a_connection_accepted_from_a_protocol_0_listener_has_nagle_off() -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # as uvicorn < 0.55 binds
+    listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.setblocking(False)
     try:
