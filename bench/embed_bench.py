@@ -1,7 +1,7 @@
 """Query embedding cost and agreement for each local runtime: torch float, ONNX float, ONNX int8.
 
     python bench/embed_bench.py [--runs 200] [--threads 1,2] [--sentences 1200] [--quick]
-                                [--pipeline]
+                                [--pipeline] [--idle 5,20]
 
 Latency: one short query and a batch of 8 (what `BatchingEmbedder` sends under concurrency),
 p50/p99, the runtimes interleaved round by round in one process per thread count (torch's thread
@@ -12,6 +12,10 @@ messages when the data is there, else generated ones), each embedded alone as a 
 the cosine of each runtime's vector with torch float's, min / p1 / mean, overall and per kind;
 and for int8 queries searching float-made memories (the `onnx-int8` runtime), the overlap of
 each question's top 10 turns with the float query's top 10.
+
+`--idle 5,20` adds one short query after the model sat idle that many milliseconds, each runtime
+alone (interleaved, one runtime's weights would push another's out of the caches): a server's
+case, where the query model waits between requests and its weights have left the caches.
 
 `--pipeline` adds what the engine pays around the model for one query (the product's query
 path, `HierarchicalMemory.embed_query`, cache off) against the bare tokenizer + session run, at
@@ -87,7 +91,27 @@ def build(runtime: str, threads: int, cache_dir: Path | None) -> Any:
     return OnnxEmbedder(threads=threads, cache_dir=cache_dir, quantized=runtime == "onnx_int8")
 
 
-def run_child(threads: int, runs: int, sentences: int, cache_dir: Path | None) -> dict[str, Any]:
+def idle_latency(embedder: Any, questions: list[str], gaps_ms: list[float], runs: int
+                 ) -> dict[str, float]:
+    """p50 of one fresh query after `gap` ms of idling, for each gap (0: back to back)."""
+    for _ in range(10):
+        embedder.embed([QUERY])
+    out = {}
+    for gap in [0.0, *gaps_ms]:
+        times = []
+        for i in range(runs):
+            if gap:
+                time.sleep(gap / 1000)
+            text = f"{questions[i % len(questions)] if questions else QUERY} ({i})"
+            t0 = time.perf_counter()
+            embedder.embed([text])
+            times.append((time.perf_counter() - t0) * 1000)
+        out[f"{gap:g}"] = float(np.percentile(times, 50))
+    return out
+
+
+def run_child(threads: int, runs: int, sentences: int, cache_dir: Path | None,
+              idle_gaps: list[float] | None = None) -> dict[str, Any]:
     embedders = {}
     for runtime in RUNTIMES:
         started = time.perf_counter()
@@ -112,6 +136,9 @@ def run_child(threads: int, runs: int, sentences: int, cache_dir: Path | None) -
                 single[runtime].append((t1 - t0) * 1000)
                 batched[runtime].append((t2 - t1) * 1000)
     out: dict[str, Any] = {"threads": threads, "rows": []}
+    if idle_gaps:
+        out["idle"] = {r: idle_latency(embedders[r], questions, idle_gaps, runs)
+                       for r in RUNTIMES}
     for runtime in RUNTIMES:
         out["rows"].append({
             "runtime": runtime, "threads": threads,
@@ -244,13 +271,16 @@ def main() -> None:
                         help="ONNX exports (default: the user's cache, as in the product)")
     parser.add_argument("--pipeline", action="store_true",
                         help="also the engine's query path vs the bare model run, c=1 and c=8")
+    parser.add_argument("--idle", default="",
+                        help="also one query after this many ms idle, e.g. 5,20 (per runtime)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--pipeline-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.runs, args.threads, args.sentences = 30, "1", 300
     if args.child:
-        print(json.dumps(run_child(args.child, args.runs, args.sentences, args.cache_dir)))
+        gaps = [float(g) for g in args.idle.split(",") if g]
+        print(json.dumps(run_child(args.child, args.runs, args.sentences, args.cache_dir, gaps)))
         return
     if args.pipeline_child:
         print(json.dumps(run_pipeline(args.pipeline_child, args.runs, args.cache_dir)))
@@ -266,6 +296,8 @@ def main() -> None:
                    "--sentences", str(args.sentences)]
         if args.cache_dir:
             command += ["--cache-dir", str(args.cache_dir)]
+        if args.idle:
+            command += ["--idle", args.idle]
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     pipelines = []
@@ -282,6 +314,10 @@ def main() -> None:
         for r in result["rows"]:
             print(f"{r['runtime']:<10} {r['threads']:>7} {r['load_s']:>7} "
                   f"{r['single_p50']:>9.2f} ms {r['single_p99']:>7.2f} {r['batch8_p50']:>9.2f} ms")
+    for result in results:
+        for runtime, gaps in result.get("idle", {}).items():
+            print(f"{runtime:<10} threads {result['threads']}, one query after idling: "
+                  + ", ".join(f"{gap} ms idle {p50:.2f} ms" for gap, p50 in gaps.items()))
     for result in results:
         for runtime, a in result.get("agreement", {}).items():
             print(f"cosine {runtime} vs torch over {a['n']} texts: min {a['min']:.4f} "
