@@ -89,10 +89,15 @@ class Executors:
         )
 
     async def embed_query(self, text: str) -> np.ndarray:
-        """One query's vector, from the LRU of recent queries when it repeats.
+        """One query's vector, from the LRU of recent queries when it repeats."""
+        return await self.query_vector(text)
+
+    def query_vector(self, text: str) -> asyncio.Future[np.ndarray]:
+        """`embed_query` as a future, so a caller can start other work behind the query.
 
         The query waits for the loop's next turn at most (call_soon, no timer): a lone query
-        goes out at once, and the ones asked beside it go with it.
+        goes out at once, and the ones asked beside it go with it. Work the caller hands to a
+        thread after one `asyncio.sleep(0)` is handed over after the query.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
@@ -100,7 +105,7 @@ class Executors:
         pending.append((text, future))
         if len(pending) == 1:
             loop.call_soon(self._flush_queries, loop)
-        return await future
+        return future
 
     def _flush_queries(self, loop: asyncio.AbstractEventLoop) -> None:
         pending = self._pending_queries.pop(loop, [])

@@ -153,9 +153,13 @@ class Retrieval:
         then the user's core memories (`core_memories`) that are not among them."""
         # The core tier needs nothing of the ranking but what to leave out: it is read while
         # the query is embedded and searched.
+        async def core_rows() -> list[Memory]:
+            await asyncio.sleep(0)  # after the query leaves for the model (`hybrid_search`)
+            return await self._core_rows(scope, categories)
+
         results, core = await asyncio.gather(
             self.hybrid_search(query, scope, top_k, categories, now=now, preset=preset),
-            self._core_rows(scope, categories),
+            core_rows(),
         )
         memories = apply_budget([r.memory for r in results], token_budget)
         memories += self._core_tier(core, exclude={m.id for m in memories})
@@ -221,8 +225,11 @@ class Retrieval:
 
         if chosen.w_vector <= 0 or (query_vector is not None and not overlap):
             return await self.executors.read(lambda: ranked(query_vector, None, None))
-        common = await self.executors.read(lambda: self._common_terms(query, scope.user_id,
-                                                                      chosen))
+        common = self._recent_common_terms(query, scope.user_id, chosen)
+        if common is None:
+            common = await self.executors.read(
+                lambda: self._common_terms(query, scope.user_id, chosen)
+            )
 
         def text_search() -> tuple[list[TimeWindow], list[tuple[int, float]]]:
             windows = query_windows(query, when) if chosen.reads_dates else []
@@ -242,9 +249,18 @@ class Retrieval:
                 lambda: ranked(query_vector, common, searched, vector_hits)
             )
         # BM25 needs no vector: at concurrency 1 the wait is the longer of the two, not both.
+        # The query leaves for the model first: the model call runs without the GIL, beside
+        # the search's Python. Handed over after the search, it waited for that Python to let
+        # go of the GIL before it could start (fresh queries at c=1 through the proxy: 8.6 ->
+        # 8.3 ms added, A/B over four rounds).
+        pending_vector = self.executors.query_vector(drop_words(query, common))
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            pending_vector.cancel()
+            raise
         vector, searched = await asyncio.gather(
-            self.executors.embed_query(drop_words(query, common)),
-            self.executors.read(text_search),
+            pending_vector, self.executors.read(text_search)
         )
         return await self.executors.read(lambda: ranked(vector, common, searched))
 
@@ -380,13 +396,26 @@ class Retrieval:
 
     # --- common words --------------------------------------------------------------------------
 
-    def _common_terms(self, query: str, user_id: str, preset: RecallPreset) -> frozenset[str]:
-        """The query's words that are common in this user's memories (see `common_words`)."""
+    def _recent_common_terms(
+        self, query: str, user_id: str, preset: RecallPreset
+    ) -> frozenset[str] | None:
+        """`_common_terms` when it needs no read (the user's words were counted recently): a
+        dict lookup, fit for the event loop. None when a read is due."""
         terms = query_terms(query, preset) if preset.common_share > 0 else []
         if not terms:
             return frozenset()
-        words = self._user_common_words(user_id, preset)
+        words = self.common_words.recent(user_id, preset.common_share)
+        if words is None:
+            return None
         return frozenset(t for t in terms if t in words)
+
+    def _common_terms(self, query: str, user_id: str, preset: RecallPreset) -> frozenset[str]:
+        """The query's words that are common in this user's memories (see `common_words`)."""
+        common = self._recent_common_terms(query, user_id, preset)
+        if common is not None:
+            return common
+        words = self._user_common_words(user_id, preset)
+        return frozenset(t for t in query_terms(query, preset) if t in words)
 
     def _user_common_words(
         self, user_id: str, preset: RecallPreset, *, recount: bool = False

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -253,5 +254,34 @@ async def test_queries_from_a_second_event_loop_are_answered_too(tmp_path: Path)
         for i in range(3):
             np.testing.assert_array_equal(mine[i], FakeEmbedder().embed([f"mine {i}"])[0])
             np.testing.assert_array_equal(theirs[i], FakeEmbedder().embed([f"other {i}"])[0])
+    finally:
+        await memory.close()
+
+
+async def test_a_recall_hands_its_query_to_the_model_before_any_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the user's common words are counted, recall reads nothing before its query leaves
+    for the model, so the model call (no GIL) runs beside the BM25 search and the core tier's
+    read instead of queueing behind their Python; and the common words cost no read at all."""
+    memory = await HierarchicalMemory.create(
+        MemoryConfig(db_path=tmp_path / "m.db"), embedder=FakeEmbedder()
+    )
+    try:
+        for i in range(25):  # past `common_min_memories`, so the user has common words
+            await memory.add(f"I keep bees on the roof of house {i}", user_id="u1")
+        await memory.recall("bees on the roof", user_id="u1")  # counts them
+        handed: list[str] = []
+        executors = memory._executors
+        for pool, label in ((executors._query_embedding, "query"), (executors._readers, "read")):
+            def spy(fn: Any, *args: Any, _submit: Any = pool.submit, _label: str = label) -> Any:
+                handed.append(_label)
+                return _submit(fn, *args)
+
+            monkeypatch.setattr(pool, "submit", spy)
+        recalled = await memory.recall("where do I keep the bees", user_id="u1")
+        assert recalled and all("bees" in m.content for m in recalled)
+        # The query first; then BM25 and the core tier beside it, and the ranking after it.
+        assert handed == ["query", "read", "read", "read"], handed
     finally:
         await memory.close()
