@@ -443,6 +443,7 @@ class HierarchicalMemory:
         if self._closed:
             return
         self._closed = True
+        self._retrieval.access.flush()
         await self._write_behind.stop(drain_timeout)
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
 

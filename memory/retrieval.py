@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import ranker
+from .access_log import AccessLog
 from .candidates import CandidateRows
 from .common_words import CommonWords
 from .executors import Executors
@@ -141,6 +142,7 @@ class Retrieval:
         if config.recall_importance_weight is not None:
             preset = replace(preset, w_importance=config.recall_importance_weight)
         self.preset: RecallPreset = preset
+        self.access = AccessLog(parts, executors.write_later)
 
     # --- recall: the proxy's path ------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class Retrieval:
         memories += self._core_tier(core, exclude={m.id for m in memories})
         if touch and memories:
             # Access counts are bookkeeping: never make the caller wait for the write.
-            self.executors.write_later(self._touch, [m.id for m in memories], utcnow())
+            self.access.record([m.id for m in memories], utcnow())
         return memories
 
     async def core_memories(
@@ -383,16 +385,6 @@ class Retrieval:
         query = np.asarray(vector, dtype=np.float32)
         merged = hits + [(rid, float(v @ query)) for rid, v in extra if rid not in known]
         return sorted({rid: sim for rid, sim in merged}.items(), key=lambda h: -h[1])
-
-    def _touch(self, ids: list[str], when: datetime) -> None:
-        store = self.parts.store
-        try:
-            with store.transaction():
-                store.touch(ids, when)
-        except Exception:
-            log.warning("could not record access to %d memories", len(ids), exc_info=True)
-        for memory_id in ids:  # cached copies carry the old access count
-            self.parts.invalidate(memory_id)
 
     # --- common words --------------------------------------------------------------------------
 

@@ -169,7 +169,8 @@ async def test_read_candidates_equals_rows_and_embeddings(pg_schema_url: str) ->
         await mem.forget(added[1].id, user_id="erin")
         await mem.supersede(added[2].id, "fact number 2 about rain, corrected", user_id="erin")
         await mem.recall("fact about tea", "erin")  # an access count and time on some rows
-        await mem._executors.write(lambda: None)  # the touch is queued on the writer: done
+        mem._retrieval.access.flush()  # the access counts go to the writer at once
+        await mem._executors.write(lambda: None)  # and are written when this is
         store = mem._parts.store
         rids = [store.rowid_of(m.id) for m in added]
         wanted = [r for r in rids if r is not None] + [10**9]  # a row that is not there
