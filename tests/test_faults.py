@@ -333,7 +333,13 @@ def attack_random_kills(db: Path, upstream_url: str, requests: int, *, workers: 
                    for w in range(workers)]
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(0.2, 3.0))
+        # At a random moment, or once a random share of the requests has gone out in this
+        # round, whichever comes first: a faster server must still be killed a few times.
+        kill_at = time.monotonic() + rng.uniform(0.2, 3.0)
+        with lock:
+            round_quota = sent[0] + rng.randint(20, 60)
+        while time.monotonic() < kill_at and sent[0] < round_quota:
+            time.sleep(0.005)
         # Every other kill lands while another connection holds the write lock: answers given
         # before their op is durable (as before issue 9) are then lost; durable ones wait.
         locker = _hold_write_lock(db, LOCK_S) if round_ % 2 else None
