@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -486,10 +487,15 @@ class Run:
     ttft: dict[int, float] = field(default_factory=dict)
     receipts: list[float] = field(default_factory=list)  # the overhead header, ms
     errors: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)  # what each error was
     blocks: int = 0  # answers in which `<memory` reached the client
     leaks: int = 0
     recalled: int = 0  # answers that echo one of the user's own memory tags
     cpu_s: float = 0.0  # the target's process tree, over the measured jobs
+
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] += 1
 
 
 @dataclass(frozen=True)
@@ -518,7 +524,7 @@ async def one(client: httpx.AsyncClient, url: str, fmt: WireFormat, job: Job, *,
             async with client.stream("POST", url + fmt.path, json=body,
                                      headers=headers) as response:
                 if response.status_code != 200:
-                    run.errors += 1
+                    run.error(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
                     return
                 async for line in response.aiter_lines():
                     raw.append(line)
@@ -532,12 +538,12 @@ async def one(client: httpx.AsyncClient, url: str, fmt: WireFormat, job: Job, *,
         else:
             response = await client.post(url + fmt.path, json=body, headers=headers)
             if response.status_code != 200:
-                run.errors += 1
+                run.error(f"HTTP {response.status_code}: {response.content[:200]!r}")
                 return
             text, seen = fmt.text_of(response.json()), response.text
         run.latencies[job.n] = (time.perf_counter() - t0) * 1000
-    except httpx.HTTPError:
-        run.errors += 1
+    except httpx.HTTPError as exc:
+        run.error(f"{type(exc).__name__}: {exc}")
         return
     receipt = response.headers.get("x-headroom-memory-overhead-ms")
     if receipt is not None:
@@ -663,6 +669,9 @@ def cell_row(direct: Run, proxied: Run, *, stream: bool, concurrency: int,
         "req_per_s": concurrency / mean_s if p else float("nan"),
         "cpu_s_per_1k": proxied.cpu_s / n * 1000 if n else float("nan"),
         "errors": direct.errors + proxied.errors, "blocks": proxied.blocks,
+        "error_kinds": {f"{side}: {kind}": count
+                        for side, run in (("direct", direct), ("proxied", proxied))
+                        for kind, count in run.error_kinds.items()},
         "leaks": proxied.leaks, "recalled": proxied.recalled, "n": n,
         "load1": round(os.getloadavg()[0], 2),
     }
@@ -905,6 +914,10 @@ def heavy_verdicts(rows: list[dict[str, Any]]) -> list[str]:
     bad = sum(r["errors"] + r["blocks"] + r["leaks"] for r in rows)
     out.append(f"- Errors, blocks reaching the client, cross-user leaks over all "
                f"{sum(r['n'] for r in rows):,} proxied requests: {bad}.")
+    for r in rows:
+        for kind, count in r.get("error_kinds", {}).items():
+            out.append(f"  - {r['memories']:,} memories, {r['scenario']}, c={r['concurrency']}: "
+                       f"{count} × {kind}")
     return out
 
 

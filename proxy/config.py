@@ -55,6 +55,12 @@ class ProxyConfig:
     # (HEADROOM_BODY_READ_TIMEOUT, then a 408).
     header_read_timeout_s: float = 10.0
     body_read_timeout_s: float = 30.0
+    # How long an idle client connection stays open for its next request
+    # (HEADROOM_KEEP_ALIVE_TIMEOUT). Longer than the clients' own keep-alive expiry (5 s in the
+    # OpenAI and Anthropic SDKs, httpx's default): a server that closes at that same moment
+    # races the client's reuse of the connection, and the request sent as it closes fails
+    # (uvicorn's 5 s default: a ReadError in 3 of 4 runs of bench/proxy_overhead.py at c=64).
+    keep_alive_timeout_s: float = 65.0
     max_body_bytes: int = 32 * 1024 * 1024
     drain_timeout_s: float = 25.0
     # How long an answer's last byte waits for its memory ops to commit to the outbox; past it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 import sys
@@ -137,6 +138,7 @@ def build_server(config: ProxyConfig, *, on_ready: Callable[[], None] | None = N
             app, host=config.host, port=config.port, log_level=config.log_level.lower(),
             log_config=None,  # configure_logging's tree carries uvicorn's loggers too
             timeout_graceful_shutdown=int(config.drain_timeout_s), lifespan="on",
+            timeout_keep_alive=math.ceil(config.keep_alive_timeout_s),
             proxy_headers=False, server_header=False,
             http=header_timeout_protocol(config.header_read_timeout_s),
         )

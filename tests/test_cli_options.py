@@ -86,23 +86,25 @@ def test_serve_timeouts_from_flags_and_environment(
 ) -> None:
     _serve(tmp_path, "--upstream-connect-timeout", "3", "--upstream-read-timeout", "45.5",
            "--upstream-total-timeout", "0", "--header-read-timeout", "4",
-           "--body-read-timeout", "6", "--durable-wait", "0.25")
+           "--body-read-timeout", "6", "--durable-wait", "0.25", "--keep-alive-timeout", "30")
     env = {
         "HEADROOM_UPSTREAM_CONNECT_TIMEOUT": "7", "HEADROOM_UPSTREAM_READ_TIMEOUT": "120",
         "HEADROOM_UPSTREAM_TOTAL_TIMEOUT": "900", "HEADROOM_HEADER_READ_TIMEOUT": "2",
         "HEADROOM_BODY_READ_TIMEOUT": "9", "HEADROOM_DURABLE_WAIT": "1.5",
+        "HEADROOM_KEEP_ALIVE_TIMEOUT": "90",
     }
     _serve(tmp_path, env=env)
     _serve(tmp_path)
     flags, environment, defaults = served
     fields = ("upstream_connect_timeout_s", "upstream_read_timeout_s", "upstream_total_timeout_s",
-              "header_read_timeout_s", "body_read_timeout_s", "durable_wait_s")
+              "header_read_timeout_s", "body_read_timeout_s", "durable_wait_s",
+              "keep_alive_timeout_s")
 
     def values(config: ProxyConfig) -> tuple[float, ...]:
         return tuple(getattr(config, f) for f in fields)
 
-    assert values(flags) == (3.0, 45.5, 0.0, 4.0, 6.0, 0.25)
-    assert values(environment) == (7.0, 120.0, 900.0, 2.0, 9.0, 1.5)
+    assert values(flags) == (3.0, 45.5, 0.0, 4.0, 6.0, 0.25, 30.0)
+    assert values(environment) == (7.0, 120.0, 900.0, 2.0, 9.0, 1.5, 90.0)
     assert values(defaults) == values(ProxyConfig())  # unset: ProxyConfig's own defaults
 
 
@@ -118,7 +120,7 @@ def test_a_timeout_of_zero_is_refused_where_it_would_mean_at_once(
     tmp_path: Path, served: list[ProxyConfig]
 ) -> None:
     for flag in ("--upstream-connect-timeout", "--upstream-read-timeout",
-                 "--header-read-timeout", "--body-read-timeout"):
+                 "--header-read-timeout", "--body-read-timeout", "--keep-alive-timeout"):
         result = _serve(tmp_path, flag, "0", expect=2)
         assert "more than 0" in result.stderr, flag
     assert "greater than or equal to 0" in _serve(tmp_path, "--durable-wait", "-1", expect=2).stderr

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
+import httpx
 import uvicorn
 from uvicorn.server import ServerState
 
-from headroom.proxy.server import header_timeout_protocol
+from headroom.proxy.config import ProxyConfig
+from headroom.proxy.server import build_server, header_timeout_protocol
+from tests.servers import free_port, wait_until
 
 
 async def _app(scope: dict[str, object], receive: object, send: object) -> None:
@@ -79,3 +86,48 @@ def test_a_connection_accepted_from_a_tcp_listener_keeps_nagle_off() -> None:
         assert _nodelay_of_accepted(listener) == 1
     finally:
         listener.close()
+
+
+async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _request(conn: socket.socket) -> bytes:
+    conn.sendall(b"GET /ok HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b"ok"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def test_idle_client_connections_stay_open_longer_than_the_sdks_keep_them(
+    tmp_path: Path,
+) -> None:
+    """The OpenAI and Anthropic SDKs (httpx) reuse an idle connection for 5 s; a server that
+    closes it at that same moment races a request sent on it (a ReadError for the client)."""
+    assert ProxyConfig().keep_alive_timeout_s > httpx.Limits().keepalive_expiry  # type: ignore[operator]
+    assert build_server(ProxyConfig(db_path=tmp_path / "m.db")).config.timeout_keep_alive >= 60
+    # The setting is what the server closes an idle connection at (1 s: a short test).
+    port = free_port()
+    server = build_server(ProxyConfig(port=port, db_path=tmp_path / "m.db",
+                                      keep_alive_timeout_s=1.0))
+    server.config.app, server.config.lifespan = _ok, "off"  # the server's settings, not the app
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 10, "the server to start")
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.settimeout(10)
+            assert _request(conn).startswith(b"HTTP/1.1 200")
+            time.sleep(0.4)
+            assert _request(conn).startswith(b"HTTP/1.1 200")  # idle 0.4 s: still open
+            time.sleep(1.6)
+            assert conn.recv(4096) == b""  # idle past 1 s: closed by the server
+    finally:
+        server.should_exit = True
+        thread.join(10)

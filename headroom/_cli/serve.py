@@ -86,6 +86,11 @@ HeaderReadOpt = _seconds(
     "--header-read-timeout", "HEADROOM_HEADER_READ_TIMEOUT", "header_read_timeout_s",
     "Seconds a client may take to send its request line and headers.",
 )
+KeepAliveOpt = _seconds(
+    "--keep-alive-timeout", "HEADROOM_KEEP_ALIVE_TIMEOUT", "keep_alive_timeout_s",
+    "Seconds an idle client connection stays open for its next request (keep it above the "
+    "clients' own keep-alive expiry, 5 s in the OpenAI and Anthropic SDKs).",
+)
 DurableWaitOpt = _seconds(
     "--durable-wait", "HEADROOM_DURABLE_WAIT", "durable_wait_s",
     "Seconds the answer's last byte waits for its memory writes to be durably queued; past "
@@ -287,6 +292,7 @@ def serve(
     upstream_total_timeout: UpstreamTotalOpt = None,
     body_read_timeout: BodyReadOpt = None,
     header_read_timeout: HeaderReadOpt = None,
+    keep_alive_timeout: KeepAliveOpt = None,
     durable_wait: DurableWaitOpt = None,
     upstream_transport: UpstreamTransportOpt = None,
     recall_preset: RecallPresetOpt = "default",
@@ -317,6 +323,7 @@ def serve(
         "upstream_total_timeout_s": upstream_total_timeout,
         "body_read_timeout_s": body_read_timeout,
         "header_read_timeout_s": header_read_timeout,
+        "keep_alive_timeout_s": keep_alive_timeout,
         "durable_wait_s": durable_wait,
     }
     config = ProxyConfig(
