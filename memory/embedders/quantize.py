@@ -15,10 +15,9 @@ with the seven float: 0.9929 / 0.9947 / 0.9980), and every weight MatMul is int8
 bytes to bring back into the caches on each query. That is what a query costs in a server,
 where the model sits idle between requests: after 5 ms idle one short query took 2.8 ms against
 3.4-3.6 ms with the seven float, after 20 ms 3.7-3.8 against 4.6; back to back both take 2.4 ms
-(`bench/embed_bench.py --idle 5,20`). Where
-onnxruntime cannot make or run `MatMulNBits`, the seven stay float (logged). Without VNNI int8
-does not pay (an AVX2-only AMD machine: bench/RESULTS.md), so `has_vnni` gates it in
-`make_embedder`'s "auto".
+(`bench/embed_bench.py --idle 5,20`). Where onnxruntime cannot make or run `MatMulNBits`, the
+seven stay float (logged). Without VNNI int8 does not pay (an AVX2-only AMD machine:
+bench/RESULTS.md), so `has_vnni` gates it in `make_embedder`'s "auto".
 """
 
 from __future__ import annotations
