@@ -90,13 +90,22 @@ class CommonWords:
                 self._entries.move_to_end(key)
                 return entry.words
         words = frequent_words(newest(self.sample), share)
+        self._put(key, _Entry(total, words, self._clock()))
+        return words
+
+    def too_few(self, user_id: str, share: float) -> None:
+        """The user has too few memories to have common words: `recent` says none (no read)
+        until a write of this process expires the entry or `recheck_s` passes. A count of 0
+        makes `get` count them once they have enough."""
+        self._put((user_id, share), _Entry(0, frozenset(), self._clock()))
+
+    def _put(self, key: tuple[str, float], entry: _Entry) -> None:
         with self._lock:
-            self._shares.add(share)
-            self._entries[key] = _Entry(total, words, self._clock())
+            self._shares.add(key[1])
+            self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_users:
                 self._entries.popitem(last=False)
-        return words
 
     def expire(self, user_ids: Iterable[str]) -> None:
         """Make these users' entries (every share) count again at their next use: this process

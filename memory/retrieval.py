@@ -420,7 +420,9 @@ class Retrieval:
                 return words
         total = p.text.count(user_id)
         if total < max(preset.common_min_memories, 1):
-            self.common_words.forget(user_id)  # an entry from when they had more is not recent
+            # Also replaces an entry from when they had more. Most users start here: their next
+            # recalls look this up on the loop instead of counting on a reader.
+            self.common_words.too_few(user_id, preset.common_share)
             return frozenset()
         return self.common_words.get(
             user_id, total, preset.common_share, lambda n: p.store.recent_contents(user_id, n)

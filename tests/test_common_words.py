@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
 
 from headroom.memory.common_words import CommonWords, frequent_words
 from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
@@ -164,7 +167,39 @@ async def test_forgets_expire_the_users_entry(memory: HierarchicalMemory) -> Non
     for m in added[:6]:
         await memory.forget(m.id, user_id="nate")
     await memory._executors.write(lambda: None)
-    assert cache.recent("nate", share) is None
+    assert cache.recent("nate", share) == frozenset()  # counted again after the write: too few
     assert await retrieval.executors.read(
         lambda: retrieval._common_terms("What did Nate say?", "nate", retrieval.preset)
     ) == frozenset()
+
+
+async def test_a_user_with_too_few_memories_costs_no_count_at_each_recall(
+    memory: HierarchicalMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below `common_min_memories` (where every user starts) the answer "none" is remembered
+    like a count: the next recalls read nothing for it. Once a write takes the user past the
+    threshold, their words are counted."""
+    retrieval = memory._retrieval
+    share = retrieval.preset.common_share
+    await memory.add_many([MemoryDraft(f"Nate: ok {i}", "nate", dedup=False) for i in range(5)])
+    await memory.recall("What did Nate say?", "nate", now=NOW)
+    assert retrieval.common_words.recent("nate", share) == frozenset()
+    reads: list[object] = []
+    readers = memory._executors._readers
+    submit = readers.submit
+
+    def spy(fn: Any, *args: Any) -> Any:
+        reads.append(fn)
+        return submit(fn, *args)
+
+    monkeypatch.setattr(readers, "submit", spy)
+    await memory.recall("What did Nate say?", "nate", now=NOW)
+    assert len(reads) == 3  # BM25, the core tier, the ranking: no count
+    monkeypatch.undo()
+    await memory.add_many([
+        MemoryDraft(f"Nate: ok {i}", "nate", created_at=NOW - timedelta(days=i), dedup=False)
+        for i in range(5, 30)
+    ])
+    await memory._executors.write(lambda: None)  # the writer's recount after the write has run
+    await memory.recall("What did Nate say?", "nate", now=NOW)
+    assert retrieval.common_words.recent("nate", share) == {"nate", "ok"}
