@@ -96,8 +96,13 @@ class CommonWords:
     def too_few(self, user_id: str, share: float) -> None:
         """The user has too few memories to have common words: `recent` says none (no read)
         until a write of this process expires the entry or `recheck_s` passes. A count of 0
-        makes `get` count them once they have enough."""
-        self._put((user_id, share), _Entry(0, frozenset(), self._clock()))
+        makes `get` count them once they have enough. Only where there is room: a small user
+        never pushes out a counted one, whose recount reads `sample` contents."""
+        key = (user_id, share)
+        with self._lock:
+            if key not in self._entries and len(self._entries) >= self.max_users:
+                return
+        self._put(key, _Entry(0, frozenset(), self._clock()))
 
     def _put(self, key: tuple[str, float], entry: _Entry) -> None:
         with self._lock:

@@ -203,3 +203,13 @@ async def test_a_user_with_too_few_memories_costs_no_count_at_each_recall(
     await memory._executors.write(lambda: None)  # the writer's recount after the write has run
     await memory.recall("What did Nate say?", "nate", now=NOW)
     assert retrieval.common_words.recent("nate", share) == {"nate", "ok"}
+
+
+def test_a_small_user_never_pushes_a_counted_one_out() -> None:
+    cache = CommonWords(max_users=2)
+    cache.get("big", 500, 0.3, lambda n: ["ok ok ok"] * n)
+    cache.too_few("small", 0.3)
+    assert cache.recent("small", 0.3) == frozenset()
+    cache.too_few("another small", 0.3)  # full: not kept, counted again when asked
+    assert cache.recent("another small", 0.3) is None
+    assert cache.recent("big", 0.3) == {"ok"}
