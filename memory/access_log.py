@@ -5,8 +5,8 @@ Recall hands over the ids it returned; one writer job records everything handed 
 while its request was still being answered, and its Python took the GIL from that request.
 Through the proxy at c=1 (A/B, four rounds each): leaving the update out took fresh queries
 from 8.2 to 7.7 ms added; batching it, from 8.8 to 8.6 ms (repeated queries 4.5 -> 4.2 ms), and
-a burst of requests costs one transaction. Access counts are
-bookkeeping: what a crash loses is at most the last `delay_s` of them, never a memory.
+a burst of requests costs one transaction. Access counts are bookkeeping: what a crash loses is
+at most the last `delay_s` of them, never a memory.
 """
 
 from __future__ import annotations

@@ -98,14 +98,14 @@ class CommonWords:
         until a write of this process expires the entry or `recheck_s` passes. A count of 0
         makes `get` count them once they have enough. Only where there is room: a small user
         never pushes out a counted one, whose recount reads `sample` contents."""
-        key = (user_id, share)
-        with self._lock:
-            if key not in self._entries and len(self._entries) >= self.max_users:
-                return
-        self._put(key, _Entry(0, frozenset(), self._clock()))
+        self._put((user_id, share), _Entry(0, frozenset(), self._clock()), evict=False)
 
-    def _put(self, key: tuple[str, float], entry: _Entry) -> None:
+    def _put(self, key: tuple[str, float], entry: _Entry, *, evict: bool = True) -> None:
+        """Store `entry`, pushing out the least recently used beyond `max_users`; with
+        `evict=False` a new key is dropped instead when the cache is full."""
         with self._lock:
+            if not evict and key not in self._entries and len(self._entries) >= self.max_users:
+                return
             self._shares.add(key[1])
             self._entries[key] = entry
             self._entries.move_to_end(key)

@@ -403,11 +403,11 @@ class Retrieval:
 
     def _common_terms(self, query: str, user_id: str, preset: RecallPreset) -> frozenset[str]:
         """The query's words that are common in this user's memories (see `common_words`)."""
-        common = self._recent_common_terms(query, user_id, preset)
-        if common is not None:
-            return common
-        words = self._user_common_words(user_id, preset)
-        return frozenset(t for t in query_terms(query, preset) if t in words)
+        terms = query_terms(query, preset) if preset.common_share > 0 else []
+        if not terms:
+            return frozenset()
+        words = self._user_common_words(user_id, preset)  # a recent count when there is one
+        return frozenset(t for t in terms if t in words)
 
     def _user_common_words(
         self, user_id: str, preset: RecallPreset, *, recount: bool = False

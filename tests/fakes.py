@@ -574,3 +574,15 @@ class FakeMemoryCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def record_submits(monkeypatch: Any, pool: Any, label: str, into: list[str]) -> None:
+    """Append `label` to `into` whenever work is handed to the executor `pool`, then hand it
+    on: which thread pools a path uses, and in what order."""
+    submit = pool.submit
+
+    def spy(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        into.append(label)
+        return submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "submit", spy)

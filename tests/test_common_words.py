@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 
 from headroom.memory.common_words import CommonWords, frequent_words
 from headroom.memory.hierarchical import HierarchicalMemory, MemoryDraft
 from headroom.memory.models import MemoryFilter
+from tests.fakes import record_submits
 
 NOW = datetime(2024, 3, 15, 12, 0, tzinfo=UTC)
 
@@ -184,15 +184,8 @@ async def test_a_user_with_too_few_memories_costs_no_count_at_each_recall(
     await memory.add_many([MemoryDraft(f"Nate: ok {i}", "nate", dedup=False) for i in range(5)])
     await memory.recall("What did Nate say?", "nate", now=NOW)
     assert retrieval.common_words.recent("nate", share) == frozenset()
-    reads: list[object] = []
-    readers = memory._executors._readers
-    submit = readers.submit
-
-    def spy(fn: Any, *args: Any) -> Any:
-        reads.append(fn)
-        return submit(fn, *args)
-
-    monkeypatch.setattr(readers, "submit", spy)
+    reads: list[str] = []
+    record_submits(monkeypatch, memory._executors._readers, "read", reads)
     await memory.recall("What did Nate say?", "nate", now=NOW)
     assert len(reads) == 3  # BM25, the core tier, the ranking: no count
     monkeypatch.undo()

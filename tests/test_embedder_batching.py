@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from headroom.memory import HierarchicalMemory, MemoryConfig
 from headroom.memory.embedders import BatchingEmbedder, OnnxEmbedder
 from headroom.memory.errors import EmbedderError
 from headroom.memory.ports import Embedder
-from tests.fakes import FakeEmbedder
+from tests.fakes import FakeEmbedder, record_submits
 
 QUERIES = [
     "what language should I use for my microservice?",
@@ -273,12 +272,8 @@ async def test_a_recall_hands_its_query_to_the_model_before_any_read(
         await memory.recall("bees on the roof", user_id="u1")  # counts them
         handed: list[str] = []
         executors = memory._executors
-        for pool, label in ((executors._query_embedding, "query"), (executors._readers, "read")):
-            def spy(fn: Any, *args: Any, _submit: Any = pool.submit, _label: str = label) -> Any:
-                handed.append(_label)
-                return _submit(fn, *args)
-
-            monkeypatch.setattr(pool, "submit", spy)
+        record_submits(monkeypatch, executors._query_embedding, "query", handed)
+        record_submits(monkeypatch, executors._readers, "read", handed)
         recalled = await memory.recall("where do I keep the bees", user_id="u1")
         assert recalled and all("bees" in m.content for m in recalled)
         # The query first; then BM25 and the core tier beside it, and the ranking after it.
