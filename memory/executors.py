@@ -111,7 +111,13 @@ class Executors:
         """One query's vector as a thread-side future, handed to the model at once: for a job
         on another pool that does its own work while the model runs and then waits for the
         vector there, instead of a hop back to the event loop and out again to a reader
-        (fresh queries at c=1 through the proxy: ~0.2 ms less)."""
+        (fresh queries at c=1 through the proxy: ~0.2 ms less). A repeated query is looked
+        up here, so it costs no thread hop at all."""
+        cached = self._query_embedder.lookup(text)
+        if cached is not None:
+            done: Future[np.ndarray] = Future()
+            done.set_result(cached)
+            return done
         return self._query_embedding.submit(_one_row, self._query_embedder, text)
 
     def _flush_queries(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -279,5 +279,10 @@ async def test_a_recall_hands_its_query_to_the_model_before_any_read(
         # The query first; then BM25 (and, waiting for the vector in the same job, the
         # ranking) and the core tier beside it.
         assert handed == ["query", "read", "read"], handed
+        handed.clear()
+        again = await memory.recall("where do I keep the bees", user_id="u1")
+        # A repeated query's vector comes from the cache on the loop: no thread hop for it.
+        assert handed == ["read", "read"], handed
+        assert [m.id for m in again] == [m.id for m in recalled]
     finally:
         await memory.close()

@@ -640,6 +640,23 @@ def test_cache_hits_skip_the_inner_embedder() -> None:
     assert cached.embed([]).shape == (0, inner.dimension)
 
 
+def test_cache_lookup_answers_only_from_the_cache() -> None:
+    inner = FakeEmbedder()
+    cached = CachedEmbedder(inner, max_size=2)
+    assert cached.lookup("a") is None  # not computed, and not counted as a miss
+    assert inner.calls == [] and cached.stats() == {"hits": 0, "misses": 0, "size": 0}
+    made = cached.embed(["a"])[0]
+    cached.embed(["b"])
+    found = cached.lookup("a")
+    assert found is not None
+    np.testing.assert_array_equal(found, made)
+    found += 1.0  # the caller's own copy
+    np.testing.assert_array_equal(cached.embed(["a"])[0], made)
+    cached.embed(["c"])  # the lookup made "a" recent: "b" goes
+    assert cached.lookup("b") is None and cached.lookup("a") is not None
+    assert len(inner.calls) == 3
+
+
 def test_cache_evicts_least_recently_used() -> None:
     inner = FakeEmbedder()
     cached = CachedEmbedder(inner, max_size=2)

@@ -51,6 +51,17 @@ class CachedEmbedder:
         with self._lock:
             return {"hits": self.hits, "misses": self.misses, "size": len(self._entries)}
 
+    def lookup(self, text: str) -> np.ndarray | None:
+        """`text`'s vector if it is cached (a hit), else None without counting a miss: a
+        dict lookup under a short lock, fit for an event loop; `embed` then counts the miss."""
+        with self._lock:
+            vector = self._entries.get(text)
+            if vector is not None:
+                self._entries.move_to_end(text)
+                self.hits += 1
+                return vector.copy()  # the caller's own, as from `embed`
+            return None
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         items = text_list(texts)
         if not items:
