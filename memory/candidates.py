@@ -103,6 +103,42 @@ class CandidateRows:
             self._memories.update(self._load(missing))
         return {r: self._memories[r] for r in rowids if r in self._memories}
 
+    def joined(self, other: CandidateRows, rowids: Iterable[int]) -> CandidateRows:
+        """The rows of `rowids` found in `other` or else here (a row in neither is left
+        out, as a read leaves out a purged row): a read of part of the rows earlier (recall
+        reads the BM25 hits' while the query is embedded) completed by a read of the rest."""
+        picked = [
+            (src, i) for rid in dict.fromkeys(rowids)
+            if (i := (src := other).at.get(rid)) is not None
+            or (i := (src := self).at.get(rid)) is not None
+        ]
+        width = max(self.embeddings.shape[1], other.embeddings.shape[1])
+        matrix = np.zeros((len(picked), width), dtype=np.float32)
+        has = []
+        for k, (src, i) in enumerate(picked):
+            ok = bool(src.has_embedding[i]) and src.embeddings.shape[1] == width
+            if ok:
+                matrix[k] = src.embeddings[i]
+            has.append(ok)
+
+        def column(name: str) -> list[object]:
+            return [getattr(src, name)[i] for src, i in picked]
+
+        def load(wanted: Sequence[int]) -> Mapping[int, Memory]:
+            """Each row's memory from the read it came from (a store's loader may know only
+            the rows of its own read)."""
+            later = [r for r in wanted if r in other.at]
+            found = other.memories(later) if later else {}
+            rest = [r for r in wanted if r not in other.at]
+            return {**found, **self.memories(rest)} if rest else found
+
+        return CandidateRows(
+            [src.rowids[i] for src, i in picked], column("user_id"), column("session_id"),  # type: ignore[arg-type]
+            column("scope_key"), column("category"), column("content"),  # type: ignore[arg-type]
+            column("importance"), column("created_at"), column("valid_from"),  # type: ignore[arg-type]
+            column("current"), matrix if width else None, has, load,  # type: ignore[arg-type]
+        )
+
     @classmethod
     def from_rows(
         cls, rows: Sequence[Sequence[object]],

@@ -219,9 +219,11 @@ class Retrieval:
             vector: np.ndarray | None, common: frozenset[str] | None,
             searched: tuple[list[TimeWindow], list[tuple[int, float]]] | None,
             vector_hits: list[tuple[int, float]] | None = None,
+            prefetched: CandidateRows | None = None,
         ) -> list[SearchResult]:
             ranking = self._ranked(query, scope, top_k, cats, when, chosen, vector, common,
-                                   searched=searched, vector_hits=vector_hits)
+                                   searched=searched, vector_hits=vector_hits,
+                                   prefetched=prefetched)
             return [SearchResult(m, s.similarity, s.score, s.bm25)
                     for s, m in ranking.top(top_k)]
 
@@ -255,12 +257,16 @@ class Retrieval:
         # the search's Python. Handed over after the search, it waited for that Python to let
         # go of the GIL before it could start (fresh queries at c=1 through the proxy: 8.6 ->
         # 8.3 ms added, A/B over four rounds). One reader job searches, then waits for the
-        # vector on its own thread and ranks: no hop back to the loop between the two.
+        # vector on its own thread and ranks: no hop back to the loop between the two. While
+        # the model runs it also reads the BM25 hits' rows, which the ranking weighs anyway:
+        # at c=1 that read is off the path to the answer.
         pending_vector = self.executors.query_vector_for_thread(drop_words(query, common))
 
         def search_then_rank() -> list[SearchResult]:
             searched = text_search()
-            return ranked(pending_vector.result(), common, searched)
+            prefetched = (self.parts.store.candidates([rid for rid, _ in searched[1]])
+                          if searched[1] and not pending_vector.done() else None)
+            return ranked(pending_vector.result(), common, searched, prefetched=prefetched)
 
         try:
             return await self.executors.read(search_then_rank)
@@ -317,10 +323,12 @@ class Retrieval:
         common: frozenset[str] | None = None, *,
         searched: tuple[list[TimeWindow], list[tuple[int, float]]] | None = None,
         vector_hits: list[tuple[int, float]] | None = None,
+        prefetched: CandidateRows | None = None,
     ) -> Ranking:
         """Every candidate, best first: index hits, date-window rows, conversation context.
         `searched`: the query's time windows and BM25 hits when already found (`_text_hits`);
-        `vector_hits`: the vector index's, when already found (`_vector_hits`)."""
+        `vector_hits`: the vector index's, when already found (`_vector_hits`); `prefetched`:
+        candidate rows already read (`MemoryStore.candidates`), the rest are read here."""
         p = self.parts
         if searched is None:
             windows = query_windows(query, now) if preset.reads_dates else []
@@ -337,7 +345,13 @@ class Retrieval:
         fused = fuse(vector_hits, text_hits, preset)
         # One read of what ranking weighs of every candidate; whole memories only for the
         # ones returned (`Ranking.top`).
-        rows = p.store.candidates([*fused, *context_rowids(fused, preset)])
+        wanted = [*fused, *context_rowids(fused, preset)]
+        if prefetched is None:
+            rows = p.store.candidates(wanted)
+        else:
+            rows = prefetched.joined(
+                p.store.candidates([rid for rid in wanted if rid not in prefetched]), wanted
+            )
         with_context = add_context(fused, rows, scope, categories, preset)
         if preset.ranker == "learned" and vector is not None:
             # add_context decides which neighbours join (visible, same sitting); the ranker

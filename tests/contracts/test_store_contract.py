@@ -101,6 +101,36 @@ def test_candidates_read_what_recall_weighs_column_by_column(storage: Storage) -
     assert len(storage.store.candidates([])) == 0
 
 
+def test_candidates_read_in_two_parts_join_to_one_read(storage: Storage) -> None:
+    rids = [put(storage, memory(f"fact {i}", session_id=f"s{i % 2}", importance=0.1 * i),
+                axis(3, 0.1 * i)) for i in range(1, 6)]
+    with storage.store.transaction():
+        plain = storage.store.insert(memory("no vector", user="bob"))
+    missing = max(rids) + 1000
+    wanted = [rids[3], plain, missing, rids[0], rids[2], rids[4]]
+    whole = storage.store.candidates(wanted)
+    early = storage.store.candidates([rids[0], rids[1], rids[3]])  # rids[1]: not wanted
+    joined = early.joined(storage.store.candidates([plain, rids[2], rids[4], missing]), wanted)
+    assert joined.rowids == [r for r in wanted if r in whole]  # in the order asked
+    assert rids[1] not in joined and missing not in joined
+    for rid in joined.rowids:
+        i, j = joined.at[rid], whole.at[rid]
+        assert (joined.user_id[i], joined.session_id[i], joined.content[i]) == (
+            whole.user_id[j], whole.session_id[j], whole.content[j])
+        assert (joined.importance[i], joined.created_at[i], joined.current[i]) == (
+            whole.importance[j], whole.created_at[j], whole.current[j])
+        assert (joined.embedding(rid) is None) == (whole.embedding(rid) is None)
+        if whole.embedding(rid) is not None:
+            np.testing.assert_array_equal(joined.embedding(rid), whole.embedding(rid))
+    assert joined.memories([rids[3], plain]) == whole.memories([rids[3], plain])
+    # A later read wins over an earlier one for the same row.
+    closed = replace(storage.store.get_by_rowids([rids[0]])[rids[0]], valid_until=at(50))
+    with storage.store.transaction():
+        storage.store.save(closed)
+    fresh = early.joined(storage.store.candidates([rids[0]]), [rids[0]])
+    assert not fresh.current[fresh.at[rids[0]]] and early.current[early.at[rids[0]]]
+
+
 def test_save_writes_back_the_mutable_fields(storage: Storage) -> None:
     mem = memory("Lives in Paris", session_id="s1")
     put(storage, mem)
