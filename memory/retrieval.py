@@ -87,6 +87,19 @@ def _cosines(
     return cosines
 
 
+# How long a reader job waits for its query's vector before handing the wait back to the
+# event loop (a local model answers in a few ms; see `Retrieval.hybrid_search`).
+_READER_WAIT_S = 0.05
+
+
+@dataclass(frozen=True)
+class _SearchedFirst:
+    """A recall's BM25 search (and the rows of its hits), done before its vector was ready."""
+
+    searched: tuple[list[TimeWindow], list[tuple[int, float]]]
+    prefetched: CandidateRows | None
+
+
 @dataclass(frozen=True)
 class Ranking:
     """Recall's candidates best first, and the rows they were weighed on."""
@@ -256,23 +269,35 @@ class Retrieval:
         # The query leaves for the model first: the model call runs without the GIL, beside
         # the search's Python. Handed over after the search, it waited for that Python to let
         # go of the GIL before it could start (fresh queries at c=1 through the proxy: 8.6 ->
-        # 8.3 ms added, A/B over four rounds). One reader job searches, then waits for the
-        # vector on its own thread and ranks: no hop back to the loop between the two. While
-        # the model runs it also reads the BM25 hits' rows, which the ranking weighs anyway:
-        # at c=1 that read is off the path to the answer.
+        # 8.3 ms added, A/B over four rounds). One reader job searches, reads the BM25 hits'
+        # rows (which the ranking weighs anyway: at c=1 that read is off the path to the
+        # answer), and waits for the vector on its own thread, then ranks: no hop back to the
+        # loop in between. It waits at most `_READER_WAIT_S`: a slow model (a remote one, a
+        # queue under load) hands the wait back to the loop, so no reader is held for it,
+        # neither other reads nor a shutdown wait behind the model.
         pending_vector = self.executors.query_vector_for_thread(drop_words(query, common))
 
-        def search_then_rank() -> list[SearchResult]:
+        def search_then_rank() -> list[SearchResult] | _SearchedFirst:
             searched = text_search()
             prefetched = (self.parts.store.candidates([rid for rid, _ in searched[1]])
                           if searched[1] and not pending_vector.done() else None)
-            return ranked(pending_vector.result(), common, searched, prefetched=prefetched)
+            try:
+                vector = pending_vector.result(timeout=_READER_WAIT_S)
+            except TimeoutError:
+                return _SearchedFirst(searched, prefetched)
+            return ranked(vector, common, searched, prefetched=prefetched)
 
         try:
-            return await self.executors.read(search_then_rank)
+            done = await self.executors.read(search_then_rank)
+            if not isinstance(done, _SearchedFirst):
+                return done
+            vector = await asyncio.wrap_future(pending_vector)
         except asyncio.CancelledError:
             pending_vector.cancel()  # only if the model has not started on it
             raise
+        return await self.executors.read(
+            lambda: ranked(vector, common, done.searched, prefetched=done.prefetched)
+        )
 
     async def explain_ranking(
         self, query: str, scope: Scope, top_k: int, *, now: datetime | None = None,

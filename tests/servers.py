@@ -59,7 +59,10 @@ def running_server(app: Any, port: int | None = None) -> Iterator[ThreadedServer
     `run_coroutine_threadsafe`). Exiting runs the app's lifespan shutdown."""
     port = port or free_port()
     server = ThreadedServer(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        # h11, as `headroom serve` pins it: uvicorn's "auto" picks httptools where it is
+        # installed, which drops an absolute-form target's scheme and host from `raw_path`.
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                       http="h11")
     )
     server.url = f"http://127.0.0.1:{port}"
     thread = threading.Thread(target=server.run, daemon=True)

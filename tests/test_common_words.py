@@ -187,7 +187,7 @@ async def test_a_user_with_too_few_memories_costs_no_count_at_each_recall(
     reads: list[str] = []
     record_submits(monkeypatch, memory._executors._readers, "read", reads)
     await memory.recall("What did Nate say?", "nate", now=NOW)
-    assert len(reads) == 3  # BM25, the core tier, the ranking: no count
+    assert len(reads) == 2  # BM25 and the ranking in one job, the core tier: no count
     monkeypatch.undo()
     await memory.add_many([
         MemoryDraft(f"Nate: ok {i}", "nate", created_at=NOW - timedelta(days=i), dedup=False)

@@ -8,14 +8,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from headroom.memory import HierarchicalMemory, MemoryConfig
+from headroom.memory.candidates import CandidateRows
 from headroom.memory.embedders import BatchingEmbedder, OnnxEmbedder
 from headroom.memory.errors import EmbedderError
+from headroom.memory.models import MemoryFilter, Scope
 from headroom.memory.ports import Embedder
+from headroom.memory.recall import drop_words
 from tests.fakes import FakeEmbedder, record_submits
 
 QUERIES = [
@@ -285,4 +289,101 @@ async def test_a_recall_hands_its_query_to_the_model_before_any_read(
         assert handed == ["read", "read"], handed
         assert [m.id for m in again] == [m.id for m in recalled]
     finally:
+        await memory.close()
+
+
+class _HeldQueries(FakeEmbedder):
+    """Query embeddings wait for `release` once `hold` is set (memory contents do not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = threading.Event()
+        self.release = threading.Event()
+        self.held = 0
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if self.hold.is_set() and threading.current_thread().name.startswith(
+            "headroom-query-embed"
+        ):
+            self.held += 1
+            self.release.wait(timeout=30)
+        return super().embed(texts)
+
+
+async def _bees(tmp_path: Path, embedder: FakeEmbedder) -> HierarchicalMemory:
+    memory = await HierarchicalMemory.create(
+        MemoryConfig(db_path=tmp_path / "m.db"), embedder=embedder
+    )
+    for i in range(25):
+        await memory.add(f"I keep bees on the roof of house {i}", user_id="u1")
+    await memory.add("The bees make honey in May", user_id="u1", importance=0.9)
+    await memory.add("My bike is red", user_id="u1")
+    await memory.recall("bees on the roof", user_id="u1")  # counts the common words
+    return memory
+
+
+async def test_a_recall_ranks_the_same_when_the_bm25_rows_were_read_before_its_vector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the model is busy, the reader reads the BM25 hits' rows; the ranking reads the
+    rest and weighs the two reads as one: the same list as a recall given its vector."""
+    embedder = _HeldQueries()
+    memory = await _bees(tmp_path, embedder)
+    try:
+        retrieval = memory._retrieval
+        scope = Scope("u1", None, None, None)
+        query = "where do the bees make honey"
+        joins: list[int] = []
+        join = CandidateRows.joined
+
+        def spy(rows: CandidateRows, other: CandidateRows, rowids: Any) -> CandidateRows:
+            joins.append(len(rows))
+            return join(rows, other, rowids)
+
+        monkeypatch.setattr(CandidateRows, "joined", spy)
+        embedder.hold.set()
+        pending = asyncio.ensure_future(retrieval.hybrid_search(query, scope, 10, None))
+        while embedder.held == 0:  # the model holds the query: the reader is on its own
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)  # BM25 and its rows are read by now
+        embedder.release.set()
+        early = await pending
+        assert len(joins) == 1 and joins[0] > 0  # the BM25 hits' rows came from the early read
+        common = retrieval._common_terms(query, "u1", retrieval.preset)
+        vector = await memory._executors.embed_query(drop_words(query, common))
+        given = await retrieval.hybrid_search(query, scope, 10, None, query_vector=vector)
+        assert len(joins) == 1  # a recall given its vector reads its rows at once
+        assert [r.memory.id for r in early] == [r.memory.id for r in given]
+        # (`now` differs by a few ms between the two: recency moves the scores by ~1e-9)
+        assert [r.score for r in early] == pytest.approx([r.score for r in given], rel=1e-6)
+        assert early[0].memory.content == "The bees make honey in May"
+    finally:
+        embedder.release.set()
+        await memory.close()
+
+
+async def test_a_slow_query_model_holds_no_reader(tmp_path: Path) -> None:
+    """Recalls waiting for a slow model give their readers back: more of them than there are
+    readers still leave other reads free, and each recall ranks once its vector comes."""
+    embedder = _HeldQueries()
+    memory = await _bees(tmp_path, embedder)
+    try:
+        readers = memory.config.reader_threads
+        embedder.hold.set()
+        recalls = [
+            asyncio.ensure_future(memory.recall(f"bees question {i}", user_id="u1"))
+            for i in range(readers + 2)
+        ]
+        while embedder.held == 0:
+            await asyncio.sleep(0.001)
+        # Every reader has searched and handed its wait back to the loop: a read runs now.
+        flt = MemoryFilter(user_id="u1", min_importance=0.85)
+        listed = await asyncio.wait_for(memory.query(flt), timeout=10)
+        assert [m.content for m in listed] == ["The bees make honey in May"]
+        assert not any(r.done() for r in recalls)  # all still wait for the model
+        embedder.release.set()
+        for recalled in await asyncio.gather(*recalls):
+            assert recalled and any("bees" in m.content for m in recalled)
+    finally:
+        embedder.release.set()
         await memory.close()
