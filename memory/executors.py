@@ -89,30 +89,29 @@ class Executors:
         )
 
     async def embed_query(self, text: str) -> np.ndarray:
-        """One query's vector, from the LRU of recent queries when it repeats."""
-        return await self.query_vector(text)
-
-    def query_vector(self, text: str) -> asyncio.Future[np.ndarray]:
-        """`embed_query` as a future, so a caller can start other work behind the query.
+        """One query's vector, from the LRU of recent queries when it repeats (looked up here,
+        on the loop: a repeated query costs no thread hop).
 
         The query waits for the loop's next turn at most (call_soon, no timer): a lone query
-        goes out at once, and the ones asked beside it go with it. Work the caller hands to a
-        thread after one `asyncio.sleep(0)` is handed over after the query.
+        goes out at once, and the ones asked beside it go with it.
         """
+        cached = self._query_embedder.lookup(text)
+        if cached is not None:
+            return cached
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
         pending = self._pending_queries.setdefault(loop, [])
         pending.append((text, future))
         if len(pending) == 1:
             loop.call_soon(self._flush_queries, loop)
-        return future
+        return await future
 
     def query_vector_for_thread(self, text: str) -> Future[np.ndarray]:
         """One query's vector as a thread-side future, handed to the model at once: for a job
         on another pool that does its own work while the model runs and then waits for the
         vector there, instead of a hop back to the event loop and out again to a reader
         (fresh queries at c=1 through the proxy: ~0.2 ms less). A repeated query is looked
-        up here, so it costs no thread hop at all."""
+        up here, as in `embed_query`."""
         cached = self._query_embedder.lookup(text)
         if cached is not None:
             done: Future[np.ndarray] = Future()
