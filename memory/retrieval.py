@@ -24,6 +24,7 @@ from . import ranker
 from .access_log import AccessLog
 from .candidates import CandidateRows
 from .common_words import CommonWords
+from .errors import EmbedderError
 from .executors import Executors
 from .models import (
     Memory,
@@ -294,6 +295,13 @@ class Retrieval:
             vector = await asyncio.wrap_future(pending_vector)
         except asyncio.CancelledError:
             pending_vector.cancel()  # only if the model has not started on it
+            task = asyncio.current_task()
+            if pending_vector.cancelled() and task is not None and not task.cancelling():
+                # The engine closed its model's queue under this recall: a failed recall (the
+                # proxy then sends the request on without memories), not the request's own
+                # cancellation, which would drop the client's answer.
+                raise EmbedderError("the query embedding was cancelled: the engine is closing") \
+                    from None
             raise
         return await self.executors.read(
             lambda: ranked(vector, common, done.searched, prefetched=done.prefetched)

@@ -387,3 +387,32 @@ async def test_a_slow_query_model_holds_no_reader(tmp_path: Path) -> None:
     finally:
         embedder.release.set()
         await memory.close()
+
+
+async def test_a_recall_whose_queued_vector_is_cancelled_at_close_fails_as_a_recall(
+    tmp_path: Path,
+) -> None:
+    """Closing cancels query embeddings the model has not started. A recall waiting on one gets
+    an EmbedderError (the proxy sends its request on without memories), not a cancellation of
+    its own task, which would drop the client's answer."""
+    embedder = _HeldQueries()
+    memory = await _bees(tmp_path, embedder)
+    running: list[asyncio.Future[Any]] = []
+    try:
+        embedder.hold.set()
+        # The model takes one query at a time; the others wait on its threads, and a query
+        # beyond those threads waits in the pool's queue, which closing cancels.
+        model_threads = memory._executors._query_embedding._max_workers
+        for i in range(model_threads):
+            running.append(asyncio.ensure_future(memory.recall(f"bees {i}", user_id="u1")))
+        queued = asyncio.ensure_future(memory.recall("bees in line", user_id="u1"))
+        await asyncio.sleep(0.5)  # every reader searched and handed its wait to the loop
+        assert embedder.held == 1
+        memory._executors.shutdown()  # what close() does to the model's queue
+        with pytest.raises(EmbedderError, match="cancelled"):
+            await asyncio.wait_for(queued, timeout=10)
+        assert not queued.cancelled()
+    finally:
+        embedder.release.set()
+        await asyncio.gather(*running, return_exceptions=True)  # their rankings find no readers
+        await memory.close()
