@@ -324,3 +324,24 @@ def test_text_is_made_valid_at_parse_time() -> None:
     assert add.text == "poison \ufffd tok" and add.entity_refs == ("Bo\ufffdb",)
     add.text.encode()  # encodable
     assert ops('{"add":["a\\u0000b\\r\\nc"]}').add[0].text == "ab c"
+
+
+def test_every_json_value_in_a_body_is_read() -> None:
+    """The stripper joins several blocks' bodies with newlines: each one's ops count."""
+    body = '```json\n{"add":["Has a dog"]}\n```\n{"add":["Likes tea"],"forget":["m1"]}'
+    parsed = parse_ops(body, aliases={"m1": "id-1"})
+    assert [op.text for op in parsed.ops.add] == ["Has a dog", "Likes tea"]
+    assert [op.id for op in parsed.ops.forget] == ["id-1"]
+    assert parsed.warnings == ()
+
+
+def test_prose_with_brackets_after_the_object_stays_ignored() -> None:
+    parsed = parse_ops('{"add":["Has a dog"]} [see above] {broken', aliases={})
+    assert [op.text for op in parsed.ops.add] == ["Has a dog"]
+    assert parsed.warnings == ()
+
+
+def test_a_cut_off_second_block_keeps_its_complete_items() -> None:
+    parsed = parse_ops('{"add":["Has a dog"]}\n{"add":["Likes tea", "Hal', truncated=True,
+                       aliases={})
+    assert [op.text for op in parsed.ops.add] == ["Has a dog", "Likes tea"]

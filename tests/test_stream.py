@@ -163,6 +163,13 @@ def test_text_without_a_block_is_unchanged(text: str, data: st.DataObject) -> No
         ('I <memory> x[ "b]. <memory>{"a":[]}</memory>', 'I <memory> x[ "b].', '{"a":[]}', False),
         ("x <memory></memory>", "x", "", False),
         ("<memory>a</memory> b <memory>{}</memory>", "<memory>a</memory> b", "{}", False),
+        # A JSON block with text after it leaves too; two blocks are both kept.
+        ('Ok.<memory>{"add":["a"]}</memory>\n<memory>{"add":["b"]}</memory>', "Ok.",
+         '{"add":["a"]}\n{"add":["b"]}', False),
+        ("A <memory>{}</memory> B", "A B", "{}", False),
+        ("A<memory>{}</memory>\n\nB", "A\n\nB", "{}", False),
+        ("Ok.<memory>{}</memory>\u200b", "Ok.\u200b", "{}", False),
+        ("Use <memory>tags</memory> here.", "Use <memory>tags</memory> here.", None, False),
         ("<memory>a</memory>\n<memory>{}</memory>", "<memory>a</memory>", "{}", False),
         ('x <memory>{"t":"</memory> y"}</memory>', "x", '{"t":"</memory> y"}', False),
         ('x <memory>{"t":"<memory>"}</memory>', "x", '{"t":"<memory>"}', False),
@@ -194,10 +201,32 @@ def test_forwards_text_early_and_holds_only_what_could_be_the_tag() -> None:
     assert s.feed("o") == ""
     assert s.feed("s are nice\n") == " <memos are nice"  # the newline may precede a block
     assert s.feed("<memory>{") == ""
-    assert s.feed('"add":[]}</memory> more') == '\n<memory>{"add":[]}</memory> more'
+    # Text after a JSON block is answer text; the block leaves all the same.
+    assert s.feed('"add":[]}</memory> more') == "\nmore"
     assert s.feed("  ") == ""
     assert s.finish() == "  "
-    assert s.block is None
+    assert s.block == '{"add":[]}'
+
+
+@FAST
+@given(prefix=prefix_text, gap=whitespace, body=block_body, mid=prefix_text, second=st.booleans(),
+       data=st.data())
+@example(prefix="Ok.", gap="", body='{"add":["a"]}', mid="", second=True, data=None)  # review's
+@example(prefix="A", gap=" ", body="{}", mid=" B", second=False, data=None)
+@example(prefix="Ok.", gap="", body="{}", mid="\u200b", second=False, data=None)
+def test_a_block_followed_by_text_or_another_block_never_leaks(
+    prefix: str, gap: str, body: str, mid: str, second: bool, data: st.DataObject | None
+) -> None:
+    """Models write a closing line after the block, or two blocks: each block leaves the
+    answer and every one is kept, whatever the chunking."""
+    tail = f"<memory>{body}</memory>" if second else ""
+    text = f"{prefix}{gap}<memory>{body}</memory>x{mid}{tail}"
+    parts = data.draw(chunkings(text)) if data else [text]
+    streamed, stripper = stream(parts)
+    assert (streamed, stripper.block) == split_block(text)[:2]
+    assert f"<memory>{body}</memory>" not in streamed
+    assert streamed.startswith(prefix.rstrip()) and ("x" + mid).rstrip() in streamed
+    assert stripper.block == (f"{body}\n{body}" if second else body)
 
 
 def test_feed_after_finish_is_an_error_and_finish_is_idempotent() -> None:

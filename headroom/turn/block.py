@@ -51,24 +51,23 @@ def parse_ops(
     warnings: list[str] = []
     if body is None:
         return ParsedBlock(MemoryOps())
-    value = _load(body, truncated=truncated, warnings=warnings)
-    if isinstance(value, list):
-        warnings.append("block is a bare list; read as 'add' items")
-        value = {"add": value}
-    if not isinstance(value, dict):
-        if value is not None:
-            warnings.append(f"block is a JSON {type(value).__name__}, not an object; ignored")
-        return ParsedBlock(MemoryOps(), tuple(warnings))
-
     fields: dict[str, Any] = {}
-    for key, item in value.items():
-        name = str(key).strip().lower()
-        if name in _FORGET_SYNONYMS:
-            fields.setdefault("forget", []).extend(_as_list(item))
-        elif name in ("add", "update"):
-            fields.setdefault(name, []).extend(_as_list(item))
-        else:
-            warnings.append(f"unknown key {key!r} ignored")
+    for value in _load_all(body, truncated=truncated, warnings=warnings):
+        if isinstance(value, list):
+            warnings.append("block is a bare list; read as 'add' items")
+            value = {"add": value}
+        if not isinstance(value, dict):
+            if value is not None:
+                warnings.append(f"block is a JSON {type(value).__name__}, not an object; ignored")
+            continue
+        for key, item in value.items():
+            name = str(key).strip().lower()
+            if name in _FORGET_SYNONYMS:
+                fields.setdefault("forget", []).extend(_as_list(item))
+            elif name in ("add", "update"):
+                fields.setdefault(name, []).extend(_as_list(item))
+            else:
+                warnings.append(f"unknown key {key!r} ignored")
 
     adds = [op for op in (_add(i, warnings) for i in _capped(fields, "add", warnings)) if op]
     updates: dict[str, UpdateOp] = {}
@@ -97,25 +96,53 @@ def parse_ops(
 # --- loading tolerant JSON -----------------------------------------------------------------------
 
 
-def _load(body: str, *, truncated: bool, warnings: list[str]) -> Any:
+def _first_bracket(text: str, start: int = 0) -> int:
+    return min((i for i in (text.find("{", start), text.find("[", start)) if i >= 0), default=-1)
+
+
+def _load_all(body: str, *, truncated: bool, warnings: list[str]) -> list[Any]:
+    """Every JSON value in the body, in order: the stripper joins the bodies of several blocks
+    with newlines. A value that needs repair is the last one read."""
     if not body.strip():
         warnings.append("truncated block is empty" if truncated else "empty block")
-        return None
+        return []
     if len(body) > _MAX_BODY_CHARS:
         warnings.append(f"block longer than {_MAX_BODY_CHARS} characters ignored")
-        return None
-    # Fences and any prose around the JSON fall away: parsing starts at the first bracket and
-    # raw_decode stops at the end of the first value.
-    start = min((i for i in (body.find("{"), body.find("[")) if i >= 0), default=-1)
+        return []
+    # Fences and any prose around the JSON fall away: parsing starts at a bracket and
+    # raw_decode stops at the end of each value.
+    start = _first_bracket(body)
     if start < 0:
         warnings.append("block holds no JSON object")
-        return None
-    text = body[start:]
+        return []
+    values: list[Any] = []
+    while start >= 0:
+        # After the first value, only another clean one (a further block) or a cut-off last
+        # block is read: prose with brackets after the object stays ignored, as it always was.
+        repair = not values or truncated
+        value, end = _load(body[start:], truncated=truncated, warnings=warnings, repair=repair)
+        if value is None and values:
+            break
+        values.append(value)
+        if end is None:
+            break
+        start = _first_bracket(body, start + end)
+    return values
+
+
+def _load(
+    text: str, *, truncated: bool, warnings: list[str], repair: bool = True
+) -> tuple[Any, int | None]:
+    """The JSON value `text` starts with, and where it ends (None: repaired, or nothing)."""
     for candidate in (text, _drop_trailing_commas(text)):
         try:
-            return _DECODER.raw_decode(candidate)[0]
+            value, end = _DECODER.raw_decode(candidate)
         except (ValueError, RecursionError):  # deep nesting raises RecursionError
-            pass
+            continue
+        # Dropped commas shift the text: the end only counts when nothing was dropped.
+        return value, end if candidate is text else None
+    if not repair:
+        return None, None
     value = _repair(text)
     if value is None:
         warnings.append("block is not valid JSON and could not be repaired; ignored")
@@ -123,7 +150,7 @@ def _load(body: str, *, truncated: bool, warnings: list[str]) -> Any:
         warnings.append("block was cut off; kept the items that were complete")
     else:
         warnings.append("block was malformed; kept the items that were complete")
-    return value
+    return value, None
 
 
 def _scan(text: str) -> Iterator[tuple[int, str, bool]]:

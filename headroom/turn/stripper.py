@@ -7,9 +7,14 @@ What counts as the block (the stripper's rules, in one place):
   line) decides how it reads: `{` or `[` make it JSON, anything else makes it prose.
 - It ends at the first `</memory>` after it, except that in JSON the tags inside strings do not
   count, so a memory whose text mentions the tag cannot end the block early and leak its tail.
-- It is the block only if nothing but whitespace follows; otherwise the held text is released as
-  ordinary answer text. Another `<memory>` (outside JSON strings) starts a new candidate and
-  releases the old one, so the LAST opening tag that begins a message-ending block wins.
+- A closed JSON candidate is a block wherever it stands: text after it (a closing line, a second
+  block, one invisible character) is answer text, and the block still leaves the answer. Models
+  do write a sentence after the block, or two blocks; showing those leaked the block and lost its
+  memories. Several blocks are kept in order, their bodies joined by newlines (`block.parse_ops`
+  reads every JSON value in a body).
+- A closed prose candidate is the block only if nothing but whitespace follows; otherwise it is
+  released as ordinary answer text (an answer that talks about the tag). Another `<memory>`
+  (outside JSON strings) inside an unclosed candidate starts a new one and releases the old one.
 - An unclosed candidate at the end of the message is stripped as a truncated block when the
   answer was cut off (`cut_off=True`: the model hit its token limit, or the answer ended without
   saying it was complete) or when it is not prose (JSON, a fence, or empty); an unclosed
@@ -62,6 +67,7 @@ class BlockStripper:
         self._lead = ""  # whitespace before the candidate's opening tag
         self._body: list[str] = []  # after the opening tag (closing tag included once seen)
         self._trail = ""  # AFTER: whitespace after the closing tag
+        self._found: list[str] = []  # bodies of JSON blocks that text followed
         self._new_candidate()
 
     def _new_candidate(self) -> None:
@@ -110,6 +116,9 @@ class BlockStripper:
                 out = self._lead + OPEN_TAG + body
         else:
             self.block = "".join(self._body)[: -len(CLOSE_TAG)]
+        if self._found:
+            last = [self.block] if self.block is not None else []
+            self.block = "\n".join([*self._found, *last])
         self._pending, self._body = "", []
         return out
 
@@ -172,7 +181,14 @@ class BlockStripper:
     def _after(self, text: str) -> tuple[str, str]:
         for i, ch in enumerate(text):
             if not ch.isspace():
-                # Text after the closing tag: the candidate was part of the answer.
+                if self._mode == _JSON:
+                    # A block with answer text after it: it leaves, and one run of the
+                    # whitespace around it stays between the text before and after.
+                    self._found.append("".join(self._body)[: -len(CLOSE_TAG)])
+                    self._pending = self._lead or self._trail
+                    self._body, self._state = [], _OUTSIDE
+                    return "", text[i:]
+                # Text after a prose candidate: it was part of the answer.
                 emitted = self._lead + OPEN_TAG + "".join(self._body)
                 self._pending, self._body, self._state = self._trail, [], _OUTSIDE
                 return emitted, text[i:]
@@ -182,7 +198,7 @@ class BlockStripper:
 
 @dataclass(frozen=True)
 class Block:
-    """The block one choice (or answer) ended with: its body, and whether it was cut off."""
+    """The block(s) one choice (or answer) wrote: the body, and whether the last was cut off."""
 
     choice: int
     body: str
