@@ -21,17 +21,21 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import create_app
 from .config import ProxyConfig
-from .errors import RequestTimeoutError, error_body
+from .errors import BadRequestError, ProxyError, RequestTimeoutError, error_body
 from .logs import configure_logging
 
 __all__ = [
-    "STARTUP_FAILURE", "HeaderTimeoutProtocol", "build_server", "header_timeout_protocol", "serve"
+    "MAX_HEAD_BYTES", "STARTUP_FAILURE", "HeaderTimeoutProtocol", "build_server",
+    "header_timeout_protocol", "serve",
 ]
 
 log = logging.getLogger(__name__)
 
 # uvicorn exits with this when the app's startup fails (as `uvicorn.main.run` does).
 STARTUP_FAILURE = 3
+# The request line and headers: above this a request gets a 431, however TCP splits it. h11 is
+# told the same limit (its own applies only to an incomplete head).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class HeaderTimeoutProtocol(H11Protocol):
@@ -43,6 +47,7 @@ class HeaderTimeoutProtocol(H11Protocol):
 
     header_timeout_s: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
+    _rejected = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -50,6 +55,16 @@ class HeaderTimeoutProtocol(H11Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        if self.conn.their_state is h11.IDLE and _head_size(self.conn, data) > MAX_HEAD_BYTES:
+            # h11 refuses a head this large only while it is incomplete, so a big head that
+            # happened to arrive in one read went through: the limit now holds however the
+            # bytes are split.
+            self._reject(_HeadTooLargeError(
+                f"the request line and headers exceed {MAX_HEAD_BYTES // 1024} KiB"
+            ))
+            return
         super().data_received(data)
         if self.conn.their_state is h11.IDLE:
             self._arm_header_timer()  # a request has begun; its headers are not in yet
@@ -59,6 +74,19 @@ class HeaderTimeoutProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse, in the OpenAI error shape (uvicorn
+        sends plain text)."""
+        self._reject(BadRequestError(f"malformed HTTP request ({msg.rstrip('.')})",
+                                     code="invalid_http_request"))
+
+    def _reject(self, error: ProxyError) -> None:
+        self._rejected = True
+        self._cancel_header_timer()
+        log.info("closing a connection from %s: %s", _peer(self.client), error.message)
+        self.transport.write(_error_response(error))
+        self.transport.close()
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None and self.header_timeout_s > 0:
@@ -96,12 +124,32 @@ def _peer(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else "an unknown client"
 
 
+class _HeadTooLargeError(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}
+
+
+def _head_size(conn: h11.Connection, data: bytes) -> int:
+    """Bytes of the request line and headers so far: up to the blank line once it is in."""
+    buffered = bytes(conn.trailing_data[0]) + data
+    end = buffered.find(b"\r\n\r\n")
+    return end if end >= 0 else len(buffered)
+
+
 def _request_timeout_response() -> bytes:
+    return _error_response(RequestTimeoutError("the request headers did not arrive in time"))
+
+
+def _error_response(error: ProxyError) -> bytes:
     """Written by hand: h11 cannot send a response before it has read a request."""
-    error = RequestTimeoutError("the request headers did not arrive in time")
     body = orjson.dumps(error_body(error.message, error.type, error.code))
     head = (
-        f"HTTP/1.1 408 Request Timeout\r\ndate: {formatdate(usegmt=True)}\r\n"
+        f"HTTP/1.1 {error.status} {_REASONS[error.status]}\r\n"
+        f"date: {formatdate(usegmt=True)}\r\n"
         "content-type: application/json\r\nconnection: close\r\n"
         f"content-length: {len(body)}\r\n\r\n"
     )
@@ -141,6 +189,7 @@ def build_server(config: ProxyConfig, *, on_ready: Callable[[], None] | None = N
             timeout_keep_alive=math.ceil(config.keep_alive_timeout_s),
             proxy_headers=False, server_header=False,
             http=header_timeout_protocol(config.header_read_timeout_s),
+            h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         )
     )
     if on_ready is not None:

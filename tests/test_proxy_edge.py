@@ -33,6 +33,7 @@ from headroom.proxy.body import MAX_DEPTH, parse_json_body
 from headroom.proxy.config import ProxyConfig
 from headroom.proxy.errors import BadRequestError, error_response
 from headroom.proxy.readiness import database_unreachable, readiness
+from headroom.proxy.server import MAX_HEAD_BYTES
 from tests.backend_targets import database_target
 from tests.fakes import FakeEmbedder
 from tests.servers import (
@@ -459,6 +460,62 @@ def test_a_request_line_that_stalls_gets_a_408_and_the_connection_closes(served:
     with served.raw(b"") as conn:
         assert _read_until_closed(conn) == b""
     assert time.monotonic() - started < 5
+
+
+def _answer_to(served: Served, pieces: list[bytes]) -> tuple[bytes, dict[str, Any]]:
+    """Send a request in `pieces` (a pause between them lets TCP deliver each on its own) and
+    read the whole answer: its status line and its JSON body."""
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as conn:
+        for piece in pieces:
+            try:
+                conn.sendall(piece)
+            except OSError:  # the server answered and closed while the rest was on its way
+                break
+            time.sleep(0.002)
+        answer = _read_until_closed(conn)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    return head.split(b"\r\n", 1)[0], json.loads(body)
+
+
+@pytest.mark.parametrize("split", ["one read", "many reads"])
+def test_headers_too_large_get_a_431_in_the_openai_shape_however_they_arrive(
+    served: Served, split: str
+) -> None:
+    """h11 alone refuses a large head only while it is incomplete, so the answer used to depend
+    on how TCP split the bytes: a 200, or a plain-text 400, or a reset."""
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+               b"\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 1000) + b"\r\ncontent-length: 2\r\n\r\n{}")
+    pieces = [request] if split == "one read" else [
+        request[i : i + 8192] for i in range(0, len(request), 8192)
+    ]
+    status, body = _answer_to(served, pieces)
+    assert status.startswith(b"HTTP/1.1 431 ")
+    assert body["error"]["code"] == "headers_too_large"
+    assert set(body["error"]) >= {"message", "type", "code"}
+
+
+def test_headers_under_the_limit_pass_however_they_arrive(served: Served) -> None:
+    """40 KiB of headers in 4 KiB reads: above h11's own 16 KiB default for an incomplete head,
+    under ours, so the request reaches the proxy (here: a 404 from the router, in JSON)."""
+    request = (b"GET /v1/no-such-thing-here HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+               b"x-big: " + b"a" * 40_000 + b"\r\n\r\n")
+    status, body = _answer_to(served, [request[i : i + 4096]
+                                       for i in range(0, len(request), 4096)])
+    assert not status.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), status
+
+
+@pytest.mark.parametrize("raw", [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nbad header line\r\n\r\n",
+    b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n",
+])
+def test_a_request_h11_cannot_parse_gets_a_400_in_the_openai_shape(
+    served: Served, raw: bytes
+) -> None:
+    status, body = _answer_to(served, [raw])
+    assert status.startswith(b"HTTP/1.1 400 ")
+    assert body["error"]["code"] == "invalid_http_request"
+    assert body["error"]["type"] == "invalid_request_error"
 
 
 def test_a_kept_alive_connection_is_not_cut_by_the_header_timeout(served: Served) -> None:
