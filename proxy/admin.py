@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -54,9 +55,35 @@ def _engine(service: MemoryService) -> HierarchicalMemory:
     return service.engine
 
 
+def _param(request: Request, name: str) -> str | None:
+    """A query parameter given at most once, as valid UTF-8. Starlette keeps the last of a
+    repeated one and turns bad bytes into U+FFFD: `DELETE ?user=a&user=b` or `?user=%ff`
+    would then act on a user the caller did not name."""
+    values = request.query_params.getlist(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequestError(f"`{name}` is given {len(values)} times; give it once", param=name)
+    if "\ufffd" in values[0] and not _utf8_in_query(request, name):
+        raise BadRequestError(f"`{name}` is not valid UTF-8 once percent-decoded", param=name)
+    return values[0]
+
+
+def _utf8_in_query(request: Request, name: str) -> bool:
+    for part in bytes(request.scope.get("query_string", b"")).split(b"&"):
+        key, _, value = part.partition(b"=")
+        if unquote_to_bytes(key.replace(b"+", b" ")) != name.encode():
+            continue
+        try:
+            unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
 def _user(request: Request, principal: Principal, *, required: bool = True) -> str | None:
     """The engine id of the `user` query parameter, checked against the key's bindings."""
-    raw = request.query_params.get("user")
+    raw = _param(request, "user")
     if raw is None:
         if required:
             raise BadRequestError("the `user` query parameter is required", param="user")
@@ -69,12 +96,12 @@ def _user(request: Request, principal: Principal, *, required: bool = True) -> s
 
 
 def _optional(request: Request, name: str) -> str | None:
-    value = request.query_params.get(name)
+    value = _param(request, name)
     return check_id(name, value) if value is not None else None
 
 
 def _int(request: Request, name: str, default: int, *, low: int = 0, high: int = _MAX_LIMIT) -> int:
-    raw = request.query_params.get(name)
+    raw = _param(request, name)
     if raw is None:
         return default
     try:
@@ -87,7 +114,12 @@ def _int(request: Request, name: str, default: int, *, low: int = 0, high: int =
 
 
 def _flag(request: Request, name: str) -> bool:
-    return request.query_params.get(name, "").lower() in ("1", "true", "yes")
+    raw = (_param(request, name) or "").strip().lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("", "0", "false", "no"):
+        return False
+    raise BadRequestError(f"{name} must be true or false", param=name)
 
 
 def _categories(request: Request) -> list[MemoryCategory] | None:
@@ -166,7 +198,7 @@ def admin_routes(service: MemoryService) -> list[Route]:
         principal = _principal()
         user = _user(request, principal)
         assert user is not None
-        query = request.query_params.get("q", "").strip()
+        query = (_param(request, "q") or "").strip()
         if not query:
             raise BadRequestError("the `q` query parameter is required", param="q")
         if not service.ready:

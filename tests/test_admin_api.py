@@ -165,6 +165,23 @@ def test_bad_admin_requests_are_400(setup: Setup) -> None:
     assert admin(setup, "GET", "/memories", user="a b").status_code == 400
     assert admin(setup, "GET", "/memories", user="alice", limit="lots").status_code == 400
     assert admin(setup, "GET", "/memories/search", user="alice").status_code == 400
+    bad_flag = admin(setup, "GET", "/memories", user="alice", include_superseded="maybe")
+    assert bad_flag.status_code == 400
+    assert bad_flag.json()["error"]["param"] == "include_superseded"
+    assert admin(setup, "GET", "/memories", user="alice",
+                 include_superseded="false").status_code == 200
+    headers = {"authorization": f"Bearer {setup.admin}"}
+    base = f"{setup.proxy.url}/admin/v1/memories"
+    # A repeated user, or bytes that are not UTF-8, would name a user the caller did not mean.
+    twice = httpx.request("DELETE", base, params=[("user", "alice"), ("user", "bob")],
+                          headers=headers)
+    assert twice.status_code == 400 and twice.json()["error"]["param"] == "user"
+    not_utf8 = httpx.request("DELETE", base + "?user=%ff%fe", headers=headers)
+    assert not_utf8.status_code == 400 and not_utf8.json()["error"]["param"] == "user"
+    assert contents(admin(setup, "GET", "/memories", user="alice")) == [
+        "Has a cat named Miso", "Lives in Lisbon"]  # nothing was purged
+    # A real U+FFFD, percent-encoded as UTF-8, is a valid id like any other.
+    assert httpx.get(base + "?user=a%EF%BF%BDb", headers=headers).status_code == 200
 
 
 def test_admin_work_over_the_key_limit_is_429(

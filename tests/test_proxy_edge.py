@@ -499,7 +499,7 @@ def test_headers_under_the_limit_pass_however_they_arrive(served: Served) -> Non
     under ours, so the request reaches the proxy (here: a 404 from the router, in JSON)."""
     request = (b"GET /v1/no-such-thing-here HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
                b"x-big: " + b"a" * 40_000 + b"\r\n\r\n")
-    status, body = _answer_to(served, [request[i : i + 4096]
+    status, _ = _answer_to(served, [request[i : i + 4096]
                                        for i in range(0, len(request), 4096)])
     assert not status.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), status
 
