@@ -88,11 +88,17 @@ async def import_jsonl(
     model = parts.embedder.model_id
     file_model: str | None = None
     memories: list[Memory] = []
+    lines = 0
     for number, data in _parse(source):
+        lines += 1
         if data.get("format") == FORMAT:
             file_model = data.get("embedding_model")
             continue
         memories.append(_to_memory(number, data))
+    if not lines:
+        # A header-only export (a user with no memories) imports 0; a file with nothing in it
+        # is more likely the wrong file, or a failed export.
+        raise ImportFormatError(1, "the file is empty: no export header and no memories")
 
     counts = {"imported": 0, "skipped": 0, "reembedded": 0}
     dimension = parts.vectors.dimension

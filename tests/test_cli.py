@@ -647,3 +647,17 @@ def test_as_of_accepts_dates(hr: Invoke) -> None:
                       "--json")) == []
     result = hr("memories", "list", "--user", "alice", "--as-of", "yesterday", expect=2)
     assert "not an ISO date" in result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["list"], ["search", "tea"], ["export"], ["purge", "--yes"], ["add", "Likes tea"], ["history"],
+])
+@pytest.mark.parametrize("user", ["", "  "])
+def test_every_command_refuses_an_empty_or_blank_user_the_same_way(
+    tmp_path: Path, command: list[str], user: str
+) -> None:
+    result = CliRunner().invoke(cli.app, ["memories", *command, "--user", user,
+                                      "--db", str(tmp_path / "m.db")])
+    assert result.exit_code == 2, result.output
+    assert "a user id cannot be empty or blank" in result.output
+    assert not (tmp_path / "m.db").exists()  # refused before any database is opened

@@ -215,3 +215,14 @@ async def test_import_of_minimal_lines(memory: HierarchicalMemory) -> None:
     assert [r.memory.content for r in await memory.search("kayak", "alice", "s1", top_k=1)] == [
         "Owns a kayak"
     ]
+
+
+async def test_an_empty_file_is_refused_and_a_header_only_export_imports_nothing(
+    memory: HierarchicalMemory,
+) -> None:
+    with pytest.raises(ImportFormatError, match="empty"):
+        await memory.import_jsonl(io.StringIO("\n  \n"))
+    empty_export = io.StringIO()
+    await memory.export_jsonl(empty_export, "nobody")
+    counts = await memory.import_jsonl(io.StringIO(empty_export.getvalue()))
+    assert counts == {"imported": 0, "skipped": 0, "reembedded": 0}

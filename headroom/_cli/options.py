@@ -83,13 +83,25 @@ DbOpt = Annotated[
         "database). Default: memory.db in the user data directory.",
     ),
 ]
-UserOpt = Annotated[str, typer.Option("--user", "-u", help="User id (memories are per user).")]
+def parse_user(value: str) -> str:
+    """Every command's `--user`, checked the same way: the engine's rule (a user id is not
+    empty or blank) said in the CLI's words, before a database is opened."""
+    if not value.strip():
+        raise typer.BadParameter("a user id cannot be empty or blank")
+    return value
+
+
+UserOpt = Annotated[
+    str, typer.Option("--user", "-u", parser=parse_user, help="User id (memories are per user).")
+]
 OptionalUserOpt = Annotated[
     str | None,
-    typer.Option("--user", "-u", help="User id: only this user's memories; allows short ids."),
+    typer.Option("--user", "-u", parser=parse_user,
+                 help="User id: only this user's memories; allows short ids."),
 ]
 AllUsersOpt = Annotated[
-    str | None, typer.Option("--user", "-u", help="Only this user (default: every user).")
+    str | None,
+    typer.Option("--user", "-u", parser=parse_user, help="Only this user (default: every user)."),
 ]
 SessionOpt = Annotated[str | None, typer.Option("--session", "-s", help="Session id.")]
 AgentOpt = Annotated[str | None, typer.Option("--agent", "-a", help="Agent id.")]
